@@ -1,0 +1,242 @@
+"""The engine: walk the module tree, match rules, record a plan, fuse in place.
+
+Planning is side-effect free, so `inspect` and the verifier can look at a plan before anything
+changes. Applying a plan rewrites the model in place (no copies): block rules first, top-down,
+then the deploy-method fallback, then conv -> BN pairs over what is left.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from repconv.compare import compare_outputs
+from repconv.errors import CorruptCheckpoint, NotFusable
+from repconv.rules import convbn, deploy_method
+from repconv.rules.base import Rule, is_norm_like, norm_problem, param_count
+from repconv.rules.registry import block_rules
+
+
+@dataclass
+class PlanEntry:
+    """One block (or conv -> norm pair) and what happens to it."""
+
+    path: str
+    rule: str
+    family: str
+    structure: str
+    params_before: int
+    params_after: int | None = None
+    kernel_shape: tuple[int, ...] | None = None
+    status: str = "planned"  # planned | fused | skipped
+    reason: str | None = None
+    block_error: float | None = None
+    norm_path: str | None = None
+    _rule: Rule | None = field(default=None, repr=False, compare=False)
+    _method: str | None = field(default=None, repr=False, compare=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        data = {k: v for k, v in asdict(self).items() if not k.startswith("_")}
+        data["kernel_shape"] = list(self.kernel_shape) if self.kernel_shape else None
+        return data
+
+
+@dataclass
+class Plan:
+    entries: list[PlanEntry]
+    warnings: list[dict[str, str]] = field(default_factory=list)
+
+    def fused_by_rule(self) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for e in self.entries:
+            if e.status == "fused":
+                counts[e.rule] = counts.get(e.rule, 0) + 1
+        return counts
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "blocks": [e.to_dict() for e in self.entries],
+            "fused_by_rule": self.fused_by_rule(),
+            "warnings": self.warnings,
+        }
+
+
+def _join(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix else name
+
+
+def check_norm_statistics(model: nn.Module) -> None:
+    """Refuse a model whose norms hold statistics no trained model has (NaN, Inf, var < 0)."""
+    for path, module in model.named_modules():
+        if not is_norm_like(module) or getattr(module, "running_var", None) is None:
+            continue
+        mean, var = module.running_mean, module.running_var
+        if var.device.type == "meta":
+            continue
+        bad = ~torch.isfinite(var) | (var < 0) | ~torch.isfinite(mean)
+        if bool(bad.any()):
+            raise CorruptCheckpoint(
+                f"corrupt checkpoint: norm {path or '<root>'} has NaN, Inf or negative running "
+                f"statistics in {int(bad.sum())} of {var.numel()} channels"
+            )
+
+
+def _subtree_facts(model: nn.Module, rules: Sequence[Rule]) -> dict[int, tuple[bool, bool]]:
+    """For each module (by id): (some block rule matches in its subtree, it holds a norm)."""
+    facts: dict[int, tuple[bool, bool]] = {}
+
+    def visit(module: nn.Module) -> tuple[bool, bool]:
+        if id(module) in facts:
+            return facts[id(module)]
+        matched = any(rule.match(module) for rule in rules)
+        has_norm = is_norm_like(module)
+        for child in module.children():
+            child_matched, child_norm = visit(child)
+            matched, has_norm = matched or child_matched, has_norm or child_norm
+        facts[id(module)] = (matched, has_norm)
+        return facts[id(module)]
+
+    visit(model)
+    return facts
+
+
+def plan(model: nn.Module, rules: Sequence[Rule] | None = None) -> Plan:
+    """Which rule fuses which block, without changing anything."""
+    rules = list(block_rules() if rules is None else rules)
+    check_norm_statistics(model)
+    facts = _subtree_facts(model, rules)
+    entries: list[PlanEntry] = []
+    opaque: set[int] = set()
+
+    def walk(module: nn.Module, path: str) -> None:
+        if id(module) in opaque:
+            return
+        for rule in rules:
+            structure = rule.match(module)
+            if structure:
+                opaque.add(id(module))
+                entries.append(
+                    PlanEntry(
+                        path, rule.name, rule.family, structure, param_count(module), _rule=rule
+                    )
+                )
+                return
+        matched_inside, has_norm = facts[id(module)]
+        method = None if matched_inside or not has_norm else deploy_method.deploy_method(module)
+        if method:
+            opaque.add(id(module))
+            entries.append(
+                PlanEntry(
+                    path,
+                    deploy_method.NAME,
+                    type(module).__name__,
+                    f"{method}()",
+                    param_count(module),
+                    _method=method,
+                )
+            )
+            return
+        for name, child in module.named_children():
+            walk(child, _join(path, name))
+
+    walk(model, "")
+    modules = dict(model.named_modules())
+    for pair in convbn.find_pairs(model, opaque):
+        conv = modules[pair.conv_path]
+        entries.append(
+            PlanEntry(
+                pair.conv_path,
+                convbn.NAME,
+                "conv-BN",
+                f"{type(conv).__name__} -> {type(modules[pair.norm_path]).__name__}"
+                f" ({pair.found_by})",
+                param_count(conv) + param_count(modules[pair.norm_path]),
+                norm_path=pair.norm_path,
+            )
+        )
+    return Plan(entries)
+
+
+def _run(model: nn.Module, entry: PlanEntry, x: torch.Tensor) -> Any:
+    if entry.norm_path is not None:
+        return model.get_submodule(entry.norm_path)(model.get_submodule(entry.path)(x))
+    return model.get_submodule(entry.path)(x)
+
+
+def _fuse(model: nn.Module, entry: PlanEntry) -> None:
+    module = model.get_submodule(entry.path)
+    if entry.norm_path is not None:
+        entry.kernel_shape = convbn.fuse_pair(model, convbn.Pair(entry.path, entry.norm_path, ""))
+        entry.params_after = param_count(module)
+    elif entry._method is not None:
+        deploy_method.call_deploy_method(module, entry._method)
+        entry.params_after = param_count(module)
+    else:
+        fused = entry._rule.fuse(module)
+        entry.kernel_shape = fused.kernel_shape
+        entry.params_after = param_count(module)
+
+
+def apply(
+    model: nn.Module,
+    the_plan: Plan,
+    *,
+    probe_shapes: Mapping[str, Sequence[int]] | None = None,
+    seed: int = 0,
+) -> Plan:
+    """Fuse every planned block in place.
+
+    With `probe_shapes` (input shape per module path, as seen on the reference pass), each block
+    is run on a seeded random input before and after it is fused, and its own error is recorded,
+    so a failing verification can name the blocks at fault.
+    """
+    model.eval()
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for entry in the_plan.entries:
+            shape = (probe_shapes or {}).get(entry.path)
+            probe = before = None
+            if shape is not None:
+                dtype = next(model.get_submodule(entry.path).parameters()).dtype
+                probe = torch.randn(tuple(shape), generator=generator, dtype=dtype)
+                before = _run(model, entry, probe)
+            try:
+                _fuse(model, entry)
+            except NotFusable as exc:
+                entry.status, entry.reason = "skipped", str(exc)
+                the_plan.warnings.append(
+                    {"path": entry.path, "message": f"{entry.rule} not applied: {exc}"}
+                )
+                continue
+            except CorruptCheckpoint as exc:
+                raise CorruptCheckpoint(f"corrupt checkpoint at {entry.path}: {exc}") from None
+            entry.status = "fused"
+            if probe is not None:
+                errors = compare_outputs(_run(model, entry, probe), before)
+                entry.block_error = max(errors.values(), default=0.0)
+    the_plan.warnings += leftover_norm_warnings(model)
+    return the_plan
+
+
+def leftover_norm_warnings(model: nn.Module) -> list[dict[str, str]]:
+    """Every norm still in the model, with the reason it could not be folded."""
+    warnings = []
+    for path, module in model.named_modules():
+        if is_norm_like(module):
+            reason = norm_problem(module) or "its input is not a conv output used only by it"
+            warnings.append({"path": path, "message": f"norm left in place: {reason}"})
+    return warnings
+
+
+def convert_model(
+    model: nn.Module,
+    *,
+    rules: Sequence[Rule] | None = None,
+    probe_shapes: Mapping[str, Sequence[int]] | None = None,
+) -> Plan:
+    """Plan and apply in one go; returns the plan with every entry's outcome."""
+    return apply(model, plan(model, rules), probe_shapes=probe_shapes)

@@ -1,0 +1,75 @@
+"""ACNet's asymmetric convolution block: kxk conv-BN + kx1 conv-BN + 1xk conv-BN, summed.
+
+Published convention (ACNet release): children square_conv/square_bn, ver_conv/ver_bn (kx1),
+hor_conv/hor_bn (1xk); BNs may be affine=False. When the block's padding is smaller than k//2 the
+release crops the input of the thin branches by `crop` pixels instead of padding negatively; a
+crop is the same as a negative padding, which the geometry check handles. Deploy form: `fused_conv`
+with bias, and `deploy = True`.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from repconv import kernels as K
+from repconv.geometry import Geometry, align
+from repconv.rules.base import (
+    Fused,
+    Rule,
+    fused_conv_like,
+    is_norm_like,
+    is_plain_conv,
+    norm_stats,
+    replace_children,
+)
+
+_PAIRS = (("square_conv", "square_bn"), ("ver_conv", "ver_bn"), ("hor_conv", "hor_bn"))
+# The release crops the width of the vertical branch's input and the height of the horizontal's.
+_CROPPED_AXIS = {"ver_conv": 1, "hor_conv": 0}
+
+
+def match(block: nn.Module) -> str | None:
+    if hasattr(block, "fused_conv"):
+        return None
+    for conv_name, bn_name in _PAIRS:
+        conv = getattr(block, conv_name, None)
+        if not (is_plain_conv(conv) and len(conv.kernel_size) == 2):
+            return None
+        if not is_norm_like(getattr(block, bn_name, None)):
+            return None
+    crop = getattr(block, "crop", 0)
+    return f"kxk + kx1 + 1xk, crop {crop}" if crop else "kxk + kx1 + 1xk"
+
+
+def _branch_geometry(block: nn.Module, conv_name: str) -> Geometry:
+    conv = getattr(block, conv_name)
+    geometry = Geometry.of(conv)
+    crop = int(getattr(block, "crop", 0) or 0)
+    if crop and conv_name in _CROPPED_AXIS:
+        padding = list(geometry.padding)
+        padding[_CROPPED_AXIS[conv_name]] -= crop
+        geometry = geometry.with_padding(tuple(padding))
+    return geometry
+
+
+def fuse(block: nn.Module) -> Fused:
+    target = Geometry.of(block.square_conv)
+    branches = []
+    for conv_name, bn_name in _PAIRS:
+        conv = getattr(block, conv_name)
+        branch = K.fold_bn(K.as_branch(conv.weight, conv.bias), norm_stats(getattr(block, bn_name)))
+        branches.append(align(branch, _branch_geometry(block, conv_name), target))
+    fused = K.add(branches)
+    removed = [name for pair in _PAIRS for name in pair]
+    replace_children(block, "fused_conv", fused_conv_like(block.square_conv, fused, target), removed)
+    return Fused("fused_conv", tuple(fused.kernel.shape), removed)
+
+
+RULE = Rule(
+    name="acb",
+    family="ACB",
+    summary="square_conv/bn + ver_conv/bn (kx1) + hor_conv/bn (1xk), optional crop",
+    deploy_form="fused_conv (weight, bias); deploy = True",
+    match=match,
+    fuse=fuse,
+)

@@ -1,0 +1,186 @@
+"""What a rule is, and the structural helpers every rule shares.
+
+Rules recognise blocks by structure (child names, child types, shapes), never by class, so that
+copies of a block in any codebase convert. The helpers here answer the questions every rule asks:
+is this child a plain conv, a norm that folds exactly, a conv-then-norm unit; and they build the
+fused conv that replaces a block.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.modules.conv import _ConvNd
+
+from repconv.errors import CorruptCheckpoint, NotFusable
+from repconv.geometry import Geometry
+from repconv.kernels import Branch, NormStats, as_branch, fold_bn
+
+_PLAIN_CONV_FORWARDS = {cls.forward for cls in (nn.Conv1d, nn.Conv2d, nn.Conv3d)}
+_PLAIN_NORM_FORWARDS = {_BatchNorm.forward, nn.SyncBatchNorm.forward}
+_CONV_BY_DIMS = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
+
+
+@dataclass
+class Fused:
+    """What a rule's fuse step left behind: the new conv's path (relative to the block)."""
+
+    attribute: str
+    kernel_shape: tuple[int, ...]
+    removed: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Rule:
+    """A fusion rule: recognise a block, fold it, leave the block's own deploy form behind.
+
+    `match(module)` is cheap and side-effect free; it returns None or a short description of the
+    structure it found (used by `inspect`). `fuse(module)` rewrites the block in place, computing
+    in float64 and leaving float64 weights (the engine rounds them later), and returns `Fused`.
+    It raises NotFusable when the structure is right but the block cannot be folded exactly.
+    """
+
+    name: str
+    family: str
+    summary: str
+    match: Callable[[nn.Module], str | None]
+    fuse: Callable[[nn.Module], Fused]
+    deploy_form: str = ""
+
+
+# ---- recognising children -------------------------------------------------------------------
+
+
+def is_plain_conv(module: Any) -> bool:
+    """A torch conv whose forward is the stock one (not transposed, no dynamic padding)."""
+    return (
+        isinstance(module, _ConvNd)
+        and not module.transposed
+        and type(module).forward in _PLAIN_CONV_FORWARDS
+        and type(module)._conv_forward is _CONV_BY_DIMS[len(module.kernel_size)]._conv_forward
+    )
+
+
+def is_frozen_norm(module: Any) -> bool:
+    """Frozen batch norms (torchvision, detectron2): buffers only, the same eval formula."""
+    if isinstance(module, _BatchNorm) or not isinstance(module, nn.Module):
+        return False
+    names = set(module._buffers)
+    return (
+        "FrozenBatchNorm" in type(module).__name__
+        and {"weight", "bias", "running_mean", "running_var"} <= names
+        and isinstance(getattr(module, "eps", None), float)
+    )
+
+
+def norm_problem(module: Any) -> str | None:
+    """Why this batch-norm-like module cannot be folded, or None if it can."""
+    if is_frozen_norm(module):
+        return None
+    if not isinstance(module, _BatchNorm):
+        return "not a batch norm"
+    if type(module).forward not in _PLAIN_NORM_FORWARDS:
+        return f"{type(module).__name__} overrides forward (adds behaviour to batch norm)"
+    if not module.track_running_stats or module.running_var is None:
+        return "uses batch statistics even in eval (track_running_stats=False)"
+    return None
+
+
+def is_foldable_norm(module: Any) -> bool:
+    return norm_problem(module) is None
+
+
+def is_norm_like(module: Any) -> bool:
+    """Anything that normalises with batch statistics: candidates for warnings when left behind."""
+    return isinstance(module, _BatchNorm) or is_frozen_norm(module)
+
+
+def norm_stats(norm: nn.Module) -> NormStats:
+    """The eval-mode statistics of a foldable norm, checked for values no trained model has."""
+    problem = norm_problem(norm)
+    if problem:
+        raise NotFusable(problem)
+    mean, var = norm.running_mean, norm.running_var
+    if var.device.type != "meta":
+        bad = ~torch.isfinite(var) | (var < 0) | ~torch.isfinite(mean)
+        if bool(bad.any()):
+            raise CorruptCheckpoint(
+                "running statistics hold NaN, Inf or negative variance "
+                f"({int(bad.sum())} of {var.numel()} channels)"
+            )
+    affine = getattr(norm, "affine", True)
+    weight = norm.weight if affine else None
+    bias = norm.bias if affine else None
+    return NormStats(mean, var, weight, bias, float(norm.eps))
+
+
+def conv_bn_unit(module: Any) -> tuple[nn.Module, nn.Module] | None:
+    """The (conv, norm) of a conv-then-norm unit: children conv/bn, or a 2-element Sequential."""
+    if not isinstance(module, nn.Module):
+        return None
+    children = dict(module.named_children())
+    if set(children) == {"conv", "bn"}:
+        conv, norm = children["conv"], children["bn"]
+    elif isinstance(module, nn.Sequential) and len(children) == 2:
+        conv, norm = list(children.values())
+    else:
+        return None
+    if is_plain_conv(conv) and is_norm_like(norm):
+        return conv, norm
+    return None
+
+
+def conv_bn_branch(unit: tuple[nn.Module, nn.Module]) -> tuple[Branch, Geometry]:
+    conv, norm = unit
+    width = getattr(norm, "num_features", None) or norm.running_mean.numel()
+    if width != conv.out_channels:
+        raise NotFusable(f"norm has {width} channels, its conv {conv.out_channels}")
+    branch = fold_bn(as_branch(conv.weight, conv.bias), norm_stats(norm))
+    return branch, Geometry.of(conv)
+
+
+# ---- building the fused conv ----------------------------------------------------------------
+
+
+def fused_conv_like(conv: _ConvNd, branch: Branch, geometry: Geometry | None = None) -> nn.Module:
+    """A stock conv with `conv`'s shape and geometry holding the fused kernel and bias (float64).
+
+    Built on the meta device so no random initialisation is spent on weights we overwrite.
+    """
+    geometry = geometry or Geometry.of(conv)
+    cls = _CONV_BY_DIMS[len(conv.kernel_size)]
+    with torch.device("meta"):
+        fused = cls(
+            conv.in_channels,
+            branch.kernel.shape[0],
+            geometry.kernel_size,
+            stride=geometry.stride,
+            padding=conv.padding if isinstance(conv.padding, str) else geometry.padding,
+            dilation=geometry.dilation,
+            groups=conv.groups,
+            bias=True,
+            padding_mode=geometry.padding_mode,
+        )
+    fused.weight = nn.Parameter(branch.kernel, requires_grad=conv.weight.requires_grad)
+    fused.bias = nn.Parameter(branch.bias, requires_grad=conv.weight.requires_grad)
+    return fused
+
+
+def replace_children(block: nn.Module, attribute: str, fused: nn.Module, remove: list[str]) -> None:
+    """Install `fused` as `block.<attribute>`, delete train-time children, flip `deploy` flags."""
+    for name in remove:
+        if hasattr(block, name):
+            delattr(block, name)
+    setattr(block, attribute, fused)
+    if isinstance(getattr(block, "deploy", None), bool):
+        block.deploy = True
+
+
+def param_count(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+

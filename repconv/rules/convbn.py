@@ -1,0 +1,131 @@
+"""Plain conv -> BN (and Linear -> BatchNorm1d): the fold every CNN needs.
+
+Unlike the block families this is found by data flow, never by declaration order: inside a stock
+nn.Sequential by adjacency, elsewhere only where torch.fx proves the norm's sole input is the conv's
+output and the conv's output goes nowhere else. A conv or norm reachable at two paths, or called
+twice, is never folded. Deploy form: the conv (or linear) gains a bias; the norm becomes
+nn.Identity, so its state-dict keys disappear.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+
+import torch.fx as fx
+from torch import nn
+
+from repconv import kernels as K
+from repconv.rules.base import is_foldable_norm, is_norm_like, is_plain_conv, norm_stats
+
+NAME = "conv_bn"
+SUMMARY = "Conv1d/2d/3d -> BatchNorm (or Linear -> BatchNorm1d) whose output feeds only the norm"
+DEPLOY_FORM = "the conv gains a bias; the norm becomes Identity"
+
+
+@dataclass(frozen=True)
+class Pair:
+    conv_path: str
+    norm_path: str
+    found_by: str  # "sequential" or "trace"
+
+
+def _is_linear(module: nn.Module) -> bool:
+    return type(module) is nn.Linear
+
+
+def _fits(conv: nn.Module, norm: nn.Module) -> bool:
+    if not is_foldable_norm(norm):
+        return False
+    width = norm.running_mean.numel()
+    if is_plain_conv(conv):
+        return conv.out_channels == width
+    return _is_linear(conv) and isinstance(norm, nn.BatchNorm1d) and conv.out_features == width
+
+
+class _Tracer(fx.Tracer):
+    """Treats convs, norms and already-claimed blocks as opaque leaves."""
+
+    def __init__(self, opaque: set[int]):
+        super().__init__()
+        self.opaque = opaque
+
+    def is_leaf_module(self, m: nn.Module, qualified_name: str) -> bool:
+        return (
+            id(m) in self.opaque
+            or is_plain_conv(m)
+            or is_norm_like(m)
+            or super().is_leaf_module(m, qualified_name)
+        )
+
+
+def _join(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix else name
+
+
+def _pairs_in_graph(root: nn.Module, graph: fx.Graph, prefix: str) -> list[Pair]:
+    calls = Counter(n.target for n in graph.nodes if n.op == "call_module")
+    found = []
+    for node in graph.nodes:
+        if node.op != "call_module" or calls[node.target] != 1 or node.kwargs:
+            continue
+        if len(node.args) != 1 or not isinstance(node.args[0], fx.Node):
+            continue
+        source = node.args[0]
+        if source.op != "call_module" or calls[source.target] != 1 or len(source.users) != 1:
+            continue
+        conv, norm = root.get_submodule(source.target), root.get_submodule(node.target)
+        if _fits(conv, norm):
+            found.append(Pair(_join(prefix, source.target), _join(prefix, node.target), "trace"))
+    return found
+
+
+def _pairs_in_sequential(seq: nn.Sequential, prefix: str) -> list[Pair]:
+    names = list(seq._modules)
+    found = []
+    for first, second in zip(names, names[1:]):
+        if _fits(seq._modules[first], seq._modules[second]):
+            found.append(Pair(_join(prefix, first), _join(prefix, second), "sequential"))
+    return found
+
+
+def find_pairs(model: nn.Module, opaque: set[int]) -> list[Pair]:
+    """Every foldable conv -> norm pair outside the `opaque` modules (by id)."""
+    uses = Counter(id(m) for _, m in model.named_modules(remove_duplicate=False))
+    pairs = _search(model, "", opaque)
+    modules = dict(model.named_modules())
+    return [
+        p
+        for p in pairs
+        if uses[id(modules[p.conv_path])] == 1 and uses[id(modules[p.norm_path])] == 1
+    ]
+
+
+def _search(module: nn.Module, prefix: str, opaque: set[int]) -> list[Pair]:
+    if id(module) in opaque or not any(is_norm_like(m) for m in module.modules()):
+        return []
+    try:
+        graph = _Tracer(opaque).trace(module)
+    except Exception:  # noqa: BLE001 - any tracing failure just means "look closer"
+        graph = None
+    if graph is not None:
+        return _pairs_in_graph(module, graph, prefix)
+    found: list[Pair] = []
+    if isinstance(module, nn.Sequential) and type(module).forward is nn.Sequential.forward:
+        found += _pairs_in_sequential(module, prefix)
+    for name, child in module.named_children():
+        found += _search(child, _join(prefix, name), opaque)
+    return found
+
+
+def fuse_pair(model: nn.Module, pair: Pair) -> tuple[int, ...]:
+    """Fold the norm into the conv in place; the norm's slot becomes nn.Identity."""
+    conv = model.get_submodule(pair.conv_path)
+    norm = model.get_submodule(pair.norm_path)
+    fused = K.fold_bn(K.as_branch(conv.weight, conv.bias), norm_stats(norm))
+    trainable = conv.weight.requires_grad
+    conv.weight = nn.Parameter(fused.kernel, requires_grad=trainable)
+    conv.bias = nn.Parameter(fused.bias, requires_grad=trainable)
+    parent_path, _, name = pair.norm_path.rpartition(".")
+    setattr(model.get_submodule(parent_path), name, nn.Identity())
+    return tuple(fused.kernel.shape)

@@ -1,0 +1,82 @@
+"""RepVGG: kxk conv-BN + 1x1 conv-BN (+ identity BN), summed, then SE and the nonlinearity.
+
+Published convention (RepVGG release and its many copies, e.g. YOLOv6): children `rbr_dense` and
+`rbr_1x1` are conv-BN units, `rbr_identity` is a BatchNorm (or None / absent when the shapes or the
+stride rule it out). Deploy form: one conv `rbr_reparam` with bias; `se` and `nonlinearity` stay.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from repconv import kernels as K
+from repconv.errors import NotFusable
+from repconv.geometry import Geometry, align
+from repconv.rules.base import (
+    Fused,
+    Rule,
+    conv_bn_branch,
+    conv_bn_unit,
+    fused_conv_like,
+    is_norm_like,
+    norm_stats,
+    replace_children,
+)
+
+_TRAIN_CHILDREN = ["rbr_dense", "rbr_1x1", "rbr_identity"]
+
+
+def match(block: nn.Module) -> str | None:
+    if hasattr(block, "rbr_reparam") or conv_bn_unit(getattr(block, "rbr_dense", None)) is None:
+        return None
+    parts = ["kxk"]
+    one = getattr(block, "rbr_1x1", None)
+    if one is not None:
+        if conv_bn_unit(one) is None:
+            return None
+        parts.append("1x1")
+    identity = getattr(block, "rbr_identity", None)
+    if identity is not None:
+        if not (is_norm_like(identity) or isinstance(identity, nn.Identity)):
+            return None
+        parts.append("identity")
+    return " + ".join(parts)
+
+
+def identity_branch(conv: nn.Module, norm: nn.Module | None, target: Geometry) -> K.Branch:
+    """The identity (optionally followed by a norm) as a branch lined up with `target`."""
+    if conv.in_channels != conv.out_channels or any(s != 1 for s in target.stride):
+        raise NotFusable("an identity branch needs stride 1 and equal in/out channels")
+    ones = tuple(1 for _ in target.kernel_size)
+    branch = K.identity(conv.in_channels, conv.groups, ones, device=conv.weight.device)
+    if norm is not None:
+        branch = K.fold_bn(branch, norm_stats(norm))
+    unit = Geometry(ones, target.stride, tuple(0 for _ in ones), ones, target.padding_mode)
+    return align(branch, unit, target)
+
+
+def fuse(block: nn.Module) -> Fused:
+    dense = conv_bn_unit(block.rbr_dense)
+    main, target = conv_bn_branch(dense)
+    branches = [main]
+    if getattr(block, "rbr_1x1", None) is not None:
+        branches.append(align(*conv_bn_branch(conv_bn_unit(block.rbr_1x1)), target))
+    identity = getattr(block, "rbr_identity", None)
+    if identity is not None:
+        norm = identity if is_norm_like(identity) else None
+        branches.append(identity_branch(dense[0], norm, target))
+    fused = K.add(branches)
+    removed = [name for name in _TRAIN_CHILDREN if hasattr(block, name)]
+    conv = fused_conv_like(dense[0], fused, target)
+    replace_children(block, "rbr_reparam", conv, [*removed, "id_tensor"])
+    return Fused("rbr_reparam", tuple(fused.kernel.shape), removed)
+
+
+RULE = Rule(
+    name="repvgg",
+    family="RepVGG",
+    summary="rbr_dense {conv,bn} + rbr_1x1 {conv,bn} + rbr_identity (BN, Identity or None)",
+    deploy_form="rbr_reparam (weight, bias); se and nonlinearity stay",
+    match=match,
+    fuse=fuse,
+)
