@@ -167,8 +167,23 @@ def _run(model: nn.Module, entry: PlanEntry, x: torch.Tensor) -> Any:
     return model.get_submodule(entry.path)(x)
 
 
+def _floating_dtype(module: nn.Module) -> torch.dtype | None:
+    for tensor in [*module.parameters(), *module.buffers()]:
+        if tensor.is_floating_point():
+            return tensor.dtype
+    return None
+
+
 def _fuse(model: nn.Module, entry: PlanEntry) -> None:
+    """Fuse one entry; the rules compute in float64, the block keeps the dtype it had."""
     module = model.get_submodule(entry.path)
+    dtype = _floating_dtype(module)
+    _fuse_in_float64(model, entry, module)
+    if dtype is not None and dtype != torch.float64:
+        module.to(dtype)
+
+
+def _fuse_in_float64(model: nn.Module, entry: PlanEntry, module: nn.Module) -> None:
     if entry.norm_path is not None:
         entry.kernel_shape = convbn.fuse_pair(model, convbn.Pair(entry.path, entry.norm_path, ""))
         entry.params_after = param_count(module)

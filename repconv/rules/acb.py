@@ -61,7 +61,9 @@ def fuse(block: nn.Module) -> Fused:
         branches.append(align(branch, _branch_geometry(block, conv_name), target))
     fused = K.add(branches)
     removed = [name for pair in _PAIRS for name in pair]
-    replace_children(block, "fused_conv", fused_conv_like(block.square_conv, fused, target), removed)
+    replace_children(
+        block, "fused_conv", fused_conv_like(block.square_conv, fused, target), removed
+    )
     return Fused("fused_conv", tuple(fused.kernel.shape), removed)
 
 

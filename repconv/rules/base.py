@@ -183,4 +183,3 @@ def replace_children(block: nn.Module, attribute: str, fused: nn.Module, remove:
 
 def param_count(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
-

@@ -9,6 +9,7 @@ nn.Identity, so its state-dict keys disappear.
 
 from __future__ import annotations
 
+import itertools
 from collections import Counter
 from dataclasses import dataclass
 
@@ -83,7 +84,7 @@ def _pairs_in_graph(root: nn.Module, graph: fx.Graph, prefix: str) -> list[Pair]
 def _pairs_in_sequential(seq: nn.Sequential, prefix: str) -> list[Pair]:
     names = list(seq._modules)
     found = []
-    for first, second in zip(names, names[1:]):
+    for first, second in itertools.pairwise(names):
         if _fits(seq._modules[first], seq._modules[second]):
             found.append(Pair(_join(prefix, first), _join(prefix, second), "sequential"))
     return found
@@ -106,7 +107,7 @@ def _search(module: nn.Module, prefix: str, opaque: set[int]) -> list[Pair]:
         return []
     try:
         graph = _Tracer(opaque).trace(module)
-    except Exception:  # noqa: BLE001 - any tracing failure just means "look closer"
+    except Exception:
         graph = None
     if graph is not None:
         return _pairs_in_graph(module, graph, prefix)

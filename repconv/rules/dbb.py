@@ -36,9 +36,11 @@ def _norm_and_pad(module: nn.Module | None) -> tuple[nn.Module, int] | None:
     if is_norm_like(module):
         return module, 0
     inner, pad = getattr(module, "bn", None), getattr(module, "pad_pixels", None)
-    if is_norm_like(inner) and isinstance(pad, int) and set(dict(module.named_children())) == {
-        "bn"
-    }:
+    if (
+        is_norm_like(inner)
+        and isinstance(pad, int)
+        and set(dict(module.named_children())) == {"bn"}
+    ):
         return inner, pad
     return None
 
@@ -106,11 +108,17 @@ def match(block: nn.Module) -> str | None:
 
 
 def _compose(
-    first: K.Branch, pad_between: int, second: K.Branch, groups: int, geometry: Geometry
+    first: K.Branch,
+    pad_between: int,
+    second: K.Branch,
+    groups: int,
+    geometry: Geometry,
+    first_biased: bool,
 ) -> tuple[K.Branch, Geometry]:
     """first (1x1) -> pad with its bias -> second (geometry), as one branch and its geometry."""
     padding = tuple(p + pad_between for p in geometry.padding)
-    if any(p > 0 for p in geometry.padding) and bool(first.bias.ne(0).any()):
+    if first_biased and any(p > 0 for p in geometry.padding):
+        # Decided by structure, not values, so the deploy structure can be rebuilt without them.
         raise NotFusable("zero padding after a biased 1x1 conv is not a convolution")
     try:
         composed = K.compose(first, second, groups)
@@ -137,8 +145,9 @@ def _avg_branch(block: nn.Module, target: Geometry, groups: int) -> K.Branch:
         if "bn" in parts:
             norm, pad_between = _norm_and_pad(parts["bn"])
             first = K.fold_bn(first, norm_stats(norm))
+        biased = conv.bias is not None or "bn" in parts
         pool = K.avg_pool(out_channels, conv.groups, size, device=device)
-        branch, geometry = _compose(first, pad_between, pool, conv.groups, geometry)
+        branch, geometry = _compose(first, pad_between, pool, conv.groups, geometry, biased)
     else:
         branch = K.avg_pool(out_channels, groups, size, device=device)
     branch = K.fold_bn(branch, norm_stats(parts["avgbn"]))
@@ -163,7 +172,9 @@ def _kxk_branch(block: nn.Module, target: Geometry) -> K.Branch:
     if conv2.groups != first_groups:
         raise NotFusable("the 1x1 and kxk convs of dbb_1x1_kxk use different groups")
     second = K.as_branch(conv2.weight, conv2.bias)
-    branch, geometry = _compose(first, pad_between, second, conv2.groups, Geometry.of(conv2))
+    branch, geometry = _compose(
+        first, pad_between, second, conv2.groups, Geometry.of(conv2), first_biased=True
+    )
     branch = K.fold_bn(branch, norm_stats(parts["bn2"]))
     return align(branch, geometry, target)
 

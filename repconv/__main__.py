@@ -1,0 +1,3 @@
+from repconv.cli import main
+
+main(prog_name="repconv")

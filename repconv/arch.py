@@ -1,0 +1,202 @@
+"""Resolving `--arch` and building a model around a loaded state dict.
+
+A spec is `package.module:callable`, `path/to/file.py:callable`, or a built-in zoo name. Models
+are built on the meta device and the loaded tensors are assigned, so no time goes into random
+initialisation of weights that are about to be overwritten; a model that cannot be built that way
+(or keeps meta tensors outside its state dict) is rebuilt normally.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import json
+import sys
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from repconv.errors import BadInput
+from repconv.zoo import registry as zoo
+
+MAX_KEYS_SHOWN = 5
+
+
+def parse_kwargs(text: str | None) -> dict[str, Any]:
+    if not text:
+        return {}
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise BadInput(
+            f"--arch-kwargs is not valid JSON: {exc.msg} at column {exc.colno}"
+        ) from None
+    if not isinstance(value, dict):
+        raise BadInput("--arch-kwargs must be a JSON object, e.g. '{\"num_classes\": 10}'")
+    return value
+
+
+def _import_file(path: Path) -> Any:
+    if not path.is_file():
+        raise BadInput(f"--arch: file {path} does not exist")
+    name = f"repconv_arch_{abs(hash(str(path.resolve())))}"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    # Research repos import their sibling files; make them importable while this one loads.
+    sys.path.insert(0, str(path.parent.resolve()))
+    try:
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    except Exception as exc:
+        sys.modules.pop(name, None)
+        raise BadInput(f"--arch: importing {path} failed: {type(exc).__name__}: {exc}") from exc
+    finally:
+        sys.path.remove(str(path.parent.resolve()))
+    return module
+
+
+def resolve(spec: str) -> Callable[..., nn.Module]:
+    """The callable that builds the model named by `spec`."""
+    entry = zoo.get_entry(spec)
+    if entry is not None:
+        return entry.factory
+    if ":" not in spec:
+        known = ", ".join(zoo.list_models())
+        raise BadInput(
+            f"--arch {spec!r} is not a built-in model ({known}) nor of the form "
+            "'package.module:callable' or 'path/to/file.py:callable'"
+        )
+    where, _, attr = spec.rpartition(":")
+    if where.endswith(".py") or "/" in where or "\\" in where:
+        module = _import_file(Path(where))
+    else:
+        try:
+            module = importlib.import_module(where)
+        except Exception as exc:
+            raise BadInput(f"--arch: cannot import {where!r}: {type(exc).__name__}: {exc}") from exc
+    target: Any = module
+    for part in attr.split("."):
+        target = getattr(target, part, None)
+        if target is None:
+            raise BadInput(f"--arch: {where!r} has no attribute {attr!r}")
+    if not callable(target):
+        raise BadInput(f"--arch: {spec!r} is not callable")
+    return target
+
+
+def _construct(
+    factory: Callable[..., nn.Module], kwargs: Mapping[str, Any], spec: str
+) -> nn.Module:
+    try:
+        model = factory(**kwargs)
+    except Exception as exc:
+        raise BadInput(
+            f"--arch {spec}: building the model failed: {type(exc).__name__}: {exc}"
+        ) from exc
+    if not isinstance(model, nn.Module):
+        raise BadInput(f"--arch {spec}: the callable returned {type(model).__name__}, not a Module")
+    return model
+
+
+def _has_meta_tensors(model: nn.Module) -> bool:
+    for module in model.modules():
+        tensors = [*module._parameters.values(), *module._buffers.values()]
+        tensors += [v for v in vars(module).values() if isinstance(v, Tensor)]
+        if any(t is not None and t.is_meta for t in tensors):
+            return True
+    return False
+
+
+def check_fit(model: nn.Module, state_dict: Mapping[str, Tensor], what: str) -> None:
+    """Raise BadInput naming up to five missing and unexpected keys, and shape mismatches."""
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in expected]
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} missing ({_few(missing)})")
+    if unexpected:
+        problems.append(f"{len(unexpected)} unexpected ({_few(unexpected)})")
+    wrong = [
+        f"{k}: {tuple(state_dict[k].shape)} vs {tuple(v.shape)}"
+        for k, v in expected.items()
+        if k in state_dict and tuple(state_dict[k].shape) != tuple(v.shape)
+    ]
+    if wrong:
+        problems.append(f"{len(wrong)} with another shape ({_few(wrong)})")
+    if problems:
+        raise BadInput(f"{what} does not fit the architecture: keys " + "; ".join(problems))
+
+
+def _few(items: list[str]) -> str:
+    shown = ", ".join(items[:MAX_KEYS_SHOWN])
+    return shown + (", ..." if len(items) > MAX_KEYS_SHOWN else "")
+
+
+def build_loaded(
+    spec: str,
+    kwargs: Mapping[str, Any],
+    state_dict: Mapping[str, Tensor],
+    *,
+    what: str = "the checkpoint",
+    prepare: Callable[[nn.Module], Any] | None = None,
+) -> nn.Module:
+    """Build the model named by `spec` and load `state_dict` into it strictly, in eval mode.
+
+    `prepare`, if given, runs on the freshly built model before loading (the deploy loader uses it
+    to rewrite the train structure into its deploy form).
+    """
+    factory = resolve(spec)
+    model = _build_on_meta(factory, kwargs, spec, prepare)
+    if model is not None:
+        check_fit(model, state_dict, what)
+        model.load_state_dict(state_dict, strict=True, assign=True)
+        if _has_meta_tensors(model):
+            model = None
+    if model is None:
+        model = _construct(factory, kwargs, spec)
+        if prepare is not None:
+            prepare(model)
+        check_fit(model, state_dict, what)
+        try:
+            model.load_state_dict(state_dict, strict=True)
+        except RuntimeError as exc:
+            first = str(exc).strip().splitlines()[-1].strip()
+            raise BadInput(f"{what} does not fit the architecture: {first}") from None
+    return model.eval()
+
+
+def _build_on_meta(
+    factory: Callable[..., nn.Module],
+    kwargs: Mapping[str, Any],
+    spec: str,
+    prepare: Callable[[nn.Module], Any] | None,
+) -> nn.Module | None:
+    """The model built without initialising weights, or None if it cannot be built that way."""
+    try:
+        with torch.device("meta"):
+            model = _construct(factory, kwargs, spec)
+            if prepare is not None:
+                prepare(model)
+    except Exception:
+        return None
+    return model
+
+
+def default_input_shape(model: nn.Module) -> tuple[int, ...]:
+    """The model's own configured input size, else first conv's channels at 224 (per dim)."""
+    for attr in ("pretrained_cfg", "default_cfg"):
+        cfg = getattr(model, attr, None)
+        if isinstance(cfg, Mapping) and cfg.get("input_size"):
+            return tuple(int(v) for v in cfg["input_size"])
+    for module in model.modules():
+        if isinstance(module, nn.modules.conv._ConvNd):
+            dims = len(module.kernel_size)
+            spatial = {1: (224,), 2: (224, 224), 3: (16, 112, 112)}[dims]
+            return (module.in_channels, *spatial)
+        if isinstance(module, nn.Linear):
+            return (module.in_features,)
+    raise BadInput("cannot guess the model's input shape; pass --input-shape, e.g. 3,224,224")

@@ -1,0 +1,360 @@
+"""The `repconv` command line: parse, call the pipeline, render. No logic of its own."""
+
+from __future__ import annotations
+
+import json
+import sys
+import traceback
+from collections.abc import Callable
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import click
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib
+
+from repconv import __version__, pipeline, report
+from repconv.arch import parse_kwargs
+from repconv.errors import RepconvError
+from repconv.rules import describe
+
+EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
+
+CONVERT_EXAMPLES = """
+\b
+Examples:
+  repconv convert train.pth deploy.safetensors --arch repvgg_a0
+  repconv convert ckpt.pth out.safetensors --arch mypkg.models:build_net \\
+      --arch-kwargs '{"num_classes": 100}' --input-shape 3,256,256
+  repconv convert last.ckpt out.safetensors --arch ./models.py:Net --key state_dict_ema
+  repconv convert train.pth deploy.pt --config configs/repvgg_a0.toml --json
+"""
+
+
+def _shape(_ctx, _param, value: str | None) -> tuple[int, ...] | None:
+    if value is None or isinstance(value, (list, tuple)):
+        return tuple(value) if value else None
+    try:
+        shape = tuple(int(v) for v in value.replace("x", ",").split(",") if v.strip())
+    except ValueError:
+        raise click.BadParameter(f"expected integers like 3,224,224, got {value!r}") from None
+    if not shape or any(v <= 0 for v in shape):
+        raise click.BadParameter(f"expected positive integers like 3,224,224, got {value!r}")
+    return shape
+
+
+def _load_config(ctx: click.Context, _param, value: str | None) -> str | None:
+    """Options from a TOML file become defaults; flags on the command line still win."""
+    if not value:
+        return value
+    path = Path(value)
+    try:
+        data = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise click.BadParameter(f"{value} does not exist") from None
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        raise click.BadParameter(f"{value} is not valid TOML: {exc}") from None
+    mine = {p.name for p in ctx.command.params}
+    group = ctx.find_root().command
+    anywhere = {p.name for cmd in getattr(group, "commands", {}).values() for p in cmd.params}
+    defaults = {}
+    for key, val in data.items():
+        name = key.replace("-", "_")
+        if name not in anywhere | mine or name == "config":
+            raise click.BadParameter(f"{value}: unknown option {key!r}")
+        if name not in mine:
+            continue  # an option of another command; one config can serve them all
+        if name == "arch_kwargs" and isinstance(val, dict):
+            val = json.dumps(val)
+        if name == "input_shape" and isinstance(val, list):
+            val = ",".join(str(v) for v in val)
+        defaults[name] = val
+    ctx.default_map = {**(ctx.default_map or {}), **defaults}
+    return value
+
+
+def _common_model_options(fn: Callable) -> Callable:
+    options = [
+        click.option(
+            "--arch",
+            "arch",
+            metavar="SPEC",
+            help="Model builder: a built-in name, package.module:callable or file.py:callable.",
+        ),
+        click.option("--arch-kwargs", metavar="JSON", help="Keyword arguments for the builder."),
+        click.option("--key", metavar="KEY", help="Nested key of the state dict (auto-detected)."),
+        click.option(
+            "--trust-pickle",
+            is_flag=True,
+            help="Allow a checkpoint that pickles a whole model (runs code from the file).",
+        ),
+        click.option(
+            "--config",
+            type=click.Path(dir_okay=False),
+            is_eager=True,
+            expose_value=False,
+            callback=_load_config,
+            help="TOML file holding any of these options.",
+        ),
+        click.option("--json", "as_json", is_flag=True, help="Print a JSON document (for CI)."),
+        click.option("-v", "--verbose", is_flag=True, help="Show tracebacks on errors."),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
+def _check_options(fn: Callable) -> Callable:
+    options = [
+        click.option(
+            "--input-shape",
+            callback=_shape,
+            metavar="C,H,W",
+            help="Input shape without batch (default: the model's own, else C,224,224).",
+        ),
+        click.option("--samples", type=click.IntRange(min=1), default=2, show_default=True),
+        click.option("--seed", type=int, default=0, show_default=True),
+        click.option("--atol", type=click.FloatRange(min=0), help="Absolute limit (written)."),
+        click.option(
+            "--rtol",
+            type=click.FloatRange(min=0),
+            help="Relative limit (written); default 1e-4 float32, 1e-2 float16.",
+        ),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
+def _run(as_json: bool, verbose: bool, body: Callable[[], int]) -> None:
+    """Run a command body; map errors to exit codes and one-line messages."""
+    err = report.console(stderr=True)
+    try:
+        code = body()
+    except RepconvError as exc:
+        code, message = exc.exit_code, str(exc)
+    except KeyboardInterrupt:
+        code, message = 130, "interrupted"
+    except Exception as exc:  # any failure becomes one line, traceback on -v
+        code, message = EXIT_BAD_INPUT, f"{type(exc).__name__}: {exc}"
+        if not verbose:
+            message += " (re-run with -v for the traceback)"
+    else:
+        sys.exit(code)
+    if verbose:
+        traceback.print_exc()
+    if as_json:
+        report.emit_json({"ok": False, "exit_code": code, "error": message})
+    err.print(f"error: {message}", markup=False)
+    sys.exit(code)
+
+
+def _status(message: str, as_json: bool):
+    err = report.console(stderr=True)
+    if err.is_terminal and not as_json:
+        return err.status(message)
+    return nullcontext()
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, prog_name="repconv")
+def main() -> None:
+    """Fold re-parameterized CNN blocks (ACB, RepVGG, DBB, conv-BN) into plain convs.
+
+    \b
+    Exit codes: 0 ok, 1 verification failed, 2 bad usage or bad input.
+    """
+
+
+@main.command(epilog=CONVERT_EXAMPLES)
+@click.argument("input_path", metavar="INPUT", type=click.Path(path_type=Path))
+@click.argument("output_path", metavar="OUTPUT", type=click.Path(path_type=Path))
+@_common_model_options
+@_check_options
+@click.option("--no-verify", is_flag=True, help="Skip verification (not recommended).")
+@click.option(
+    "--verify-dtype",
+    type=click.Choice(list(pipeline.DTYPES)),
+    default="float64",
+    show_default=True,
+    help="Dtype of the verification passes; the model's own dtype saves memory.",
+)
+@click.option(
+    "--exact-limit",
+    type=click.FloatRange(min=0),
+    default=1e-6,
+    show_default=True,
+    help="Limit for the exact (float64 math) error.",
+)
+@click.option("--strict", is_flag=True, help="Exit 2 if any norm is left unfolded.")
+@click.option("--force", is_flag=True, help="Write the output even if verification fails.")
+@click.option("--dry-run", is_flag=True, help="Convert and verify, write nothing.")
+def convert(input_path: Path, output_path: Path, **opts: Any) -> None:
+    """Convert a train checkpoint INPUT into a verified deploy checkpoint OUTPUT.
+
+    OUTPUT is .safetensors (with metadata) or .pth/.pt. It is written atomically and only when
+    verification passes.
+    """
+    as_json, verbose = opts.pop("as_json"), opts.pop("verbose")
+
+    def body() -> int:
+        with _status("converting...", as_json):
+            result = pipeline.convert_file(
+                input_path,
+                output_path,
+                arch_spec=opts["arch"],
+                arch_kwargs=parse_kwargs(opts["arch_kwargs"]),
+                key=opts["key"],
+                trust_pickle=opts["trust_pickle"],
+                strict=opts["strict"],
+                force=opts["force"],
+                dry_run=opts["dry_run"],
+                input_shape=opts["input_shape"],
+                samples=opts["samples"],
+                seed=opts["seed"],
+                verify=not opts["no_verify"],
+                verify_dtype=opts["verify_dtype"],
+                exact_limit=opts["exact_limit"],
+                atol=opts["atol"],
+                rtol=opts["rtol"],
+            )
+        code = EXIT_OK if result.passed else EXIT_FAILED
+        written = None if opts["dry_run"] else str(output_path)
+        if as_json:
+            report.emit_json(
+                {"ok": code == 0, "exit_code": code, "output": written, **result.to_dict()}
+            )
+            return code
+        out = report.console()
+        report.plan_table(out, result.plan)
+        report.warnings_block(report.console(stderr=True), result.plan)
+        report.summary_line(out, result.plan, result.params_before, result.params_after)
+        if result.verification is not None:
+            report.verification_lines(out, result.verification)
+            if not result.passed:
+                out.print(result.verification.failure_message(), markup=False)
+        out.print(f"wrote {written}" if written else "dry run: nothing written", markup=False)
+        return code
+
+    _run(as_json, verbose, body)
+
+
+@main.command()
+@click.argument("train_path", metavar="TRAIN", type=click.Path(path_type=Path))
+@click.argument("deploy_path", metavar="DEPLOY", type=click.Path(path_type=Path))
+@_common_model_options
+@_check_options
+def verify(train_path: Path, deploy_path: Path, **opts: Any) -> None:
+    """Check that DEPLOY computes what TRAIN computes: exit 0 if equal, 1 if not.
+
+    \b
+    The architecture and its kwargs are read from DEPLOY's metadata unless given.
+    Example:  repconv verify train.pth deploy.safetensors --json
+    """
+    as_json, verbose = opts.pop("as_json"), opts.pop("verbose")
+
+    def body() -> int:
+        kwargs = parse_kwargs(opts["arch_kwargs"]) if opts["arch_kwargs"] else None
+        with _status("verifying...", as_json):
+            verification, notes = pipeline.verify_files(
+                train_path,
+                deploy_path,
+                arch_spec=opts["arch"],
+                arch_kwargs=kwargs,
+                key=opts["key"],
+                trust_pickle=opts["trust_pickle"],
+                input_shape=opts["input_shape"],
+                samples=opts["samples"],
+                seed=opts["seed"],
+                atol=opts["atol"],
+                rtol=opts["rtol"],
+            )
+        code = EXIT_OK if verification.passed else EXIT_FAILED
+        if as_json:
+            report.emit_json(
+                {"ok": code == 0, "exit_code": code, "notes": notes, **verification.to_dict()}
+            )
+            return code
+        out = report.console()
+        for note in notes.values():
+            report.console(stderr=True).print(f"note: {note}", markup=False)
+        report.verification_lines(out, verification)
+        return code
+
+    _run(as_json, verbose, body)
+
+
+@main.command()
+@click.argument("input_path", metavar="INPUT", type=click.Path(path_type=Path))
+@_common_model_options
+def inspect(input_path: Path, **opts: Any) -> None:
+    """List the blocks INPUT holds, the rule for each and parameters before/after.
+
+    Nothing is written. Example:  repconv inspect train.pth --arch repvgg_a0
+    """
+    as_json, verbose = opts.pop("as_json"), opts.pop("verbose")
+
+    def body() -> int:
+        plan, before, after = pipeline.inspect_file(
+            input_path,
+            arch_spec=opts["arch"],
+            arch_kwargs=parse_kwargs(opts["arch_kwargs"]),
+            key=opts["key"],
+            trust_pickle=opts["trust_pickle"],
+        )
+        if as_json:
+            report.emit_json(
+                {"ok": True, "params_before": before, "params_after": after, **plan.to_dict()}
+            )
+            return EXIT_OK
+        out = report.console()
+        report.plan_table(out, plan)
+        report.warnings_block(out, plan)
+        report.summary_line(out, plan, before, after)
+        return EXIT_OK
+
+    _run(as_json, verbose, body)
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON document.")
+def rules(as_json: bool) -> None:
+    """List the fusion rules in the order they are applied."""
+    rows = describe()
+    if as_json:
+        report.emit_json({"rules": rows})
+        return
+    report.table(
+        report.console(),
+        "Rules (first match wins, top-down)",
+        ["#", "name", "family", "kind", "matches", "deploy form"],
+        [
+            [r["order"], r["name"], r["family"], r["kind"], r["matches"], r["deploy_form"]]
+            for r in rows
+        ],
+    )
+
+
+@main.command()
+@click.option(
+    "--out",
+    "out_dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=Path("demo-out"),
+    show_default=True,
+    help="Folder for the demo's checkpoints.",
+)
+@click.option("-v", "--verbose", is_flag=True, help="Show tracebacks on errors.")
+def demo(out_dir: Path, verbose: bool) -> None:
+    """Build a small net with one block of each family, save, convert, verify, report."""
+    from repconv.demo import run_demo
+
+    _run(False, verbose, lambda: run_demo(out_dir, report.console()))
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

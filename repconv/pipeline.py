@@ -1,0 +1,364 @@
+"""The public workflows: convert a model or a checkpoint file, verify a deploy file, inspect.
+
+Data moves forward only: the checkpoint is read once, the model is built once (around the loaded
+tensors), reference outputs are taken before the in-place rewrite, and the deploy tensors are
+written once, atomically.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from repconv import __version__, arch, checkpoint, engine
+from repconv import verify as V
+from repconv.engine import Plan
+from repconv.errors import BadInput, VerificationFailed
+from repconv.rules.base import Rule, param_count
+
+DTYPES = {
+    "float64": torch.float64,
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+}
+
+
+@dataclass
+class Result:
+    """A conversion: the deploy model, its plan, its verification, and the tensors to write."""
+
+    model: nn.Module
+    plan: Plan
+    verification: V.Verification | None
+    state_dict: dict[str, Tensor]
+    params_before: int
+    params_after: int
+    source: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def passed(self) -> bool:
+        return self.verification is None or self.verification.passed
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "source": self.source,
+            "params_before": self.params_before,
+            "params_after": self.params_after,
+            "plan": self.plan.to_dict(),
+            "verification": None if self.verification is None else self.verification.to_dict(),
+        }
+
+
+def _dtype_of_keys(model: nn.Module) -> dict[str, torch.dtype]:
+    return {k: v.dtype for k, v in model.state_dict(keep_vars=True).items()}
+
+
+def _output_dtypes(
+    original: Mapping[str, torch.dtype], the_plan: Plan
+) -> Callable[[str], torch.dtype]:
+    """Which dtype each deploy key is written in: its own, or that of the block it came from."""
+    floating = [d for d in original.values() if d.is_floating_point]
+    fallback = max(set(floating), key=floating.count) if floating else torch.float32
+    by_block: dict[str, torch.dtype] = {}
+    for entry in the_plan.entries:
+        prefix = f"{entry.path}." if entry.path else ""
+        for key, dtype in original.items():
+            if key.startswith(prefix) and dtype.is_floating_point:
+                by_block[entry.path] = dtype
+                break
+
+    def dtype_for(key: str) -> torch.dtype:
+        if key in original:
+            return original[key]
+        owners = [p for p in by_block if not p or key.startswith(f"{p}.")]
+        return by_block[max(owners, key=len)] if owners else fallback
+
+    return dtype_for
+
+
+def _round_in_place(model: nn.Module, dtype_for: Callable[[str], torch.dtype], calc) -> None:
+    """Give every floating tensor exactly the value it will have in the file, held in `calc`."""
+    for module_path, module in model.named_modules():
+        for store in (module._parameters, module._buffers):
+            for name, tensor in store.items():
+                if tensor is None or not tensor.is_floating_point():
+                    continue
+                key = f"{module_path}.{name}" if module_path else name
+                rounded = tensor.detach().to(dtype_for(key)).to(calc)
+                if isinstance(tensor, nn.Parameter):
+                    tensor.data = rounded
+                else:
+                    store[name] = rounded
+
+
+def _final_state_dict(
+    model: nn.Module, dtype_for: Callable[[str], torch.dtype]
+) -> dict[str, Tensor]:
+    state = {}
+    for key, tensor in model.state_dict().items():
+        if tensor.is_floating_point():
+            tensor = tensor.to(dtype_for(key))
+        state[key] = tensor.contiguous()
+    return state
+
+
+def convert(
+    model: nn.Module,
+    *,
+    input_shape: Sequence[int] | None = None,
+    samples: int = 2,
+    seed: int = 0,
+    verify: bool = True,
+    verify_dtype: torch.dtype | str = torch.float64,
+    exact_limit: float = V.EXACT_LIMIT,
+    atol: float | None = None,
+    rtol: float | None = None,
+    rules: Sequence[Rule] | None = None,
+) -> Result:
+    """Convert `model` in place into its deploy form and verify it against itself before.
+
+    The model's floating tensors are held in `verify_dtype` during the check (float64 by
+    default) and the returned `state_dict` is in the model's own dtypes. No copy of the model
+    is made: reference outputs are taken before the rewrite.
+    """
+    if isinstance(verify_dtype, str):
+        verify_dtype = DTYPES[verify_dtype]
+    if samples < 1:
+        raise BadInput("--samples must be at least 1")
+    model.eval()
+    original = _dtype_of_keys(model)
+    params_before = param_count(model)
+    the_plan = engine.plan(model, rules)
+    dtype_for = _output_dtypes(original, the_plan)
+    verification = None
+    if verify:
+        shape = list(input_shape) if input_shape else list(arch.default_input_shape(model))
+        model.to(verify_dtype)
+        inputs = V.make_inputs(shape, samples, seed, verify_dtype)
+        paths = [e.path for e in the_plan.entries]
+        try:
+            with V.recording_input_shapes(model, paths) as shapes:
+                references = V.run(model, inputs)
+        except RuntimeError as exc:
+            raise BadInput(
+                f"the model cannot run on inputs of shape {shape}: {_first_line(exc)} "
+                "(set --input-shape)"
+            ) from None
+        engine.apply(model, the_plan, probe_shapes=shapes, seed=seed)
+        exact = None
+        if verify_dtype == torch.float64:
+            exact = V.measure(V.run(model, inputs), references)
+        _round_in_place(model, dtype_for, verify_dtype)
+        written = V.measure(V.run(model, inputs), references)
+        out_dtypes = {dtype_for(k) for k, v in model.state_dict().items() if v.is_floating_point()}
+        limit = max(
+            (V.written_limit(d) for d in out_dtypes), default=V.written_limit(torch.float32)
+        )
+        verification = V.Verification(
+            input_shape=shape,
+            samples=samples,
+            seed=seed,
+            dtype=str(verify_dtype).removeprefix("torch."),
+            exact=exact,
+            written=written,
+            exact_limit=exact_limit,
+            written_atol=atol if atol is not None else 0.0,
+            written_rtol=rtol if rtol is not None else (0.0 if atol is not None else limit),
+        )
+        limit_for_blocks = exact_limit if exact is not None else verification.written_rtol
+        verification.suspects = [
+            {"path": e.path, "rule": e.rule, "block_error": e.block_error}
+            for e in sorted(the_plan.entries, key=lambda e: -(e.block_error or 0.0))
+            if e.block_error is not None and not e.block_error <= limit_for_blocks
+        ]
+    else:
+        engine.apply(model, the_plan)
+    state = _final_state_dict(model, dtype_for)
+    return Result(model, the_plan, verification, state, params_before, param_count(model))
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _load_model(
+    loaded: checkpoint.LoadedCheckpoint, spec: str | None, kwargs: Mapping[str, Any]
+) -> nn.Module:
+    if spec is None:
+        if loaded.module is not None:
+            return loaded.module.eval()
+        raise BadInput(
+            f"{loaded.path.name} holds a state dict; say which model it belongs to with --arch "
+            "(a built-in name, package.module:callable or path/to/file.py:callable)"
+        )
+    return arch.build_loaded(spec, kwargs, loaded.state_dict, what=loaded.path.name)
+
+
+def metadata_for(result: Result, spec: str | None, kwargs: Mapping[str, Any], sha: str) -> dict:
+    return {
+        "format": checkpoint.METADATA_FORMAT,
+        "version": __version__,
+        "torch": torch.__version__,
+        "arch": spec or "",
+        "arch_kwargs": json.dumps(dict(kwargs), sort_keys=True),
+        "source_sha256": sha,
+        "plan": json.dumps(result.plan.to_dict()),
+        "verification": json.dumps(
+            None if result.verification is None else result.verification.to_dict()
+        ),
+    }
+
+
+def convert_file(
+    input_path: str | Path,
+    output_path: str | Path,
+    *,
+    arch_spec: str | None = None,
+    arch_kwargs: Mapping[str, Any] | None = None,
+    key: str | None = None,
+    trust_pickle: bool = False,
+    strict: bool = False,
+    force: bool = False,
+    dry_run: bool = False,
+    **options: Any,
+) -> Result:
+    """Read a train checkpoint, convert and verify it, write the deploy checkpoint atomically.
+
+    Nothing is written when verification fails (unless `force`), when `strict` and a norm could
+    not be folded, or on `dry_run`.
+    """
+    kwargs = dict(arch_kwargs or {})
+    input_path, output_path = Path(input_path), Path(output_path)
+    out = checkpoint.check_output_path(output_path, inputs=[input_path])
+    loaded = checkpoint.read_checkpoint(input_path, key=key, trust_pickle=trust_pickle)
+    model = _load_model(loaded, arch_spec, kwargs)
+    result = convert(model, **options)
+    result.source = {
+        "path": str(input_path),
+        "sha256": loaded.sha256,
+        "key": loaded.source_key,
+        "stripped_prefixes": list(loaded.stripped_prefixes),
+        "arch": arch_spec,
+    }
+    if strict and result.plan.warnings:
+        first = result.plan.warnings[0]
+        raise BadInput(
+            f"--strict: {len(result.plan.warnings)} norm(s) or block(s) left unfolded, "
+            f"first {first['path']}: {first['message']}"
+        )
+    if not result.passed and not force:
+        raise VerificationFailed(result.verification.failure_message())
+    if not dry_run:
+        meta = metadata_for(result, arch_spec, kwargs, loaded.sha256)
+        checkpoint.write_checkpoint(out, result.state_dict, meta)
+    return result
+
+
+def _deploy_structure(model: nn.Module) -> None:
+    engine.apply(model, engine.plan(model))
+
+
+def load_deploy(
+    path: str | Path,
+    model_or_arch: nn.Module | str | None = None,
+    arch_kwargs: Mapping[str, Any] | None = None,
+) -> nn.Module:
+    """Rebuild the deploy structure (from a train-form model or an arch spec) and load `path`.
+
+    The weights are loaded strictly; with no architecture given, the one recorded in the file's
+    metadata is used.
+    """
+    state, meta = checkpoint.read_deploy(path)
+    if isinstance(model_or_arch, nn.Module):
+        model = model_or_arch.eval()
+        _deploy_structure(model)
+        arch.check_fit(model, state, Path(path).name)
+        model.load_state_dict(state, strict=True, assign=True)
+        return model
+    spec = model_or_arch or meta.get("arch")
+    if not spec:
+        raise BadInput(f"{Path(path).name} records no architecture; pass one (--arch)")
+    if arch_kwargs is None:
+        arch_kwargs = json.loads(meta.get("arch_kwargs") or "{}")
+    return arch.build_loaded(
+        spec, arch_kwargs, state, what=Path(path).name, prepare=_deploy_structure
+    )
+
+
+def verify_files(
+    train_path: str | Path,
+    deploy_path: str | Path,
+    *,
+    arch_spec: str | None = None,
+    arch_kwargs: Mapping[str, Any] | None = None,
+    key: str | None = None,
+    trust_pickle: bool = False,
+    input_shape: Sequence[int] | None = None,
+    samples: int = 2,
+    seed: int = 0,
+    atol: float | None = None,
+    rtol: float | None = None,
+) -> tuple[V.Verification, dict[str, str]]:
+    """Compare a deploy checkpoint against the train checkpoint it came from (float64 passes)."""
+    state, meta = checkpoint.read_deploy(deploy_path)
+    spec = arch_spec or meta.get("arch") or None
+    if arch_kwargs is None:
+        arch_kwargs = json.loads(meta.get("arch_kwargs") or "{}")
+    loaded = checkpoint.read_checkpoint(train_path, key=key, trust_pickle=trust_pickle)
+    train = _load_model(loaded, spec, arch_kwargs)
+    if spec is None:
+        raise BadInput("verifying needs --arch (or a deploy file that records it)")
+    deploy = arch.build_loaded(
+        spec, arch_kwargs, state, what=Path(deploy_path).name, prepare=_deploy_structure
+    )
+    shape = list(input_shape) if input_shape else list(arch.default_input_shape(train))
+    train.to(torch.float64)
+    deploy.to(torch.float64)
+    inputs = V.make_inputs(shape, samples, seed, torch.float64)
+    references = V.run(train, inputs)
+    written = V.measure(V.run(deploy, inputs), references)
+    dtypes = {t.dtype for t in state.values() if t.is_floating_point()}
+    limit = max((V.written_limit(d) for d in dtypes), default=V.written_limit(torch.float32))
+    verification = V.Verification(
+        input_shape=shape,
+        samples=samples,
+        seed=seed,
+        dtype="float64",
+        exact=None,
+        written=written,
+        exact_limit=V.EXACT_LIMIT,
+        written_atol=atol if atol is not None else 0.0,
+        written_rtol=rtol if rtol is not None else (0.0 if atol is not None else limit),
+    )
+    notes = {}
+    recorded = meta.get("source_sha256")
+    if recorded and recorded != loaded.sha256:
+        notes["source"] = "the deploy file records a different source checkpoint (sha256 differs)"
+    return verification, notes
+
+
+def inspect_file(
+    input_path: str | Path,
+    *,
+    arch_spec: str | None = None,
+    arch_kwargs: Mapping[str, Any] | None = None,
+    key: str | None = None,
+    trust_pickle: bool = False,
+) -> tuple[Plan, int, int]:
+    """What converting a checkpoint would do (fused in memory only, nothing written).
+
+    Returns the plan with every entry's outcome and the parameter counts before and after.
+    """
+    loaded = checkpoint.read_checkpoint(input_path, key=key, trust_pickle=trust_pickle)
+    model = _load_model(loaded, arch_spec, dict(arch_kwargs or {}))
+    before = param_count(model)
+    the_plan = engine.apply(model, engine.plan(model))
+    return the_plan, before, param_count(model)

@@ -1,0 +1,100 @@
+"""Rendering results: rich tables on a terminal, aligned plain text when piped, JSON for CI."""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from repconv.engine import Plan
+from repconv.verify import Verification, worst
+
+
+def console(stderr: bool = False) -> Console:
+    return Console(stderr=stderr, highlight=False, soft_wrap=True)
+
+
+def table(out: Console, title: str, columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
+    """A table: boxed and styled on a terminal, plain aligned columns otherwise."""
+    cells = [[_cell(v) for v in row] for row in rows]
+    if out.is_terminal:
+        t = Table(title=title, title_justify="left")
+        for name in columns:
+            t.add_column(name, overflow="fold")
+        for row in cells:
+            t.add_row(*row)
+        out.print(t)
+        return
+    widths = [max([len(c)] + [len(r[i]) for r in cells]) for i, c in enumerate(columns)]
+    lines = [title, "  ".join(c.ljust(w) for c, w in zip(columns, widths)).rstrip()]
+    lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths)).rstrip() for row in cells]
+    out.file.write("\n".join(lines) + "\n")
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.3g}"
+    if isinstance(value, int) and not isinstance(value, bool):
+        return f"{value:,}"
+    if isinstance(value, (tuple, list)):
+        return "x".join(str(v) for v in value)
+    return str(value)
+
+
+def millions(n: int) -> str:
+    return f"{n / 1e6:.3f}M" if n >= 100_000 else f"{n:,}"
+
+
+def plan_table(out: Console, plan: Plan, title: str = "Blocks") -> None:
+    rows = [
+        [
+            e.path or "<root>",
+            e.rule,
+            e.structure,
+            e.status,
+            e.kernel_shape,
+            e.params_before,
+            e.params_after,
+            e.block_error,
+        ]
+        for e in plan.entries
+    ]
+    table(
+        out,
+        title,
+        ["path", "rule", "structure", "status", "kernel", "params before", "after", "block err"],
+        rows,
+    )
+
+
+def warnings_block(out: Console, plan: Plan) -> None:
+    for w in plan.warnings:
+        out.print(f"warning: {w['path'] or '<root>'}: {w['message']}", markup=False)
+
+
+def verification_lines(out: Console, v: Verification) -> None:
+    status = "passed" if v.passed else "FAILED"
+    exact = worst(v.exact)
+    parts = [f"verification {status}", f"{v.samples} sample(s) of {v.input_shape} in {v.dtype}"]
+    if exact is not None:
+        parts.append(f"exact {exact:.3g} (limit {v.exact_limit:g})")
+    parts.append(
+        f"written {worst(v.written):.3g} (rtol {v.written_rtol:g}, atol {v.written_atol:g})"
+    )
+    out.print(": ".join(parts[:1]) + ": " + ", ".join(parts[1:]), markup=False)
+
+
+def summary_line(out: Console, plan: Plan, before: int, after: int) -> None:
+    counts = plan.fused_by_rule()
+    fused = ", ".join(f"{n} {rule}" for rule, n in sorted(counts.items())) or "nothing"
+    out.print(f"fused: {fused}; params {millions(before)} -> {millions(after)}", markup=False)
+
+
+def emit_json(document: dict[str, Any]) -> None:
+    sys.stdout.write(json.dumps(document, indent=2, default=str) + "\n")
