@@ -62,7 +62,13 @@ def test_metadata_schema(runner, train_ckpt, tmp_path):
     with safe_open(str(out), "pt") as f:
         meta = f.metadata()
     assert set(meta) == {
-        "format", "version", "torch", "arch", "arch_kwargs", "source_sha256", "plan",
+        "format",
+        "version",
+        "torch",
+        "arch",
+        "arch_kwargs",
+        "source_sha256",
+        "plan",
         "verification",
     }
     assert meta["format"] == "repconv.deploy/1"
@@ -92,8 +98,15 @@ def test_idempotent_on_a_deploy_checkpoint(runner, train_ckpt, tmp_path):
     assert run(runner, "convert", train_ckpt, out, "--arch", "demo_mixed").exit_code == 0
     # Building the deploy form directly (deploy=True) and converting it again changes nothing.
     result = run(
-        runner, "convert", out, again, "--arch", "demo_mixed", "--arch-kwargs",
-        '{"deploy": true}', "--json",
+        runner,
+        "convert",
+        out,
+        again,
+        "--arch",
+        "demo_mixed",
+        "--arch-kwargs",
+        '{"deploy": true}',
+        "--json",
     )
     doc = json.loads(result.output)
     assert result.exit_code == 0 and doc["plan"]["blocks"] == []

@@ -98,9 +98,7 @@ def test_block_that_cannot_fold_exactly_is_left_alone_and_reported():
     ],
 )
 def test_dbb(cin, cout, k, stride, groups, internal):
-    kw = dict(
-        stride=stride, padding=k // 2, groups=groups, internal_channels_1x1_3x3=internal
-    )
+    kw = dict(stride=stride, padding=k // 2, groups=groups, internal_channels_1x1_3x3=internal)
     train = randomized(DiverseBranchBlock(cin, cout, k, **kw))
     deploy = DiverseBranchBlock(cin, cout, k, deploy=True, **kw)
     plan = convert_and_compare(train, deploy, torch.randn(2, cin, 12, 12, dtype=torch.float64))

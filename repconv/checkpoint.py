@@ -1,0 +1,306 @@
+"""Checkpoint I/O: read train checkpoints safely, write deploy checkpoints atomically.
+
+Reading never runs code from the file unless the user says so (`trust_pickle`): `.pth/.pt/.ckpt`
+go through `torch.load(weights_only=True)`. Writing goes to a temporary file in the output's
+folder, which is renamed into place only once complete, so an output is either whole or absent.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import pickle
+import re
+import tempfile
+import zipfile
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file as load_safetensors
+from safetensors.torch import save as serialize_safetensors
+from torch import Tensor, nn
+
+from repconv.errors import BadInput
+
+METADATA_FORMAT = "repconv.deploy/1"
+NESTED_KEYS = ("state_dict", "model", "model_state_dict", "model_ema", "state_dict_ema", "ema")
+WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+PICKLE_SUFFIXES = (".pth", ".pt", ".ckpt", ".bin")
+INPUT_SUFFIXES = (*PICKLE_SUFFIXES, ".safetensors")
+OUTPUT_SUFFIXES = (".safetensors", ".pth", ".pt")
+
+
+@dataclass
+class LoadedCheckpoint:
+    path: Path
+    sha256: str
+    state_dict: dict[str, Tensor] | None
+    module: nn.Module | None
+    source_key: str | None
+    stripped_prefixes: tuple[str, ...]
+
+
+def file_sha256(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _check_readable(path: Path, suffixes: tuple[str, ...]) -> None:
+    if not path.exists():
+        raise BadInput(f"{path}: no such file")
+    if path.is_dir():
+        raise BadInput(f"{path} is a directory, not a checkpoint file")
+    if path.suffix.lower() not in suffixes:
+        raise BadInput(
+            f"{path.name}: unknown extension {path.suffix!r}; expected {', '.join(suffixes)}"
+        )
+    if path.stat().st_size == 0:
+        raise BadInput(f"{path.name} is empty")
+
+
+def _is_state_dict(value: Any) -> bool:
+    return isinstance(value, Mapping) and any(isinstance(v, Tensor) for v in value.values())
+
+
+def _tensors_only(value: Mapping) -> dict[str, Tensor]:
+    return {str(k): v for k, v in value.items() if isinstance(v, Tensor)}
+
+
+def _strip_prefixes(state: dict[str, Tensor]) -> tuple[dict[str, Tensor], tuple[str, ...]]:
+    """Drop wrapper prefixes that *every* key carries, only at the start of the key."""
+    stripped: list[str] = []
+    changed = True
+    while changed and state:
+        changed = False
+        for prefix in WRAPPER_PREFIXES:
+            if all(k.startswith(prefix) for k in state):
+                state = {k[len(prefix) :]: v for k, v in state.items()}
+                stripped.append(prefix)
+                changed = True
+    return state, tuple(stripped)
+
+
+def _pickled_objects_error(path: Path, detail: str) -> BadInput:
+    return BadInput(
+        f"{path.name} holds pickled Python objects (e.g. a whole model), and loading it would run "
+        "code from the file; re-run with --trust-pickle if you trust it, or save "
+        f"model.state_dict() instead ({detail})"
+    )
+
+
+def _unpickling_error(path: Path, exc: BaseException) -> BadInput:
+    """weights_only refusing a global means code would run; anything else is a broken file."""
+    refused = re.search(r"GLOBAL ([\w.]+)", str(exc))
+    if refused:
+        return _pickled_objects_error(path, f"it needs {refused.group(1)}")
+    return _unreadable(path, exc)
+
+
+def _load_pickle(path: Path, trust_pickle: bool) -> Any:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=not trust_pickle, mmap=True)
+    except pickle.UnpicklingError as exc:
+        if not trust_pickle and "weights_only" in str(exc).lower():
+            detail = next((ln.strip() for ln in str(exc).splitlines() if "GLOBAL" in ln), "")
+            raise _pickled_objects_error(path, detail or "unsupported global") from None
+        raise BadInput(
+            f"cannot read {path.name}: not a PyTorch checkpoint ({_short(exc)})"
+        ) from None
+    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as exc:
+        if "mmap" in str(exc) and "zip" in str(exc).lower():
+            # Legacy (non-zip) torch.save files cannot be memory-mapped; read them plainly.
+            return _load_unmapped(path, trust_pickle)
+        raise _unreadable(path, exc) from None
+    except Exception as exc:
+        raise BadInput(f"cannot read {path.name}: {_short(exc)}") from None
+
+
+def _load_unmapped(path: Path, trust_pickle: bool) -> Any:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=not trust_pickle)
+    except pickle.UnpicklingError as exc:
+        raise _unpickling_error(path, exc) from None
+    except Exception as exc:
+        raise _unreadable(path, exc) from None
+
+
+def _unreadable(path: Path, exc: BaseException) -> BadInput:
+    return BadInput(
+        f"cannot read {path.name}: file is truncated or not a PyTorch checkpoint ({_short(exc)})"
+    )
+
+
+def _short(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    first = text[0] if text else type(exc).__name__
+    return first if len(first) <= 160 else first[:157] + "..."
+
+
+def read_checkpoint(
+    path: str | Path, *, key: str | None = None, trust_pickle: bool = False
+) -> LoadedCheckpoint:
+    """Read a train checkpoint: a state dict (possibly nested), or with trust a whole module."""
+    path = Path(path)
+    _check_readable(path, INPUT_SUFFIXES)
+    sha = file_sha256(path)
+    if path.suffix.lower() == ".safetensors":
+        state = _read_safetensors(path)[0]
+        if key is not None:
+            raise BadInput(f"--key does not apply to {path.name}: safetensors files are flat")
+        state, stripped = _strip_prefixes(state)
+        return LoadedCheckpoint(path, sha, state, None, None, stripped)
+    obj = _load_pickle(path, trust_pickle)
+    module, source_key = None, None
+    if isinstance(obj, nn.Module):
+        module, state = obj, None
+    elif key is not None:
+        if not isinstance(obj, Mapping) or key not in obj:
+            available = ", ".join(map(str, obj)) if isinstance(obj, Mapping) else "none"
+            raise BadInput(f"{path.name} has no key {key!r} (top-level keys: {available})")
+        value, source_key = obj[key], key
+        if isinstance(value, nn.Module):
+            module, state = value, None
+        elif _is_state_dict(value):
+            state = _tensors_only(value)
+        else:
+            raise BadInput(f"{path.name}[{key!r}] is not a state dict")
+    elif _is_state_dict(obj) and all(isinstance(v, Tensor) for v in obj.values()):
+        state = _tensors_only(obj)
+    elif isinstance(obj, Mapping):
+        state = None
+        for candidate in NESTED_KEYS:
+            value = obj.get(candidate)
+            if isinstance(value, nn.Module) or _is_state_dict(value):
+                source_key = candidate
+                if isinstance(value, nn.Module):
+                    module = value
+                else:
+                    state = _tensors_only(value)
+                break
+        if state is None and module is None:
+            if _is_state_dict(obj):
+                state = _tensors_only(obj)
+            else:
+                keys = ", ".join(map(str, list(obj)[:10])) or "none"
+                raise BadInput(
+                    f"{path.name} holds no state dict at the top level or under "
+                    f"{', '.join(NESTED_KEYS)} (top-level keys: {keys}); choose one with --key"
+                )
+    else:
+        raise BadInput(f"{path.name} holds a {type(obj).__name__}, not a state dict")
+    if module is not None:
+        state = {k: v for k, v in module.state_dict().items()}
+    if not state:
+        raise BadInput(f"{path.name} holds no tensors")
+    state, stripped = _strip_prefixes(state)
+    return LoadedCheckpoint(path, sha, state, module, source_key, stripped)
+
+
+def _read_safetensors(path: Path) -> tuple[dict[str, Tensor], dict[str, str]]:
+    try:
+        with safe_open(str(path), "pt") as f:
+            metadata = dict(f.metadata() or {})
+        tensors = load_safetensors(str(path))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise BadInput(
+            f"cannot read {path.name}: file is truncated or not a safetensors file ({_short(exc)})"
+        ) from None
+    if not tensors:
+        raise BadInput(f"{path.name} holds no tensors")
+    return tensors, metadata
+
+
+def read_deploy(path: str | Path) -> tuple[dict[str, Tensor], dict[str, str]]:
+    """A deploy checkpoint's tensors and metadata ({} for .pth/.pt, which carry none)."""
+    path = Path(path)
+    _check_readable(path, INPUT_SUFFIXES)
+    if path.suffix.lower() == ".safetensors":
+        return _read_safetensors(path)
+    loaded = read_checkpoint(path)
+    return loaded.state_dict, {}
+
+
+def check_output_path(output: str | Path, *, inputs: tuple | list = ()) -> Path:
+    """Refuse outputs we could not write, or that would overwrite an input."""
+    output = Path(output)
+    if output.suffix.lower() not in OUTPUT_SUFFIXES:
+        raise BadInput(
+            f"{output.name}: unknown output extension {output.suffix!r}; "
+            f"use {', '.join(OUTPUT_SUFFIXES)}"
+        )
+    for source in inputs:
+        source = Path(source)
+        same = output.resolve() == source.resolve()
+        if not same and output.exists() and source.exists():
+            same = os.path.samefile(output, source)
+        if same:
+            raise BadInput(f"OUTPUT {output} is the same file as INPUT; choose another name")
+    parent = output.parent if str(output.parent) else Path(".")
+    if not parent.is_dir():
+        raise BadInput(f"cannot write {output}: folder {parent} does not exist")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise BadInput(f"cannot write {output}: folder {parent} is not writable")
+    if output.is_dir():
+        raise BadInput(f"cannot write {output}: it is a directory")
+    return output
+
+
+def _canonical_safetensors(tensors: dict[str, Tensor], metadata: dict[str, str]) -> list:
+    """Safetensors bytes with a sorted header, so equal inputs give equal files.
+
+    The library serialises metadata from a hash map whose order changes between processes.
+    """
+    raw = serialize_safetensors(tensors, metadata=metadata)
+    size = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8 : 8 + size])
+    text = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    return [len(text).to_bytes(8, "little"), text, memoryview(raw)[8 + size :]]
+
+
+def _independent(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """Contiguous tensors that share no storage (safetensors refuses shared storage)."""
+    seen: set[int] = set()
+    out = {}
+    for k, v in state.items():
+        v = v.detach().contiguous()
+        ptr = v.untyped_storage().data_ptr()
+        if ptr in seen and v.numel():
+            v = v.clone()
+        seen.add(ptr)
+        out[k] = v
+    return out
+
+
+def write_checkpoint(
+    path: str | Path, state_dict: Mapping[str, Tensor], metadata: dict[str, str]
+) -> None:
+    """Write atomically: a temp file in the same folder, fsynced, then renamed into place."""
+    path = Path(path)
+    if any(not isinstance(v, str) for v in metadata.values()):
+        raise TypeError("safetensors metadata values must be strings")
+    tensors = _independent(state_dict)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            if path.suffix.lower() == ".safetensors":
+                for part in _canonical_safetensors(tensors, metadata):
+                    f.write(part)
+            else:
+                torch.save(tensors, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as exc:
+        Path(tmp).unlink(missing_ok=True)
+        if isinstance(exc, OSError):
+            raise BadInput(f"cannot write {path}: {exc.strerror or exc}") from None
+        raise

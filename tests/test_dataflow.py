@@ -1,0 +1,301 @@
+"""conv -> BN is folded only where data flow proves it exact; fallback and third-party rules."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import randomized, rel_error
+from torch import nn
+
+import repconv
+from repconv import engine
+from repconv.rules import Fused, Rule, unregister_rule
+from repconv.zoo.blocks import RepVGGBlock
+
+
+def fused_pairs(model: nn.Module, x: torch.Tensor) -> list[tuple[str, str]]:
+    """Convert; check outputs are unchanged; return (conv, norm) paths that were folded."""
+    with torch.no_grad():
+        reference = model(x)
+        plan = engine.convert_model(model)
+        assert rel_error(model(x), reference) < 1e-12
+    return [(e.path, e.norm_path) for e in plan.entries if e.status == "fused"]
+
+
+class Residual(nn.Module):
+    """conv's output feeds the BN *and* the residual add: folding would change the add."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(4, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        y = self.conv(x)
+        return self.bn(y) + y
+
+
+class ActBetween(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(4, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        return self.bn(torch.relu(self.conv(x)))
+
+
+class DeclaredOutOfOrder(nn.Module):
+    """The BN is declared right after conv_a but consumes conv_b's output."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv_a = nn.Conv2d(4, 4, 1)
+        self.bn = nn.BatchNorm2d(4)
+        self.conv_b = nn.Conv2d(4, 4, 3, padding=1)
+
+    def forward(self, x):
+        return self.conv_a(x) + self.bn(self.conv_b(x))
+
+
+class SharedConv(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(4, 4, 3, padding=1)
+        self.bn1, self.bn2 = nn.BatchNorm2d(4), nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        return self.bn1(self.conv(x)) + self.bn2(self.conv(x))
+
+
+class Untraceable(nn.Module):
+    """Data-dependent control flow defeats torch.fx; the Sequential inside is still safe."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU())
+
+    def forward(self, x):
+        if x.sum() > 0:
+            return self.body(x)
+        return self.body(-x)
+
+
+def x4(*spatial):
+    return torch.randn(2, 4, *spatial, dtype=torch.float64)
+
+
+def test_conv_with_a_second_user_is_not_folded():
+    model = randomized(Residual())
+    assert fused_pairs(model, x4(6, 6)) == []
+    plan = engine.plan(model)
+    assert plan.entries == []
+    warnings = engine.leftover_norm_warnings(model)
+    assert [w["path"] for w in warnings] == ["bn"]
+
+
+def test_activation_between_conv_and_bn_is_not_folded():
+    assert fused_pairs(randomized(ActBetween()), x4(6, 6)) == []
+
+
+def test_pairs_follow_data_flow_not_declaration_order():
+    assert fused_pairs(randomized(DeclaredOutOfOrder()), x4(6, 6)) == [("conv_b", "bn")]
+
+
+def test_shared_conv_is_never_folded():
+    assert fused_pairs(randomized(SharedConv()), x4(6, 6)) == []
+
+
+def test_module_reachable_at_two_paths_is_never_folded():
+    conv = nn.Conv2d(4, 4, 1)
+    model = nn.Sequential(nn.Sequential(conv, nn.BatchNorm2d(4)), nn.Sequential(conv))
+    assert fused_pairs(randomized(model), x4(5, 5)) == []
+
+
+def test_untraceable_module_falls_back_to_sequential_adjacency():
+    model = randomized(Untraceable())
+    assert fused_pairs(model, x4(6, 6)) == [("body.0", "body.1")]
+    assert isinstance(model.body[1], nn.Identity)
+
+
+@pytest.mark.parametrize(
+    ("layers", "shape"),
+    [
+        ([nn.Conv1d(4, 6, 3, padding=1), nn.BatchNorm1d(6)], (2, 4, 9)),
+        ([nn.Conv3d(4, 6, 3, padding=1, groups=2), nn.BatchNorm3d(6)], (2, 4, 5, 5, 5)),
+        ([nn.Linear(4, 6), nn.BatchNorm1d(6)], (2, 4)),
+        (
+            [
+                nn.Conv2d(4, 6, 3, dilation=2, padding=2, padding_mode="reflect"),
+                nn.SyncBatchNorm(6),
+            ],
+            (2, 4, 7, 7),
+        ),
+        ([nn.Conv2d(4, 6, 3, bias=False), nn.BatchNorm2d(6, affine=False, eps=1e-3)], (2, 4, 7, 7)),
+    ],
+)
+def test_conv_bn_variants(layers, shape):
+    model = randomized(nn.Sequential(*layers))
+    x = torch.randn(*shape, dtype=torch.float64)
+    assert fused_pairs(model, x) == [("0", "1")]
+    assert set(model.state_dict()) == {"0.weight", "0.bias"}
+
+
+class FrozenBatchNorm2d(nn.Module):
+    """Like torchvision's / detectron2's: buffers only, eval formula."""
+
+    def __init__(self, n, eps=1e-5):
+        super().__init__()
+        self.eps = eps
+        for name, value in (
+            ("weight", 1.0),
+            ("bias", 0.0),
+            ("running_mean", 0.0),
+            ("running_var", 1.0),
+        ):
+            self.register_buffer(name, torch.full((n,), value))
+
+    def forward(self, x):
+        scale = self.weight * (self.running_var + self.eps).rsqrt()
+        return x * scale.view(1, -1, 1, 1) + (self.bias - self.running_mean * scale).view(
+            1, -1, 1, 1
+        )
+
+
+def test_frozen_batch_norm_folds_like_bn():
+    model = nn.Sequential(nn.Conv2d(4, 6, 3), FrozenBatchNorm2d(6)).double()
+    with torch.no_grad():
+        for buf, value in zip(model[1].buffers(), torch.rand(4, 6) + 0.5):
+            buf.copy_(value)
+    assert fused_pairs(model, x4(7, 7)) == [("0", "1")]
+
+
+class BatchNormAct(nn.BatchNorm2d):
+    """A norm subclass that adds behaviour: folding it would drop the activation."""
+
+    def forward(self, x):
+        return torch.relu(super().forward(x))
+
+
+def test_norm_that_adds_behaviour_is_left_and_warned():
+    model = randomized(nn.Sequential(nn.Conv2d(4, 6, 3), BatchNormAct(6)))
+    assert fused_pairs(model, x4(7, 7)) == []
+    (warning,) = engine.leftover_norm_warnings(model)
+    assert warning["path"] == "1" and "overrides forward" in warning["message"]
+
+
+def test_batch_statistics_norm_is_left_and_warned():
+    model = nn.Sequential(nn.Conv2d(4, 6, 3), nn.BatchNorm2d(6, track_running_stats=False))
+    model = model.double().eval()
+    assert fused_pairs(model, x4(7, 7)) == []
+    (warning,) = engine.leftover_norm_warnings(model)
+    assert "track_running_stats=False" in warning["message"]
+
+
+class OwnDeployBlock(nn.Module):
+    """A block from 'another library': unknown structure, but its own reparameterize()."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Sequential(nn.Conv2d(4, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4))
+        self.b = nn.Conv2d(4, 4, 3, padding=1)
+        self.called = 0
+
+    def forward(self, x):
+        if hasattr(self, "merged"):
+            return self.merged(x)
+        return self.a(x) + self.b(x)
+
+    def reparameterize(self):
+        self.called += 1
+        conv, bn = self.a
+        scale = bn.weight / (bn.running_var + bn.eps).sqrt()
+        merged = nn.Conv2d(4, 4, 3, padding=1).to(conv.weight.dtype)
+        merged.weight.data = conv.weight * scale.view(-1, 1, 1, 1) + self.b.weight
+        merged.bias.data = bn.bias - bn.running_mean * scale + self.b.bias
+        del self.a, self.b
+        self.merged = merged
+
+
+def test_deploy_method_fallback():
+    model = randomized(nn.Sequential(OwnDeployBlock(), nn.ReLU()))
+    x = x4(6, 6)
+    reference = model(x)
+    plan = engine.convert_model(model)
+    assert [(e.path, e.rule, e.structure) for e in plan.entries] == [
+        ("0", "deploy_method", "reparameterize()")
+    ]
+    assert model[0].called == 1
+    assert rel_error(model(x), reference) < 1e-12
+    # Now in deploy form (no norm left): converting again does not call the method again.
+    engine.convert_model(model)
+    assert model[0].called == 1
+
+
+def test_structural_rules_win_over_a_blocks_own_method():
+    class RepWithMethod(RepVGGBlock):
+        def switch_to_deploy(self):  # pragma: no cover - must not be called
+            raise AssertionError("structural rule should have handled this block")
+
+    model = randomized(RepWithMethod(4, 4))
+    assert engine.convert_model(model).fused_by_rule() == {"repvgg": 1}
+
+
+def test_register_rule_adds_a_family():
+    def match(m):
+        return "sum" if {"left", "right"} <= set(dict(m.named_children())) else None
+
+    def fuse(m):
+        from repconv.kernels import add, as_branch
+        from repconv.rules.base import fused_conv_like, replace_children
+
+        branch = add(
+            [as_branch(m.left.weight, m.left.bias), as_branch(m.right.weight, m.right.bias)]
+        )
+        replace_children(m, "merged", fused_conv_like(m.left, branch), ["left", "right"])
+        return Fused("merged", tuple(branch.kernel.shape), ["left", "right"])
+
+    class TwoConvs(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.left, self.right = nn.Conv2d(4, 4, 3, padding=1), nn.Conv2d(4, 4, 3, padding=1)
+
+        def forward(self, x):
+            if hasattr(self, "merged"):
+                return self.merged(x)
+            return self.left(x) + self.right(x)
+
+    rule = Rule("two_convs", "custom", "left + right", match, fuse)
+    repconv.register_rule(rule)
+    try:
+        with pytest.raises(ValueError, match="already registered"):
+            repconv.register_rule(rule)
+        model = TwoConvs().double().eval()
+        x = x4(5, 5)
+        reference = model(x)
+        assert engine.convert_model(model).fused_by_rule() == {"two_convs": 1}
+        assert rel_error(model(x), reference) < 1e-12
+    finally:
+        unregister_rule("two_convs")
+
+
+def test_broken_rule_is_caught_by_verification_and_named():
+    """A rule that drops a branch: the exact figure is ~1 and the block is named."""
+
+    def drop_identity(m):
+        from repconv.rules import repvgg
+
+        m.rbr_identity = None
+        return repvgg.fuse(m)
+
+    from repconv.rules import repvgg
+
+    bad = Rule("bad_repvgg", "RepVGG", "drops the identity", repvgg.match, drop_identity)
+    model = randomized(nn.Sequential(RepVGGBlock(4, 4), RepVGGBlock(4, 4)), dtype=torch.float32)
+    model[1].rbr_identity = None  # only block 0 is affected by the bug
+    result = repconv.convert(model, rules=[bad], input_shape=(4, 8, 8))
+    assert not result.passed
+    verification = result.verification
+    assert verification.to_dict()["exact_max"] > 1e-3
+    assert [s["path"] for s in verification.suspects] == ["0"]
+    assert "0 (bad_repvgg" in verification.failure_message()
