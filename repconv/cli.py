@@ -27,11 +27,11 @@ EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
 CONVERT_EXAMPLES = """
 \b
 Examples:
-  repconv convert train.pth deploy.safetensors --arch repvgg_a0
+  repconv convert train.pth deploy.safetensors --arch demo_mixed
   repconv convert ckpt.pth out.safetensors --arch mypkg.models:build_net \\
       --arch-kwargs '{"num_classes": 100}' --input-shape 3,256,256
   repconv convert last.ckpt out.safetensors --arch ./models.py:Net --key state_dict_ema
-  repconv convert train.pth deploy.pt --config configs/repvgg_a0.toml --json
+  repconv convert train.pth deploy.pt --config configs/demo.toml --json
 """
 
 
@@ -116,8 +116,16 @@ def _check_options(fn: Callable) -> Callable:
             metavar="C,H,W",
             help="Input shape without batch (default: the model's own, else C,224,224).",
         ),
-        click.option("--samples", type=click.IntRange(min=1), default=2, show_default=True),
-        click.option("--seed", type=int, default=0, show_default=True),
+        click.option(
+            "--samples",
+            type=click.IntRange(min=1),
+            default=2,
+            show_default=True,
+            help="Number of random inputs compared.",
+        ),
+        click.option(
+            "--seed", type=int, default=0, show_default=True, help="Seed of the random inputs."
+        ),
         click.option("--atol", type=click.FloatRange(min=0), help="Absolute limit (written)."),
         click.option(
             "--rtol",
@@ -164,6 +172,14 @@ def _status(message: str, as_json: bool):
 @click.version_option(__version__, prog_name="repconv")
 def main() -> None:
     """Fold re-parameterized CNN blocks (ACB, RepVGG, DBB, conv-BN) into plain convs.
+
+    \b
+    Examples:
+      repconv demo
+      repconv convert train.pth deploy.safetensors --arch demo_mixed
+      repconv verify train.pth deploy.safetensors --json
+      repconv inspect train.pth --arch path/to/models.py:build_model
+      repconv rules
 
     \b
     Exit codes: 0 ok, 1 verification failed, 2 bad usage or bad input.

@@ -83,30 +83,26 @@ def _output_dtypes(
     return dtype_for
 
 
-def _round_in_place(model: nn.Module, dtype_for: Callable[[str], torch.dtype], calc) -> None:
-    """Give every floating tensor exactly the value it will have in the file, held in `calc`."""
+def _cast_in_place(model: nn.Module, dtype_for: Callable[[str], torch.dtype], hold=None) -> None:
+    """Round every floating tensor to the dtype it is written in; hold it in `hold` if given.
+
+    With `hold=float64` the model computes with exactly the values the file will contain.
+    """
     for module_path, module in model.named_modules():
         for store in (module._parameters, module._buffers):
             for name, tensor in store.items():
                 if tensor is None or not tensor.is_floating_point():
                     continue
                 key = f"{module_path}.{name}" if module_path else name
-                rounded = tensor.detach().to(dtype_for(key)).to(calc)
+                value = tensor.detach().to(dtype_for(key))
+                if hold is not None:
+                    value = value.to(hold)
+                if value is tensor or value.data_ptr() == tensor.data_ptr():
+                    continue  # already in that dtype
                 if isinstance(tensor, nn.Parameter):
-                    tensor.data = rounded
+                    tensor.data = value
                 else:
-                    store[name] = rounded
-
-
-def _final_state_dict(
-    model: nn.Module, dtype_for: Callable[[str], torch.dtype]
-) -> dict[str, Tensor]:
-    state = {}
-    for key, tensor in model.state_dict().items():
-        if tensor.is_floating_point():
-            tensor = tensor.to(dtype_for(key))
-        state[key] = tensor.contiguous()
-    return state
+                    store[name] = value
 
 
 def convert(
@@ -155,7 +151,7 @@ def convert(
         exact = None
         if verify_dtype == torch.float64:
             exact = V.measure(V.run(model, inputs), references)
-        _round_in_place(model, dtype_for, verify_dtype)
+        _cast_in_place(model, dtype_for, hold=verify_dtype)
         written = V.measure(V.run(model, inputs), references)
         out_dtypes = {dtype_for(k) for k, v in model.state_dict().items() if v.is_floating_point()}
         limit = max(
@@ -180,7 +176,8 @@ def convert(
         ]
     else:
         engine.apply(model, the_plan)
-    state = _final_state_dict(model, dtype_for)
+    _cast_in_place(model, dtype_for)
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
     return Result(model, the_plan, verification, state, params_before, param_count(model))
 
 
