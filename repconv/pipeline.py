@@ -154,9 +154,6 @@ def convert(
         _cast_in_place(model, dtype_for, hold=verify_dtype)
         written = V.measure(V.run(model, inputs), references)
         out_dtypes = {dtype_for(k) for k, v in model.state_dict().items() if v.is_floating_point()}
-        limit = max(
-            (V.written_limit(d) for d in out_dtypes), default=V.written_limit(torch.float32)
-        )
         verification = V.Verification(
             input_shape=shape,
             samples=samples,
@@ -165,8 +162,7 @@ def convert(
             exact=exact,
             written=written,
             exact_limit=exact_limit,
-            written_atol=atol if atol is not None else 0.0,
-            written_rtol=rtol if rtol is not None else (0.0 if atol is not None else limit),
+            **V.written_tolerances(out_dtypes, atol, rtol),
         )
         limit_for_blocks = exact_limit if exact is not None else verification.written_rtol
         verification.suspects = [
@@ -323,7 +319,6 @@ def verify_files(
     references = V.run(train, inputs)
     written = V.measure(V.run(deploy, inputs), references)
     dtypes = {t.dtype for t in state.values() if t.is_floating_point()}
-    limit = max((V.written_limit(d) for d in dtypes), default=V.written_limit(torch.float32))
     verification = V.Verification(
         input_shape=shape,
         samples=samples,
@@ -332,8 +327,7 @@ def verify_files(
         exact=None,
         written=written,
         exact_limit=V.EXACT_LIMIT,
-        written_atol=atol if atol is not None else 0.0,
-        written_rtol=rtol if rtol is not None else (0.0 if atol is not None else limit),
+        **V.written_tolerances(dtypes, atol, rtol),
     )
     notes = {}
     recorded = meta.get("source_sha256")

@@ -33,6 +33,16 @@ def written_limit(dtype: torch.dtype) -> float:
     return WRITTEN_LIMITS.get(dtype, 1e-2)
 
 
+def written_tolerances(
+    dtypes: set[torch.dtype], atol: float | None, rtol: float | None
+) -> dict[str, float]:
+    """The written figure's limits: the user's, or the default of the least precise dtype."""
+    default = max((written_limit(d) for d in dtypes), default=written_limit(torch.float32))
+    if atol is None and rtol is None:
+        return {"written_atol": 0.0, "written_rtol": default}
+    return {"written_atol": atol or 0.0, "written_rtol": rtol or 0.0}
+
+
 def make_inputs(shape: Sequence[int], samples: int, seed: int, dtype: torch.dtype) -> list[Tensor]:
     """`samples` seeded standard-normal inputs of batch 1 (the same for every run)."""
     generator = torch.Generator().manual_seed(seed)

@@ -16,11 +16,10 @@ from repconv.geometry import Geometry, align
 from repconv.rules.base import (
     Fused,
     Rule,
-    fused_conv_like,
+    install_fused,
     is_norm_like,
     is_plain_conv,
     norm_stats,
-    replace_children,
 )
 
 _PAIRS = (("square_conv", "square_bn"), ("ver_conv", "ver_bn"), ("hor_conv", "hor_bn"))
@@ -59,12 +58,8 @@ def fuse(block: nn.Module) -> Fused:
         conv = getattr(block, conv_name)
         branch = K.fold_bn(K.as_branch(conv.weight, conv.bias), norm_stats(getattr(block, bn_name)))
         branches.append(align(branch, _branch_geometry(block, conv_name), target))
-    fused = K.add(branches)
-    removed = [name for pair in _PAIRS for name in pair]
-    replace_children(
-        block, "fused_conv", fused_conv_like(block.square_conv, fused, target), removed
-    )
-    return Fused("fused_conv", tuple(fused.kernel.shape), removed)
+    children = [name for pair in _PAIRS for name in pair]
+    return install_fused(block, "fused_conv", block.square_conv, branches, target, children)
 
 
 RULE = Rule(

@@ -19,7 +19,7 @@ from torch.nn.modules.conv import _ConvNd
 
 from repconv.errors import CorruptCheckpoint, NotFusable
 from repconv.geometry import Geometry
-from repconv.kernels import Branch, NormStats, as_branch, fold_bn
+from repconv.kernels import Branch, NormStats, add, as_branch, fold_bn
 
 _PLAIN_CONV_FORWARDS = {cls.forward for cls in (nn.Conv1d, nn.Conv2d, nn.Conv3d)}
 _PLAIN_NORM_FORWARDS = {_BatchNorm.forward, nn.SyncBatchNorm.forward}
@@ -179,6 +179,21 @@ def replace_children(block: nn.Module, attribute: str, fused: nn.Module, remove:
     setattr(block, attribute, fused)
     if isinstance(getattr(block, "deploy", None), bool):
         block.deploy = True
+
+
+def install_fused(
+    block: nn.Module,
+    attribute: str,
+    like: _ConvNd,
+    branches: list[Branch],
+    target: Geometry,
+    train_children: list[str],
+) -> Fused:
+    """Sum the branches into one conv shaped like `like`, install it, drop the train children."""
+    fused = add(branches)
+    removed = [name for name in train_children if hasattr(block, name)]
+    replace_children(block, attribute, fused_conv_like(like, fused, target), removed)
+    return Fused(attribute, tuple(fused.kernel.shape), removed)
 
 
 def param_count(module: nn.Module) -> int:

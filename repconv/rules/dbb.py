@@ -19,11 +19,10 @@ from repconv.rules.base import (
     Rule,
     conv_bn_branch,
     conv_bn_unit,
-    fused_conv_like,
+    install_fused,
     is_norm_like,
     is_plain_conv,
     norm_stats,
-    replace_children,
 )
 
 _TRAIN_CHILDREN = ["dbb_origin", "dbb_1x1", "dbb_avg", "dbb_1x1_kxk"]
@@ -192,10 +191,7 @@ def fuse(block: nn.Module) -> Fused:
         branches.append(align(*conv_bn_branch(conv_bn_unit(block.dbb_1x1)), target))
     branches.append(_avg_branch(block, target, groups))
     branches.append(_kxk_branch(block, target))
-    fused = K.add(branches)
-    removed = [name for name in _TRAIN_CHILDREN if hasattr(block, name)]
-    replace_children(block, "dbb_reparam", fused_conv_like(origin[0], fused, target), removed)
-    return Fused("dbb_reparam", tuple(fused.kernel.shape), removed)
+    return install_fused(block, "dbb_reparam", origin[0], branches, target, _TRAIN_CHILDREN)
 
 
 RULE = Rule(

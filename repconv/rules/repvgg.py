@@ -17,10 +17,9 @@ from repconv.rules.base import (
     Rule,
     conv_bn_branch,
     conv_bn_unit,
-    fused_conv_like,
+    install_fused,
     is_norm_like,
     norm_stats,
-    replace_children,
 )
 
 _TRAIN_CHILDREN = ["rbr_dense", "rbr_1x1", "rbr_identity"]
@@ -65,11 +64,11 @@ def fuse(block: nn.Module) -> Fused:
     if identity is not None:
         norm = identity if is_norm_like(identity) else None
         branches.append(identity_branch(dense[0], norm, target))
-    fused = K.add(branches)
-    removed = [name for name in _TRAIN_CHILDREN if hasattr(block, name)]
-    conv = fused_conv_like(dense[0], fused, target)
-    replace_children(block, "rbr_reparam", conv, [*removed, "id_tensor"])
-    return Fused("rbr_reparam", tuple(fused.kernel.shape), removed)
+    # `id_tensor` is a cache some copies keep on the block; it has no place in the deploy form.
+    fused = install_fused(block, "rbr_reparam", dense[0], branches, target, _TRAIN_CHILDREN)
+    if hasattr(block, "id_tensor"):
+        delattr(block, "id_tensor")
+    return fused
 
 
 RULE = Rule(
