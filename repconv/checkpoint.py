@@ -108,12 +108,7 @@ def _load_pickle(path: Path, trust_pickle: bool) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=not trust_pickle, mmap=True)
     except pickle.UnpicklingError as exc:
-        if not trust_pickle and "weights_only" in str(exc).lower():
-            detail = next((ln.strip() for ln in str(exc).splitlines() if "GLOBAL" in ln), "")
-            raise _pickled_objects_error(path, detail or "unsupported global") from None
-        raise BadInput(
-            f"cannot read {path.name}: not a PyTorch checkpoint ({_short(exc)})"
-        ) from None
+        raise _unpickling_error(path, exc) from None
     except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as exc:
         if "mmap" in str(exc) and "zip" in str(exc).lower():
             # Legacy (non-zip) torch.save files cannot be memory-mapped; read them plainly.
@@ -133,8 +128,10 @@ def _load_unmapped(path: Path, trust_pickle: bool) -> Any:
 
 
 def _unreadable(path: Path, exc: BaseException) -> BadInput:
+    # torch's safe unpickler reports an unknown opcode as a bare KeyError(<byte>).
+    cause = "unrecognised data" if isinstance(exc, KeyError) else _short(exc)
     return BadInput(
-        f"cannot read {path.name}: file is truncated or not a PyTorch checkpoint ({_short(exc)})"
+        f"cannot read {path.name}: file is truncated or not a PyTorch checkpoint ({cause})"
     )
 
 

@@ -308,10 +308,13 @@ def verify_files(
     loaded = checkpoint.read_checkpoint(train_path, key=key, trust_pickle=trust_pickle)
     train = _load_model(loaded, spec, arch_kwargs)
     if spec is None:
-        raise BadInput("verifying needs --arch (or a deploy file that records it)")
-    deploy = arch.build_loaded(
-        spec, arch_kwargs, state, what=Path(deploy_path).name, prepare=_deploy_structure
-    )
+        # A trusted pickled model: a second copy of it gives the deploy structure.
+        twin = checkpoint.read_checkpoint(train_path, key=key, trust_pickle=True).module
+        deploy = load_deploy(deploy_path, twin)
+    else:
+        deploy = arch.build_loaded(
+            spec, arch_kwargs, state, what=Path(deploy_path).name, prepare=_deploy_structure
+        )
     shape = list(input_shape) if input_shape else list(arch.default_input_shape(train))
     train.to(torch.float64)
     deploy.to(torch.float64)
