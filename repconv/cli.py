@@ -144,17 +144,21 @@ def _run(as_json: bool, verbose: bool, body: Callable[[], int]) -> None:
     try:
         code = body()
     except RepconvError as exc:
-        code, message = exc.exit_code, str(exc)
+        code, message, trace = exc.exit_code, str(exc), traceback.format_exc()
     except KeyboardInterrupt:
-        code, message = 130, "interrupted"
+        code, message, trace = 130, "interrupted", traceback.format_exc()
     except Exception as exc:  # any failure becomes one line, traceback on -v
-        code, message = EXIT_BAD_INPUT, f"{type(exc).__name__}: {exc}"
+        code, message, trace = (
+            EXIT_BAD_INPUT,
+            f"{type(exc).__name__}: {exc}",
+            traceback.format_exc(),
+        )
         if not verbose:
             message += " (re-run with -v for the traceback)"
     else:
         sys.exit(code)
     if verbose:
-        traceback.print_exc()
+        sys.stderr.write(trace)
     if as_json:
         report.emit_json({"ok": False, "exit_code": code, "error": message})
     err.print(f"error: {message}", markup=False)
