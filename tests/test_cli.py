@@ -167,3 +167,19 @@ def test_pth_output(runner, train_ckpt, tmp_path):
     out = tmp_path / "deploy.pt"
     assert run(runner, "convert", train_ckpt, out, "--arch", "demo_mixed").exit_code == 0
     DemoNet(deploy=True).load_state_dict(torch.load(out, weights_only=True), strict=True)
+
+
+def test_byte_identical_across_processes(train_ckpt, tmp_path):
+    """Two separate processes (different hash seeds) write the same bytes."""
+    import os
+    import subprocess
+    import sys
+
+    outputs = []
+    for seed in ("1", "2"):
+        out = tmp_path / f"p{seed}.safetensors"
+        env = {**os.environ, "PYTHONHASHSEED": seed}
+        cmd = [sys.executable, "-m", "repconv", "convert", str(train_ckpt), str(out)]
+        subprocess.run([*cmd, "--arch", "demo_mixed"], check=True, env=env, capture_output=True)
+        outputs.append(out.read_bytes())
+    assert outputs[0] == outputs[1]
