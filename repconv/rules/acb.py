@@ -36,19 +36,29 @@ def match(block: nn.Module) -> str | None:
             return None
         if not is_norm_like(getattr(block, bn_name, None)):
             return None
-    crop = getattr(block, "crop", 0)
+    crop = int(getattr(block, "crop", 0) or 0)
+    crop += int(getattr(getattr(block, "ver_conv_crop_layer", None), "cols_to_crop", 0))
     return f"kxk + kx1 + 1xk, crop {crop}" if crop else "kxk + kx1 + 1xk"
 
 
 def _branch_geometry(block: nn.Module, conv_name: str) -> Geometry:
-    conv = getattr(block, conv_name)
-    geometry = Geometry.of(conv)
-    crop = int(getattr(block, "crop", 0) or 0)
-    if crop and conv_name in _CROPPED_AXIS:
-        padding = list(geometry.padding)
-        padding[_CROPPED_AXIS[conv_name]] -= crop
-        geometry = geometry.with_padding(tuple(padding))
-    return geometry
+    """A thin branch's geometry, with any crop of its input counted as negative padding.
+
+    ACNet's release keeps one `crop` for both thin branches; the DBB release's copy uses
+    `<conv>_crop_layer` modules with `rows_to_crop` / `cols_to_crop`.
+    """
+    geometry = Geometry.of(getattr(block, conv_name))
+    crops = [0, 0]
+    shared = int(getattr(block, "crop", 0) or 0)
+    if shared and conv_name in _CROPPED_AXIS:
+        crops[_CROPPED_AXIS[conv_name]] = shared
+    layer = getattr(block, f"{conv_name}_crop_layer", None)
+    if layer is not None:
+        crops[0] += int(getattr(layer, "rows_to_crop", 0))
+        crops[1] += int(getattr(layer, "cols_to_crop", 0))
+    if not any(crops):
+        return geometry
+    return geometry.with_padding(tuple(p - c for p, c in zip(geometry.padding, crops)))
 
 
 def fuse(block: nn.Module) -> Fused:
@@ -59,6 +69,7 @@ def fuse(block: nn.Module) -> Fused:
         branch = K.fold_bn(K.as_branch(conv.weight, conv.bias), norm_stats(getattr(block, bn_name)))
         branches.append(align(branch, _branch_geometry(block, conv_name), target))
     children = [name for pair in _PAIRS for name in pair]
+    children += ["ver_conv_crop_layer", "hor_conv_crop_layer"]
     return install_fused(block, "fused_conv", block.square_conv, branches, target, children)
 
 

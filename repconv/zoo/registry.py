@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from torch import nn
 
 # Modules that register models on import; imported lazily so `import repconv` stays cheap.
-_MODEL_MODULES = ("repconv.zoo.demo",)
+_MODEL_MODULES = ("repconv.zoo.demo", "repconv.zoo.repvgg", "repconv.zoo.dbb_nets")
 
 
 @dataclass(frozen=True)
