@@ -359,6 +359,76 @@ def rules(as_json: bool) -> None:
     )
 
 
+@main.group()
+def zoo() -> None:
+    """Built-in architectures (usable as --arch NAME).
+
+    \b
+    Examples:
+      repconv zoo list
+      repconv zoo save repvgg_a0 train.pth --randomize-bn
+      repconv convert train.pth deploy.safetensors --arch repvgg_a0
+    """
+
+
+@zoo.command("list")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON document.")
+def zoo_list(as_json: bool) -> None:
+    """Name, family and train/deploy parameter counts of every built-in model."""
+    from repconv.zoo import registry
+    from repconv.zoo.checkpoints import parameter_counts
+
+    rows = []
+    for name in registry.list_models():
+        train, deploy = parameter_counts(name)
+        entry = registry.get_entry(name)
+        rows.append(
+            {
+                "name": name,
+                "family": entry.family,
+                "train_params": train,
+                "deploy_params": deploy,
+                "description": entry.description,
+            }
+        )
+    if as_json:
+        report.emit_json({"models": rows})
+        return
+    report.table(
+        report.console(),
+        "Built-in models",
+        ["name", "family", "train params", "deploy params", "description"],
+        [
+            [
+                r["name"],
+                r["family"],
+                report.millions(r["train_params"]),
+                report.millions(r["deploy_params"]),
+                r["description"],
+            ]
+            for r in rows
+        ],
+    )
+
+
+@zoo.command("save")
+@click.argument("name")
+@click.argument("output_path", metavar="OUT", type=click.Path(path_type=Path))
+@click.option("--randomize-bn", is_flag=True, help="Random BN statistics and affine parameters.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of weights and BN.")
+@click.option("-v", "--verbose", is_flag=True, help="Show tracebacks on errors.")
+def zoo_save(name: str, output_path: Path, randomize_bn: bool, seed: int, verbose: bool) -> None:
+    """Write a train checkpoint (state dict, .pth or .safetensors) of zoo model NAME."""
+    from repconv.zoo.checkpoints import save_train_checkpoint
+
+    def body() -> int:
+        save_train_checkpoint(name, output_path, randomize_bn=randomize_bn, seed=seed)
+        report.console().print(f"wrote {output_path}", markup=False)
+        return EXIT_OK
+
+    _run(False, verbose, body)
+
+
 @main.command()
 @click.option(
     "--out",

@@ -7,31 +7,18 @@ from pathlib import Path
 import torch
 from rich.console import Console
 
-from repconv import pipeline, report
+from repconv import arch, latency, pipeline, report
 from repconv.zoo import registry as zoo
-from repconv.zoo.blocks import randomize_bn_
+from repconv.zoo.checkpoints import save_train_checkpoint
 
 DEMO_ARCH = "demo_mixed"
-
-
-def save_demo_checkpoint(path: Path, seed: int = 0) -> None:
-    """A train checkpoint of the demo net with random BN statistics and affine parameters."""
-    generator = torch.Generator().manual_seed(seed)
-    model = zoo.build(DEMO_ARCH)
-    randomize_bn_(model, generator)
-    with torch.no_grad():
-        # DBB's identity-based 1x1 starts at zero; give it weights so that branch matters too.
-        for name, param in model.named_parameters():
-            if "idconv1" in name:
-                param.copy_(0.1 * torch.randn(param.shape, generator=generator))
-    torch.save(model.state_dict(), path)
 
 
 def run_demo(out_dir: Path, out: Console) -> int:
     out_dir.mkdir(parents=True, exist_ok=True)
     train = out_dir / "demo-train.pth"
     deploy = out_dir / "demo-deploy.safetensors"
-    save_demo_checkpoint(train)
+    save_train_checkpoint(DEMO_ARCH, train, randomize_bn=True)
     out.print(f"saved a train checkpoint of {DEMO_ARCH!r} to {train}", markup=False)
     out.print(f"$ repconv convert {train} {deploy} --arch {DEMO_ARCH}", markup=False)
     result = pipeline.convert_file(train, deploy, arch_spec=DEMO_ARCH)
@@ -49,4 +36,34 @@ def run_demo(out_dir: Path, out: Console) -> int:
         "the deploy checkpoint loads with strict=True into the demo net built with deploy=True",
         markup=False,
     )
-    return 0 if result.passed and verification.passed else 1
+    ok = result.passed and verification.passed
+    return 0 if ok and _zoo_demo(out_dir, out) else 1
+
+
+def _zoo_demo(out_dir: Path, out: Console, name: str = "repvgg_a0") -> bool:
+    """A real architecture from the zoo: convert it and compare train and deploy latency."""
+    train = out_dir / f"{name}-train.pth"
+    deploy = out_dir / f"{name}-deploy.safetensors"
+    save_train_checkpoint(name, train, randomize_bn=True)
+    out.print(f"\n$ repconv zoo save {name} {train} --randomize-bn", markup=False)
+    out.print(f"$ repconv convert {train} {deploy} --arch {name}", markup=False)
+    result = pipeline.convert_file(train, deploy, arch_spec=name)
+    report.summary_line(out, result.plan, result.params_before, result.params_after)
+    report.verification_lines(out, result.verification)
+    shape = (3, 224, 224)
+    state = pipeline.checkpoint.read_checkpoint(train).state_dict
+    train_model = arch.build_loaded(name, {}, state)
+    deploy_model = pipeline.load_deploy(deploy)
+    before, after = latency.measure(train_model, shape), latency.measure(deploy_model, shape)
+    report.table(
+        out,
+        f"Latency of {name}, batch 1, {'x'.join(map(str, shape))}, "
+        f"{torch.get_num_threads()} thread(s), median of {before.runs} runs",
+        ["model", "median ms", "spread ms"],
+        [
+            ["train (eval)", before.median_ms, before.spread_ms],
+            ["deploy", after.median_ms, after.spread_ms],
+        ],
+    )
+    out.print(f"speed-up: {before.median_ms / after.median_ms:.2f}x", markup=False)
+    return result.passed

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
-from helpers import randomized
+from click.testing import CliRunner
+from safetensors.torch import load_file
 
-import repconv
+from repconv.cli import main
 from repconv.zoo import registry as zoo
 
 # Deploy-form parameter counts of the RepVGG release, in millions (train-form A0 9.11, B3 123.09).
@@ -54,15 +57,42 @@ def test_repvgg_parameter_counts_match_the_release(name):
 @pytest.mark.parametrize(
     "name", [pytest.param(n, marks=pytest.mark.slow) if n in LARGE else n for n in MODELS]
 )
-def test_converts_exactly_and_loads_into_the_deploy_form(name):
-    torch.manual_seed(0)
-    model = randomized(zoo.build(name), seed=1, dtype=torch.float32)
-    result = repconv.convert(model, input_shape=(3, 64, 64), samples=1)
-    assert result.passed, result.verification.failure_message()
-    assert result.verification.to_dict()["exact_max"] < 1e-12
-    assert result.plan.warnings == []
+def test_zoo_save_convert_verify_and_load(name, tmp_path):
+    """The user's path: `zoo save`, `convert`, `verify`; the file loads into the deploy form."""
+    train, deploy_path = tmp_path / "train.pth", tmp_path / "deploy.safetensors"
+    runner = CliRunner()
+    saved = runner.invoke(main, ["zoo", "save", name, str(train), "--randomize-bn", "--seed", "1"])
+    assert saved.exit_code == 0, saved.output
+    check = ["--input-shape", "3,64,64", "--samples", "1"]
+    args = ["convert", str(train), str(deploy_path), "--arch", name, *check, "--json"]
+    converted = runner.invoke(main, args)
+    assert converted.exit_code == 0, converted.output
+    doc = json.loads(converted.output)
+    assert doc["verification"]["exact_max"] < 1e-12
+    assert doc["plan"]["warnings"] == []
+    verified = runner.invoke(main, ["verify", str(train), str(deploy_path), *check])
+    assert verified.exit_code == 0, verified.output
     deploy = zoo.build(name, deploy=True)
-    deploy.load_state_dict(result.state_dict, strict=True)
-    assert millions(deploy) == millions(result.model)
+    deploy.load_state_dict(load_file(deploy_path), strict=True)
+    assert sum(p.numel() for p in deploy.parameters()) == doc["params_after"]
     if name in RELEASED_DEPLOY_PARAMS:
         assert millions(deploy) == RELEASED_DEPLOY_PARAMS[name]
+
+
+def test_zoo_list_shows_every_entry():
+    doc = json.loads(CliRunner().invoke(main, ["zoo", "list", "--json"]).output)
+    rows = {r["name"]: r for r in doc["models"]}
+    assert set(rows) == set(zoo.list_models())
+    assert round(rows["repvgg_a0"]["deploy_params"] / 1e6, 2) == 8.31
+    assert round(rows["repvgg_a0"]["train_params"] / 1e6, 2) == 9.11
+
+
+def test_zoo_save_is_seeded_and_randomized(tmp_path):
+    runner = CliRunner()
+    paths = [tmp_path / f"{i}.safetensors" for i in range(3)]
+    for path, extra in zip(paths, (["--randomize-bn"], ["--randomize-bn"], [])):
+        assert runner.invoke(main, ["zoo", "save", "repvgg_a0", str(path), *extra]).exit_code == 0
+    assert paths[0].read_bytes() == paths[1].read_bytes()
+    plain, randomized_bn = load_file(paths[2]), load_file(paths[0])
+    assert torch.equal(plain["stage0.rbr_dense.bn.running_var"], torch.ones(48))
+    assert not torch.equal(randomized_bn["stage0.rbr_dense.bn.running_var"], torch.ones(48))
