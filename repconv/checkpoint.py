@@ -7,11 +7,13 @@ folder, which is renamed into place only once complete, so an output is either w
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import json
 import os
 import pickle
 import re
+import sys
 import tempfile
 import zipfile
 from collections.abc import Mapping
@@ -22,7 +24,6 @@ from typing import Any
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file as load_safetensors
-from safetensors.torch import save as serialize_safetensors
 from torch import Tensor, nn
 
 from repconv.errors import BadInput
@@ -250,31 +251,61 @@ def check_output_path(output: str | Path, *, inputs: tuple | list = ()) -> Path:
     return output
 
 
-def _canonical_safetensors(tensors: dict[str, Tensor], metadata: dict[str, str]) -> list:
-    """Safetensors bytes with a sorted header, so equal inputs give equal files.
+_SAFETENSORS_DTYPES = {
+    torch.float64: "F64",
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.int16: "I16",
+    torch.int8: "I8",
+    torch.uint8: "U8",
+    torch.bool: "BOOL",
+}
 
-    The library serialises metadata from a hash map whose order changes between processes.
+
+def _raw_bytes(tensor: Tensor) -> memoryview:
+    """The tensor's memory as bytes, without a copy (it must be contiguous, on the CPU)."""
+    nbytes = tensor.numel() * tensor.element_size()
+    if nbytes == 0:
+        return memoryview(b"")
+    return memoryview((ctypes.c_char * nbytes).from_address(tensor.data_ptr())).cast("B")
+
+
+def _write_safetensors(f, tensors: dict[str, Tensor], metadata: dict[str, str]) -> None:
+    """The safetensors format, written tensor by tensor straight from memory.
+
+    The header is sorted JSON so equal inputs give equal bytes (the safetensors library writes
+    metadata from a hash map whose order changes between processes), and no serialised copy of
+    the whole file is ever held in memory.
     """
-    raw = serialize_safetensors(tensors, metadata=metadata)
-    size = int.from_bytes(raw[:8], "little")
-    header = json.loads(raw[8 : 8 + size])
+    if sys.byteorder != "little":
+        raise BadInput("writing safetensors needs a little-endian machine")
+    header: dict[str, Any] = {"__metadata__": metadata} if metadata else {}
+    offset = 0
+    names = sorted(tensors)
+    for name in names:
+        t = tensors[name]
+        if t.dtype not in _SAFETENSORS_DTYPES:
+            raise BadInput(f"cannot write {name}: dtype {t.dtype} has no safetensors code")
+        size = t.numel() * t.element_size()
+        header[name] = {
+            "dtype": _SAFETENSORS_DTYPES[t.dtype],
+            "shape": list(t.shape),
+            "data_offsets": [offset, offset + size],
+        }
+        offset += size
     text = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
     text += b" " * (-len(text) % 8)
-    return [len(text).to_bytes(8, "little"), text, memoryview(raw)[8 + size :]]
+    f.write(len(text).to_bytes(8, "little"))
+    f.write(text)
+    for name in names:
+        f.write(_raw_bytes(tensors[name]))
 
 
-def _independent(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
-    """Contiguous tensors that share no storage (safetensors refuses shared storage)."""
-    seen: set[int] = set()
-    out = {}
-    for k, v in state.items():
-        v = v.detach().contiguous()
-        ptr = v.untyped_storage().data_ptr()
-        if ptr in seen and v.numel():
-            v = v.clone()
-        seen.add(ptr)
-        out[k] = v
-    return out
+def _contiguous(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    return {k: v.detach().cpu().contiguous() for k, v in state.items()}
 
 
 def write_checkpoint(
@@ -284,13 +315,16 @@ def write_checkpoint(
     path = Path(path)
     if any(not isinstance(v, str) for v in metadata.values()):
         raise TypeError("safetensors metadata values must be strings")
-    tensors = _independent(state_dict)
+    tensors = _contiguous(state_dict)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        # mkstemp creates the file private (0600); give it the permissions a plain open would.
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
         with os.fdopen(fd, "wb") as f:
             if path.suffix.lower() == ".safetensors":
-                for part in _canonical_safetensors(tensors, metadata):
-                    f.write(part)
+                _write_safetensors(f, tensors, metadata)
             else:
                 torch.save(tensors, f)
             f.flush()

@@ -39,8 +39,12 @@ class NormStats(NamedTuple):
 
 
 def as_branch(kernel: Tensor, bias: Tensor | None = None) -> Branch:
-    """A conv's weight and optional bias as a float64 branch (a missing bias is zero)."""
-    k = kernel.detach().to(MATH_DTYPE)
+    """A conv's weight and optional bias as a branch (a missing bias is zero).
+
+    The kernel keeps its dtype: every operation here promotes to float64 as it reads it, which
+    saves a full float64 copy of each weight.
+    """
+    k = kernel.detach()
     if bias is None:
         b = torch.zeros(k.shape[0], dtype=MATH_DTYPE, device=k.device)
     else:
@@ -65,6 +69,7 @@ def fold_bn(branch: Branch, stats: NormStats) -> Branch:
     """Conv followed by eval-mode batch norm, as one conv."""
     scale, shift = norm_scale_shift(stats)
     view = (-1,) + (1,) * (branch.kernel.dim() - 1)
+    # `scale` is float64, so the product is computed and stored in float64 in one pass.
     return Branch(branch.kernel * scale.view(view), branch.bias * scale + shift)
 
 
@@ -133,24 +138,47 @@ def compose(first: Branch, second: Branch, groups: int = 1) -> Branch:
             f"with groups={groups}"
         )
     spatial = second.spatial
-    k1 = first.kernel.reshape(groups, mid_per_group, in_per_group)
-    k2 = second.kernel.reshape(groups, out // groups, mid_per_group, -1)
+    k1 = first.kernel.to(MATH_DTYPE).reshape(groups, mid_per_group, in_per_group)
+    k2 = second.kernel.to(MATH_DTYPE).reshape(groups, out // groups, mid_per_group, -1)
     kernel = torch.einsum("goms,gmi->gois", k2, k1).reshape(out, in_per_group, *spatial)
-    through = second.kernel.sum(dim=tuple(range(2, second.kernel.dim())))
+    through = k2.sum(dim=3)
     bias_mid = first.bias.reshape(groups, mid_per_group, 1)
     carried = torch.bmm(through.reshape(groups, out // groups, mid_per_group), bias_mid)
     return Branch(kernel, second.bias + carried.reshape(out))
 
 
 def add(branches: Iterable[Branch]) -> Branch:
-    """Parallel branches with the same kernel shape, summed."""
+    """Parallel branches summed; a smaller kernel is centred in the largest, as `pad_to` would.
+
+    Accumulates into one new tensor, so no padded copy of any branch is ever made.
+    """
     branches = list(branches)
     if not branches:
         raise ValueError("nothing to add")
-    shape = branches[0].kernel.shape
-    for b in branches[1:]:
-        if b.kernel.shape != shape:
-            raise ValueError(f"kernel shapes differ: {tuple(shape)} vs {tuple(b.kernel.shape)}")
-    kernel = torch.stack([b.kernel for b in branches]).sum(0)
-    bias = torch.stack([b.bias for b in branches]).sum(0)
+    channels = branches[0].kernel.shape[:2]
+    dims = branches[0].kernel.dim()
+    size = tuple(max(b.kernel.shape[d] for b in branches) for d in range(2, dims))
+    first = branches[0].kernel
+    # Start from a copy of a full-size branch (largest first) rather than zeros: one pass less.
+    ordered = sorted(branches, key=lambda b: -math.prod(b.spatial))
+    kernel = None
+    if ordered[0].spatial == size:
+        kernel = ordered[0].kernel.to(MATH_DTYPE, copy=True)
+    else:
+        kernel = torch.zeros((*channels, *size), dtype=MATH_DTYPE, device=first.device)
+    bias = torch.zeros_like(branches[0].bias, dtype=MATH_DTYPE)
+    for i, b in enumerate(ordered):
+        if b.kernel.shape[:2] != channels or b.kernel.dim() != dims:
+            raise ValueError(
+                f"kernel shapes differ: {tuple(first.shape)} vs {tuple(b.kernel.shape)}"
+            )
+        bias += b.bias
+        if i == 0 and ordered[0].spatial == size:
+            continue
+        region = [slice(None), slice(None)]
+        for have, want in zip(b.spatial, size):
+            if (want - have) % 2:
+                raise ValueError(f"cannot centre a {b.spatial} kernel inside {size}")
+            region.append(slice((want - have) // 2, (want + have) // 2))
+        kernel[tuple(region)] += b.kernel
     return Branch(kernel, bias)

@@ -98,7 +98,8 @@ def ref_conv(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
 
 def fused_conv(branch: Branch, x: torch.Tensor, stride=1, padding=0, dilation=1, groups=1):
     """The single conv a fused branch stands for, run in x's dtype."""
-    assert branch.kernel.dtype == MATH_DTYPE and branch.bias.dtype == MATH_DTYPE
+    # A branch that was only lined up keeps its weight's dtype; anything computed is float64.
+    assert branch.kernel.dtype in (MATH_DTYPE, x.dtype) and branch.bias.dtype == MATH_DTYPE
     dims = x.dim() - 2
     kernel, bias = branch.kernel.to(x.dtype), branch.bias.to(x.dtype)
     return CONV[dims](x, kernel, bias, stride, padding, dilation, groups)
@@ -540,8 +541,14 @@ def test_add_dbb_four_branches(layout, k, stride, extra_pad, affine, eps, dtype,
 def test_add_rejects_mismatched_or_empty():
     with pytest.raises(ValueError):
         add([])
-    with pytest.raises(ValueError):
-        add([as_branch(torch.ones(2, 1, 3, 3)), as_branch(torch.ones(2, 1, 1, 3))])
+    with pytest.raises(ValueError):  # an even difference cannot be centred
+        add([as_branch(torch.ones(2, 1, 3, 3)), as_branch(torch.ones(2, 1, 2, 3))])
+    with pytest.raises(ValueError):  # different channels
+        add([as_branch(torch.ones(2, 1, 3, 3)), as_branch(torch.ones(3, 1, 3, 3))])
+    # A smaller kernel is centred, exactly as pad_to would do it.
+    big, thin = as_branch(torch.rand(2, 1, 5, 5)), as_branch(torch.rand(2, 1, 1, 3))
+    centred = add([big, thin])
+    assert torch.equal(centred.kernel, big.kernel.double() + pad_to(thin, (5, 5)).kernel.double())
     a = as_branch(torch.ones(2, 1, 3), torch.tensor([1.0, 2.0]))
     b = as_branch(-2 * torch.ones(2, 1, 3), torch.tensor([0.5, -1.0]))
     total = add([a, b])
@@ -712,3 +719,14 @@ def test_align_allows_padding_mode_when_branch_reads_no_padding(layout, k, seed)
     total = add([as_branch(w, b), aligned])
     out = F.conv2d(padded, total.kernel, total.bias, groups=groups)
     assert_close(out, ref)
+
+
+def test_computed_kernels_are_float64_whatever_the_input_dtype():
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        k = as_branch(torch.randn(4, 2, 3, 3).to(dtype), torch.randn(4).to(dtype))
+        one = as_branch(torch.randn(4, 2, 1, 1).to(dtype))
+        stats = NormStats(torch.zeros(4), torch.ones(4), torch.ones(4), torch.zeros(4), 1e-5)
+        assert fold_bn(k, stats).kernel.dtype == MATH_DTYPE
+        assert add([k, one]).kernel.dtype == MATH_DTYPE
+        first = as_branch(torch.randn(4, 4, 1, 1).to(dtype))
+        assert compose(first, k, 2).kernel.dtype == MATH_DTYPE

@@ -13,7 +13,7 @@ from torch import nn
 
 from repconv import kernels as K
 from repconv.errors import NotFusable
-from repconv.geometry import Geometry, align
+from repconv.geometry import Geometry, lined_up
 from repconv.rules.base import (
     Fused,
     Rule,
@@ -150,7 +150,7 @@ def _avg_branch(block: nn.Module, target: Geometry, groups: int) -> K.Branch:
     else:
         branch = K.avg_pool(out_channels, groups, size, device=device)
     branch = K.fold_bn(branch, norm_stats(parts["avgbn"]))
-    return align(branch, geometry, target)
+    return lined_up(branch, geometry, target)
 
 
 def _kxk_branch(block: nn.Module, target: Geometry) -> K.Branch:
@@ -175,7 +175,7 @@ def _kxk_branch(block: nn.Module, target: Geometry) -> K.Branch:
         first, pad_between, second, conv2.groups, Geometry.of(conv2), first_biased=True
     )
     branch = K.fold_bn(branch, norm_stats(parts["bn2"]))
-    return align(branch, geometry, target)
+    return lined_up(branch, geometry, target)
 
 
 def _pair(value) -> tuple[int, int]:
@@ -188,7 +188,7 @@ def fuse(block: nn.Module) -> Fused:
     groups = origin[0].groups
     branches = [main]
     if getattr(block, "dbb_1x1", None) is not None:
-        branches.append(align(*conv_bn_branch(conv_bn_unit(block.dbb_1x1)), target))
+        branches.append(lined_up(*conv_bn_branch(conv_bn_unit(block.dbb_1x1)), target))
     branches.append(_avg_branch(block, target, groups))
     branches.append(_kxk_branch(block, target))
     return install_fused(block, "dbb_reparam", origin[0], branches, target, _TRAIN_CHILDREN)

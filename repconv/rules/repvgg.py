@@ -11,7 +11,7 @@ from torch import nn
 
 from repconv import kernels as K
 from repconv.errors import NotFusable
-from repconv.geometry import Geometry, align
+from repconv.geometry import Geometry, lined_up
 from repconv.rules.base import (
     Fused,
     Rule,
@@ -51,7 +51,7 @@ def identity_branch(conv: nn.Module, norm: nn.Module | None, target: Geometry) -
     if norm is not None:
         branch = K.fold_bn(branch, norm_stats(norm))
     unit = Geometry(ones, target.stride, tuple(0 for _ in ones), ones, target.padding_mode)
-    return align(branch, unit, target)
+    return lined_up(branch, unit, target)
 
 
 def fuse(block: nn.Module) -> Fused:
@@ -59,7 +59,7 @@ def fuse(block: nn.Module) -> Fused:
     main, target = conv_bn_branch(dense)
     branches = [main]
     if getattr(block, "rbr_1x1", None) is not None:
-        branches.append(align(*conv_bn_branch(conv_bn_unit(block.rbr_1x1)), target))
+        branches.append(lined_up(*conv_bn_branch(conv_bn_unit(block.rbr_1x1)), target))
     identity = getattr(block, "rbr_identity", None)
     if identity is not None:
         norm = identity if is_norm_like(identity) else None
