@@ -2,7 +2,7 @@ PYTHON ?= python3
 PIP := $(PYTHON) -m pip
 STAMP := .installed.stamp
 
-.PHONY: install test lint demo clean
+.PHONY: install test lint demo bench clean
 
 install: $(STAMP)
 
@@ -21,6 +21,9 @@ lint: install
 
 demo: install
 	$(PYTHON) -m repconv demo
+
+bench: install
+	$(PYTHON) benchmarks/run.py
 
 clean:
 	rm -rf $(STAMP) build *.egg-info .pytest_cache demo-out

@@ -359,6 +359,106 @@ def rules(as_json: bool) -> None:
     )
 
 
+def _int_list(_ctx, _param, value: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(v) for v in value.split(",") if v.strip())
+    except ValueError:
+        raise click.BadParameter(f"expected integers like 1,8, got {value!r}") from None
+    if not values or any(v <= 0 for v in values):
+        raise click.BadParameter(f"expected positive integers like 1,8, got {value!r}")
+    return values
+
+
+@main.command()
+@click.argument("input_path", metavar="CKPT", type=click.Path(path_type=Path))
+@_common_model_options
+@click.option(
+    "--deploy",
+    "deploy_path",
+    type=click.Path(path_type=Path),
+    help="Deploy checkpoint to time (default: CKPT converted in memory).",
+)
+@click.option(
+    "--input-shape",
+    callback=_shape,
+    metavar="C,H,W",
+    help="Input shape without batch (default: the model's own, else C,224,224).",
+)
+@click.option(
+    "--batch-sizes",
+    default="1,8",
+    show_default=True,
+    callback=_int_list,
+    help="Comma-separated batch sizes.",
+)
+@click.option(
+    "--runs",
+    type=click.IntRange(min=3),
+    default=10,
+    show_default=True,
+    help="Timed runs per measurement (median and spread are reported).",
+)
+@click.option("--warmup", type=click.IntRange(min=0), default=3, show_default=True)
+@click.option("--threads", type=click.IntRange(min=1), help="torch threads (default: torch's).")
+def bench(input_path: Path, **opts: Any) -> None:
+    """Latency of the train model (eval) against the deploy model on this machine.
+
+    \b
+    Also parameters and multiply-accumulates of both, and the speed-up.
+    Example:  repconv bench train.pth --arch repvgg_a0 --threads 1 --json
+    """
+    as_json, verbose = opts.pop("as_json"), opts.pop("verbose")
+
+    def body() -> int:
+        if opts["threads"]:
+            import torch
+
+            torch.set_num_threads(opts["threads"])
+        with _status("benchmarking...", as_json):
+            result = pipeline.bench_file(
+                input_path,
+                arch_spec=opts["arch"],
+                arch_kwargs=parse_kwargs(opts["arch_kwargs"]),
+                key=opts["key"],
+                trust_pickle=opts["trust_pickle"],
+                deploy_path=opts["deploy_path"],
+                input_shape=opts["input_shape"],
+                batch_sizes=opts["batch_sizes"],
+                runs=opts["runs"],
+                warmup=opts["warmup"],
+            )
+        if as_json:
+            report.emit_json({"ok": True, **result.to_dict()})
+            return EXIT_OK
+        out = report.console()
+        report.table(
+            out,
+            f"Latency, input {'x'.join(map(str, result.input_shape))}, {result.threads} "
+            f"thread(s), median of {result.runs} runs (spread = max - min)",
+            ["batch", "train ms", "spread", "deploy ms", "spread", "speed-up"],
+            [
+                [
+                    r.batch,
+                    r.train_ms,
+                    r.train_spread_ms,
+                    r.deploy_ms,
+                    r.deploy_spread_ms,
+                    f"{r.speedup:.2f}x",
+                ]
+                for r in result.rows
+            ],
+        )
+        out.print(
+            f"params {report.millions(result.train_params)} -> "
+            f"{report.millions(result.deploy_params)}; MACs "
+            f"{result.train_macs / 1e9:.3f}G -> {result.deploy_macs / 1e9:.3f}G",
+            markup=False,
+        )
+        return EXIT_OK
+
+    _run(as_json, verbose, body)
+
+
 @main.group()
 def zoo() -> None:
     """Built-in architectures (usable as --arch NAME).

@@ -356,3 +356,37 @@ def inspect_file(
     before = param_count(model)
     the_plan = engine.apply(model, engine.plan(model))
     return the_plan, before, param_count(model)
+
+
+def bench_file(
+    input_path: str | Path,
+    *,
+    arch_spec: str | None = None,
+    arch_kwargs: Mapping[str, Any] | None = None,
+    key: str | None = None,
+    trust_pickle: bool = False,
+    deploy_path: str | Path | None = None,
+    input_shape: Sequence[int] | None = None,
+    batch_sizes: Sequence[int] = (1, 8),
+    runs: int = 10,
+    warmup: int = 3,
+):
+    """Train model (eval) against deploy model: latency per batch size, params and MACs.
+
+    The deploy model is `deploy_path` if given, else the train checkpoint converted in memory.
+    """
+    from repconv import bench
+
+    kwargs = dict(arch_kwargs or {})
+    loaded = checkpoint.read_checkpoint(input_path, key=key, trust_pickle=trust_pickle)
+    train = _load_model(loaded, arch_spec, kwargs)
+    if deploy_path is not None:
+        deploy = load_deploy(deploy_path, arch_spec, arch_kwargs)
+    elif loaded.module is not None and arch_spec is None:
+        deploy = checkpoint.read_checkpoint(input_path, key=key, trust_pickle=True).module
+        engine.convert_model(deploy.eval())
+    else:
+        deploy = arch.build_loaded(arch_spec, kwargs, loaded.state_dict, what=loaded.path.name)
+        engine.convert_model(deploy)
+    shape = list(input_shape) if input_shape else list(arch.default_input_shape(train))
+    return bench.compare(train, deploy, shape, batch_sizes, runs, warmup)

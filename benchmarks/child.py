@@ -1,0 +1,44 @@
+"""One measured process for the benchmark suite: `convert ...` or `floor CKPT OUT`.
+
+Prints one JSON line: peak RSS and RSS after imports, in MiB.
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import sys
+
+
+def rss_now_mib() -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def main() -> None:
+    mode, args = sys.argv[1], sys.argv[2:]
+    if mode == "floor":
+        from repconv import checkpoint  # same imports as repconv itself: torch, safetensors
+
+        after_imports = rss_now_mib()
+        loaded = checkpoint.read_checkpoint(args[0])
+        checkpoint.write_checkpoint(args[1], loaded.state_dict, {})
+        code = 0
+    else:
+        from repconv.cli import main as cli
+
+        after_imports = rss_now_mib()
+        try:
+            cli([mode, *args], standalone_mode=False)
+            code = 0
+        except SystemExit as exc:
+            code = exc.code or 0
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(json.dumps({"code": code, "rss_after_imports": after_imports, "peak_rss": peak}))
+
+
+if __name__ == "__main__":
+    main()
