@@ -6,14 +6,13 @@ Prints one JSON line: peak RSS and RSS after imports, in MiB.
 from __future__ import annotations
 
 import json
-import resource
 import sys
 
 
-def rss_now_mib() -> float:
+def status_mib(field: str) -> float:
     with open("/proc/self/status") as f:
         for line in f:
-            if line.startswith("VmRSS:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1]) / 1024
     return 0.0
 
@@ -23,20 +22,22 @@ def main() -> None:
     if mode == "floor":
         from repconv import checkpoint  # same imports as repconv itself: torch, safetensors
 
-        after_imports = rss_now_mib()
+        after_imports = status_mib("VmRSS")
         loaded = checkpoint.read_checkpoint(args[0])
         checkpoint.write_checkpoint(args[1], loaded.state_dict, {})
         code = 0
     else:
         from repconv.cli import main as cli
 
-        after_imports = rss_now_mib()
+        after_imports = status_mib("VmRSS")
         try:
             cli([mode, *args], standalone_mode=False)
             code = 0
         except SystemExit as exc:
             code = exc.code or 0
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    # VmHWM belongs to this process image; getrusage's maxrss survives exec and would report
+    # the parent's peak when that was larger.
+    peak = status_mib("VmHWM")
     print(json.dumps({"code": code, "rss_after_imports": after_imports, "peak_rss": peak}))
 
 
