@@ -147,6 +147,20 @@ def compose(first: Branch, second: Branch, groups: int = 1) -> Branch:
     return Branch(kernel, second.bias + carried.reshape(out))
 
 
+def pool_after(first: Branch, size: Sequence[int]) -> Branch:
+    """A 1x1 conv followed by average pooling over `size`, as one conv.
+
+    Equal to `compose(first, avg_pool(...))` with the pooling's diagonal kernel, without the
+    dense product: every output channel just spreads its 1x1 weights evenly over the window.
+    The same padding caveat as `compose` applies to the bias.
+    """
+    if any(s != 1 for s in first.spatial):
+        raise ValueError(f"pooling follows a 1x1 conv, got {first.spatial}")
+    window = math.prod(size)
+    kernel = first.kernel.to(MATH_DTYPE).expand(*first.kernel.shape[:2], *size) / window
+    return Branch(kernel.contiguous(), first.bias.to(MATH_DTYPE))
+
+
 def add(branches: Iterable[Branch]) -> Branch:
     """Parallel branches summed; a smaller kernel is centred in the largest, as `pad_to` would.
 

@@ -233,6 +233,7 @@ def convert_file(
     out = checkpoint.check_output_path(output_path, inputs=[input_path])
     loaded = checkpoint.read_checkpoint(input_path, key=key, trust_pickle=trust_pickle)
     model = _load_model(loaded, arch_spec, kwargs)
+    loaded.state_dict = None  # the model holds what it needs; let fused-away tensors go
     result = convert(model, **options)
     result.source = {
         "path": str(input_path),

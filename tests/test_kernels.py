@@ -28,6 +28,7 @@ from repconv.kernels import (
     fold_bn,
     identity,
     pad_to,
+    pool_after,
 )
 
 CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
@@ -730,3 +731,23 @@ def test_computed_kernels_are_float64_whatever_the_input_dtype():
         assert add([k, one]).kernel.dtype == MATH_DTYPE
         first = as_branch(torch.randn(4, 4, 1, 1).to(dtype))
         assert compose(first, k, 2).kernel.dtype == MATH_DTYPE
+
+
+@FEW
+@given(
+    out=st.integers(1, 6),
+    groups=st.sampled_from([1, 2]),
+    k=st.sampled_from([1, 3, 5]),
+    seed=seeds,
+)
+def test_pool_after_equals_composing_with_the_pool_kernel(out, groups, k, seed):
+    gen = torch.Generator().manual_seed(seed)
+    channels = out * groups
+    first = Branch(
+        torch.randn(channels, 2, 1, 1, generator=gen, dtype=torch.float64),
+        torch.randn(channels, generator=gen, dtype=torch.float64),
+    )
+    direct = pool_after(first, (k, k))
+    composed = compose(first, avg_pool(channels, groups, (k, k)), groups)
+    assert torch.allclose(direct.kernel, composed.kernel, rtol=0, atol=1e-14)
+    assert torch.allclose(direct.bias, composed.bias, rtol=0, atol=1e-14)

@@ -106,24 +106,12 @@ def match(block: nn.Module) -> str | None:
     return " + ".join([*parts, "avg", "1x1-kxk"])
 
 
-def _compose(
-    first: K.Branch,
-    pad_between: int,
-    second: K.Branch,
-    groups: int,
-    geometry: Geometry,
-    first_biased: bool,
-) -> tuple[K.Branch, Geometry]:
-    """first (1x1) -> pad with its bias -> second (geometry), as one branch and its geometry."""
-    padding = tuple(p + pad_between for p in geometry.padding)
+def _padded_by_first(geometry: Geometry, pad_between: int, first_biased: bool) -> Geometry:
+    """The geometry of 1x1 -> (pad with its bias) -> op: the op's padding plus the pad between."""
     if first_biased and any(p > 0 for p in geometry.padding):
         # Decided by structure, not values, so the deploy structure can be rebuilt without them.
         raise NotFusable("zero padding after a biased 1x1 conv is not a convolution")
-    try:
-        composed = K.compose(first, second, groups)
-    except ValueError as exc:
-        raise NotFusable(str(exc)) from None
-    return composed, geometry.with_padding(padding)
+    return geometry.with_padding(tuple(p + pad_between for p in geometry.padding))
 
 
 def _avg_branch(block: nn.Module, target: Geometry, groups: int) -> K.Branch:
@@ -145,8 +133,8 @@ def _avg_branch(block: nn.Module, target: Geometry, groups: int) -> K.Branch:
             norm, pad_between = _norm_and_pad(parts["bn"])
             first = K.fold_bn(first, norm_stats(norm))
         biased = conv.bias is not None or "bn" in parts
-        pool = K.avg_pool(out_channels, conv.groups, size, device=device)
-        branch, geometry = _compose(first, pad_between, pool, conv.groups, geometry, biased)
+        geometry = _padded_by_first(geometry, pad_between, biased)
+        branch = K.pool_after(first, size)
     else:
         branch = K.avg_pool(out_channels, groups, size, device=device)
     branch = K.fold_bn(branch, norm_stats(parts["avgbn"]))
@@ -171,9 +159,11 @@ def _kxk_branch(block: nn.Module, target: Geometry) -> K.Branch:
     if conv2.groups != first_groups:
         raise NotFusable("the 1x1 and kxk convs of dbb_1x1_kxk use different groups")
     second = K.as_branch(conv2.weight, conv2.bias)
-    branch, geometry = _compose(
-        first, pad_between, second, conv2.groups, Geometry.of(conv2), first_biased=True
-    )
+    geometry = _padded_by_first(Geometry.of(conv2), pad_between, first_biased=True)
+    try:
+        branch = K.compose(first, second, conv2.groups)
+    except ValueError as exc:
+        raise NotFusable(str(exc)) from None
     branch = K.fold_bn(branch, norm_stats(parts["bn2"]))
     return lined_up(branch, geometry, target)
 
