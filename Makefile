@@ -16,8 +16,8 @@ test: install
 	$(PYTHON) -m pytest
 
 lint: install
-	$(PYTHON) -m ruff check repconv tests
-	$(PYTHON) -m ruff format --check repconv tests
+	$(PYTHON) -m ruff check repconv tests benchmarks
+	$(PYTHON) -m ruff format --check repconv tests benchmarks
 
 demo: install
 	$(PYTHON) -m repconv demo
