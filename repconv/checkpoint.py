@@ -216,6 +216,15 @@ def _read_safetensors(path: Path) -> tuple[dict[str, Tensor], dict[str, str]]:
     return tensors, metadata
 
 
+def read_safetensors_metadata(path: str | Path) -> dict[str, str]:
+    """The metadata of a safetensors file, reading its header only (ValueError if unreadable)."""
+    try:
+        with safe_open(str(path), "pt") as f:
+            return dict(f.metadata() or {})
+    except (SafetensorError, OSError, RuntimeError) as exc:
+        raise ValueError(f"cannot read {Path(path).name}: {_short(exc)}") from None
+
+
 def read_deploy(path: str | Path) -> tuple[dict[str, Tensor], dict[str, str]]:
     """A deploy checkpoint's tensors and metadata ({} for .pth/.pt, which carry none)."""
     path = Path(path)
@@ -308,6 +317,16 @@ def _contiguous(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
     return {k: v.detach().cpu().contiguous() for k, v in state.items()}
 
 
+def _temp_file_beside(path: Path) -> tuple[int, str]:
+    """A temp file in `path`'s folder (so the final rename is atomic), named after `path`."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    # mkstemp creates the file private (0600); give it the permissions a plain open would.
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)
+    return fd, tmp
+
+
 def write_checkpoint(
     path: str | Path, state_dict: Mapping[str, Tensor], metadata: dict[str, str]
 ) -> None:
@@ -316,12 +335,8 @@ def write_checkpoint(
     if any(not isinstance(v, str) for v in metadata.values()):
         raise TypeError("safetensors metadata values must be strings")
     tensors = _contiguous(state_dict)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = _temp_file_beside(path)
     try:
-        # mkstemp creates the file private (0600); give it the permissions a plain open would.
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
         with os.fdopen(fd, "wb") as f:
             if path.suffix.lower() == ".safetensors":
                 _write_safetensors(f, tensors, metadata)
@@ -329,6 +344,32 @@ def write_checkpoint(
                 torch.save(tensors, f)
             f.flush()
             os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as exc:
+        Path(tmp).unlink(missing_ok=True)
+        if isinstance(exc, OSError):
+            raise BadInput(f"cannot write {path}: {exc.strerror or exc}") from None
+        raise
+
+
+def check_report_path(path: str | Path) -> Path:
+    """Refuse a report path we could not write, before any work is done."""
+    path = Path(path)
+    parent = path.parent if str(path.parent) else Path(".")
+    if not parent.is_dir():
+        raise BadInput(f"cannot write {path}: folder {parent} does not exist")
+    if path.is_dir():
+        raise BadInput(f"cannot write {path}: it is a directory")
+    return path
+
+
+def write_text_atomically(path: str | Path, text: str) -> None:
+    """Replace `path` with `text` in one step: readers see the old file or the new one."""
+    path = Path(path)
+    fd, tmp = _temp_file_beside(path)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
         os.replace(tmp, path)
     except BaseException as exc:
         Path(tmp).unlink(missing_ok=True)

@@ -25,3 +25,4 @@ class VerificationFailed(RepconvError):
     """The deploy model does not reproduce the train model within the limits."""
 
     exit_code = 1
+    result = None  # the conversion that failed (a pipeline.Result), when there is one

@@ -7,6 +7,7 @@ written once, atomically.
 
 from __future__ import annotations
 
+import inspect
 import json
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -177,6 +178,13 @@ def convert(
     return Result(model, the_plan, verification, state, params_before, param_count(model))
 
 
+_CONVERT_DEFAULTS = {
+    name: p.default
+    for name, p in inspect.signature(convert).parameters.items()
+    if p.kind is inspect.Parameter.KEYWORD_ONLY and name != "rules"
+}
+
+
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
@@ -195,7 +203,47 @@ def _load_model(
     return arch.build_loaded(spec, kwargs, loaded.state_dict, what=loaded.path.name)
 
 
-def metadata_for(result: Result, spec: str | None, kwargs: Mapping[str, Any], sha: str) -> dict:
+def recorded_options(
+    arch_spec: str | None,
+    arch_kwargs: Mapping[str, Any] | None,
+    *,
+    key: str | None = None,
+    strict: bool = False,
+    force: bool = False,
+    **options: Any,
+) -> dict[str, Any]:
+    """Every option that shapes a deploy file, defaults filled in, in one canonical form.
+
+    It is written into the file's metadata, so `repconv batch --resume` can tell whether an
+    existing output was made from the same settings.
+    """
+    unknown = set(options) - set(_CONVERT_DEFAULTS)
+    if unknown:
+        raise TypeError(f"unknown conversion option(s): {', '.join(sorted(unknown))}")
+    merged = {**_CONVERT_DEFAULTS, **options}
+    dtype = merged["verify_dtype"]
+    if isinstance(dtype, torch.dtype):
+        dtype = str(dtype).removeprefix("torch.")
+    shape = merged["input_shape"]
+    return {
+        **merged,
+        "arch": arch_spec,
+        "arch_kwargs": dict(arch_kwargs or {}),
+        "key": key,
+        "strict": strict,
+        "force": force,
+        "input_shape": list(shape) if shape else None,
+        "verify_dtype": dtype,
+    }
+
+
+def metadata_for(
+    result: Result,
+    spec: str | None,
+    kwargs: Mapping[str, Any],
+    sha: str,
+    options: Mapping[str, Any] | None = None,
+) -> dict:
     return {
         "format": checkpoint.METADATA_FORMAT,
         "version": __version__,
@@ -207,6 +255,9 @@ def metadata_for(result: Result, spec: str | None, kwargs: Mapping[str, Any], sh
         "verification": json.dumps(
             None if result.verification is None else result.verification.to_dict()
         ),
+        "options": json.dumps(dict(options or {}), sort_keys=True),
+        "params_before": str(result.params_before),
+        "params_after": str(result.params_after),
     }
 
 
@@ -249,9 +300,14 @@ def convert_file(
             f"first {first['path']}: {first['message']}"
         )
     if not result.passed and not force:
-        raise VerificationFailed(result.verification.failure_message())
+        failure = VerificationFailed(result.verification.failure_message())
+        failure.result = result
+        raise failure
     if not dry_run:
-        meta = metadata_for(result, arch_spec, kwargs, loaded.sha256)
+        recorded = recorded_options(
+            arch_spec, kwargs, key=key, strict=strict, force=force, **options
+        )
+        meta = metadata_for(result, arch_spec, kwargs, loaded.sha256, recorded)
         checkpoint.write_checkpoint(out, result.state_dict, meta)
     return result
 

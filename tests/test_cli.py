@@ -70,8 +70,15 @@ def test_metadata_schema(runner, train_ckpt, tmp_path):
         "source_sha256",
         "plan",
         "verification",
+        "options",
+        "params_before",
+        "params_after",
     }
     assert meta["format"] == "repconv.deploy/1"
+    options = json.loads(meta["options"])
+    assert options["arch"] == "demo_mixed" and options["samples"] == 2
+    assert options["verify_dtype"] == "float64" and options["input_shape"] is None
+    assert int(meta["params_before"]) > int(meta["params_after"]) > 0
     assert meta["arch"] == "demo_mixed" and json.loads(meta["arch_kwargs"]) == {}
     import hashlib
 
