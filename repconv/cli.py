@@ -17,7 +17,7 @@ try:
 except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib
 
-from repconv import __version__, pipeline, report
+from repconv import __version__, checkpoint, pipeline, report
 from repconv.arch import parse_kwargs
 from repconv.errors import RepconvError
 from repconv.rules import describe
@@ -457,6 +457,119 @@ def bench(input_path: Path, **opts: Any) -> None:
         return EXIT_OK
 
     _run(as_json, verbose, body)
+
+
+BATCH_EXAMPLES = """
+\b
+Examples:
+  repconv batch configs/zoo.toml
+  repconv batch zoo.toml --jobs 4 --resume --report report.md
+  repconv batch zoo.toml --executor dask://scheduler:8786 --report report.json
+  repconv batch zoo.toml --dry-run
+"""
+
+
+@main.command(epilog=BATCH_EXAMPLES)
+@click.argument("config_path", metavar="CONFIG", type=click.Path(path_type=Path))
+@click.option(
+    "--jobs",
+    "-j",
+    type=click.IntRange(min=1),
+    help="Entries converted at once on this machine (default: the number of cores).",
+)
+@click.option(
+    "--executor",
+    metavar="SPEC",
+    help="local (default) or dask://HOST:PORT, a Dask scheduler (needs repconv[dask]).",
+)
+@click.option(
+    "--resume",
+    is_flag=True,
+    help="Skip entries whose output records the same input sha256 and options.",
+)
+@click.option(
+    "--report",
+    "report_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Also write the summary to FILE: Markdown for .md, else JSON.",
+)
+@click.option("--dry-run", is_flag=True, help="List the entries the config expands to; run none.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON (for CI).")
+@click.option("-v", "--verbose", is_flag=True, help="Show tracebacks on errors.")
+def batch(config_path: Path, **opts: Any) -> None:
+    """Convert every checkpoint a CONFIG file lists, each in its own worker process.
+
+    \b
+    CONFIG is TOML: a [defaults] table and [[model]] entries holding convert options
+    (underscored: input_shape, arch_kwargs, verify_dtype, ...) plus input (a path or glob),
+    output (a pattern: {stem}, {name}, {dir}), name, timeout (s), memory_limit, threads.
+    A failing entry (bad checkpoint, failed verification, out of memory, timeout) is
+    reported and the others go on. Exit 0 if all entries succeed, 1 if any failed,
+    2 if CONFIG is bad (with the line at fault).
+    """
+    from repconv import batch as batch_api
+    from repconv.batch import progress, summary
+
+    as_json, verbose = opts.pop("as_json"), opts.pop("verbose")
+
+    def body() -> int:
+        config = batch_api.load_config(config_path)
+        if opts["report_path"] is not None:
+            checkpoint.check_report_path(opts["report_path"])
+        if opts["dry_run"]:
+            return _show_entries(config, as_json)
+        err = report.console(stderr=True)
+        where = opts["executor"] or "this machine"
+        if err.is_terminal and not as_json:
+            watcher = progress.LiveProgress(err, len(config.jobs), where)
+        else:
+            watcher = progress.LineProgress(err, len(config.jobs))
+        with watcher:
+            _, rows = batch_api.run_batch(
+                config,
+                jobs=opts["jobs"],
+                executor=opts["executor"],
+                resume=opts["resume"],
+                watcher=watcher,
+            )
+        doc = summary.document(config, rows)
+        if opts["report_path"] is not None:
+            text = (
+                summary.as_markdown(doc)
+                if opts["report_path"].suffix.lower() == ".md"
+                else summary.as_json(doc)
+            )
+            checkpoint.write_text_atomically(opts["report_path"], text)
+        if as_json:
+            report.emit_json(doc)
+        else:
+            summary.print_summary(report.console(), config, rows)
+        return EXIT_OK if doc["ok"] else EXIT_FAILED
+
+    _run(as_json, verbose, body)
+
+
+def _show_entries(config, as_json: bool) -> int:
+    rows = [
+        {
+            "name": job.name,
+            "input": config.display_path(job.input),
+            "output": config.display_path(job.output),
+            "line": job.line,
+            "arch": job.arch,
+        }
+        for job in config.jobs
+    ]
+    if as_json:
+        report.emit_json({"ok": True, "entries": rows})
+        return EXIT_OK
+    report.table(
+        report.console(),
+        f"{config.path}: {len(rows)} entries (dry run, nothing converted)",
+        ["name", "input", "output", "arch", "line"],
+        [[r["name"], r["input"], r["output"], r["arch"], r["line"]] for r in rows],
+    )
+    return EXIT_OK
 
 
 @main.group()

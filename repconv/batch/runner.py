@@ -1,0 +1,62 @@
+"""Run a batch: submit every job to an executor, follow them, collect one row per entry."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from concurrent.futures import FIRST_COMPLETED, Executor, Future, wait
+from typing import Any, Protocol
+
+from repconv.batch.config import Job
+from repconv.batch.task import run_entry
+
+POLL_SECONDS = 0.25
+
+
+class Watcher(Protocol):
+    """Whoever shows progress: told which entries run and which have ended."""
+
+    def running(self, jobs: Sequence[Job]) -> None: ...
+
+    def finished(self, job: Job, row: dict[str, Any]) -> None: ...
+
+
+class _Silent:
+    def running(self, jobs: Sequence[Job]) -> None:
+        pass
+
+    def finished(self, job: Job, row: dict[str, Any]) -> None:
+        pass
+
+
+def row_for(job: Job, outcome: dict[str, Any]) -> dict[str, Any]:
+    """One report row: the entry's identity, then its outcome."""
+    return {"name": job.name, "input": job.input, "output": job.output, **outcome}
+
+
+def _outcome(future: Future) -> dict[str, Any]:
+    try:
+        return future.result()
+    except Exception as exc:  # the executor lost the task (a Dask worker died, say)
+        return {"status": "failed", "failure": "crashed", "reason": f"{type(exc).__name__}: {exc}"}
+
+
+def run(jobs: Sequence[Job], executor: Executor, watcher: Watcher | None = None) -> list[dict]:
+    """Every job's row, in the order of `jobs`, however the executor ordered the work."""
+    watcher = watcher or _Silent()
+    futures = {executor.submit(run_entry, job): index for index, job in enumerate(jobs)}
+    rows: list[dict[str, Any] | None] = [None] * len(jobs)
+    pending = set(futures)
+    try:
+        while pending:
+            done, pending = wait(pending, timeout=POLL_SECONDS, return_when=FIRST_COMPLETED)
+            for future in sorted(done, key=futures.__getitem__):
+                job = jobs[futures[future]]
+                rows[futures[future]] = row_for(job, _outcome(future))
+                watcher.finished(job, rows[futures[future]])
+            in_order = sorted(pending, key=futures.__getitem__)
+            watcher.running([jobs[futures[f]] for f in in_order if f.running()])
+    except BaseException:
+        for future in pending:
+            future.cancel()
+        raise
+    return rows

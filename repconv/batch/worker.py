@@ -1,0 +1,128 @@
+"""One batch entry, converted in a process of its own: `python -m repconv.batch.worker RESULT`.
+
+The job arrives as JSON on stdin and the outcome is written as JSON to RESULT. A process per
+entry is the isolation unit: whatever happens here (an exception, memory exhaustion, a kill on
+timeout) ends this process only, and the batch goes on.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import sys
+from pathlib import Path
+from typing import Any
+
+from repconv.errors import BadInput, VerificationFailed
+
+MEMORY_ERRORS = ("can't allocate memory", "not enough memory", "cannot allocate memory")
+
+
+def status_mib(field: str) -> float | None:
+    """A VmRSS/VmHWM figure of this process in MiB (Linux); None elsewhere."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
+
+
+def _limit_memory(limit: int | None) -> None:
+    # RLIMIT_DATA covers heap and private anonymous mappings (where tensors live) but not the
+    # shared libraries torch maps, so the limit means "tensor memory" and not "address space".
+    # Only the soft limit is set, so it can be lifted again to report the failure.
+    _, hard = resource.getrlimit(resource.RLIMIT_DATA)
+    soft = hard if limit is None else limit
+    if hard != resource.RLIM_INFINITY:
+        soft = min(soft, hard)
+    resource.setrlimit(resource.RLIMIT_DATA, (soft, hard))
+
+
+def _is_out_of_memory(exc: BaseException) -> bool:
+    return isinstance(exc, MemoryError) or any(m in str(exc).lower() for m in MEMORY_ERRORS)
+
+
+def _failure(exc: Exception, memory_limit: int | None) -> dict[str, str]:
+    # Memory exhaustion first: the pipeline may have wrapped it as "the model cannot run".
+    if _is_out_of_memory(exc):
+        limit = f" (memory_limit {memory_limit >> 20} MiB)" if memory_limit else ""
+        return {"failure": "out of memory", "reason": f"out of memory{limit}"}
+    if isinstance(exc, VerificationFailed):
+        return {"failure": "verification failed", "reason": str(exc)}
+    if isinstance(exc, BadInput):
+        return {"failure": "bad input", "reason": str(exc)}
+    text = str(exc).strip().splitlines()
+    return {"failure": "error", "reason": f"{type(exc).__name__}: {text[0] if text else ''}"}
+
+
+def convert_job(job) -> dict[str, Any]:
+    """Convert one job in this process; the outcome as a plain dict (never raises)."""
+    import torch
+
+    from repconv import pipeline
+
+    if job.threads:
+        torch.set_num_threads(job.threads)
+    outcome: dict[str, Any] = {"status": "failed", "failure": None, "reason": None}
+    outcome["base_rss_mib"] = status_mib("VmRSS")
+    try:
+        outcome["input_bytes"] = Path(job.input).stat().st_size
+    except OSError:
+        outcome["input_bytes"] = None
+    _limit_memory(job.memory_limit)
+    result = None
+    try:
+        result = pipeline.convert_file(
+            job.input,
+            job.output,
+            arch_spec=job.arch,
+            arch_kwargs=job.arch_kwargs,
+            key=job.key,
+            trust_pickle=job.trust_pickle,
+            strict=job.strict,
+            force=job.force,
+            **job.convert_options(),
+        )
+        outcome["status"] = "converted"
+    except Exception as exc:  # every failure is this entry's, not the batch's
+        if isinstance(exc, VerificationFailed):
+            result = exc.result
+        outcome.update(_failure(exc, job.memory_limit))
+    finally:
+        if job.memory_limit:
+            _limit_memory(None)
+    if result is not None:
+        checked = None if result.verification is None else result.verification.to_dict()
+        outcome.update(
+            fused_by_rule=result.plan.fused_by_rule(),
+            unfolded=len(result.plan.warnings),
+            params_before=result.params_before,
+            params_after=result.params_after,
+            max_error=None if checked is None else checked["written_max"],
+            exact_error=None if checked is None else checked["exact_max"],
+        )
+    outcome["peak_rss_mib"] = status_mib("VmHWM")
+    return outcome
+
+
+def main(argv: list[str]) -> int:
+    from repconv.batch.config import Job
+
+    if len(argv) != 1:
+        sys.stderr.write("usage: python -m repconv.batch.worker RESULT_JSON < job.json\n")
+        return 2
+    job = Job.from_json(sys.stdin.read())
+    outcome = convert_job(job)
+    result_path = Path(argv[0])
+    tmp = result_path.with_suffix(".partial")
+    tmp.write_text(json.dumps(outcome))
+    os.replace(tmp, result_path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
