@@ -2,7 +2,7 @@ PYTHON ?= python3
 PIP := $(PYTHON) -m pip
 STAMP := .installed.stamp
 
-.PHONY: install test lint demo bench clean
+.PHONY: install test lint demo batch-demo bench clean
 
 install: $(STAMP)
 
@@ -22,8 +22,14 @@ lint: install
 demo: install
 	$(PYTHON) -m repconv demo
 
+# Train checkpoints of ten zoo models (written once), converted by one batch run.
+batch-demo: install
+	$(PYTHON) benchmarks/zoo_checkpoints.py configs/zoo.toml
+	$(PYTHON) -m repconv batch configs/zoo.toml --resume --report zoo-deploy/report.md
+
 bench: install
 	$(PYTHON) benchmarks/run.py
+	$(PYTHON) benchmarks/batch.py
 
 clean:
-	rm -rf $(STAMP) build *.egg-info .pytest_cache demo-out
+	rm -rf $(STAMP) build *.egg-info .pytest_cache demo-out zoo-train zoo-deploy

@@ -353,11 +353,12 @@ def write_checkpoint(
 
 
 def check_report_path(path: str | Path) -> Path:
-    """Refuse a report path we could not write, before any work is done."""
+    """Refuse a report path we could not write, before any work is done; make its folder."""
     path = Path(path)
-    parent = path.parent if str(path.parent) else Path(".")
-    if not parent.is_dir():
-        raise BadInput(f"cannot write {path}: folder {parent} does not exist")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise BadInput(f"cannot write {path}: {exc.strerror or exc}") from None
     if path.is_dir():
         raise BadInput(f"cannot write {path}: it is a directory")
     return path

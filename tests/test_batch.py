@@ -408,3 +408,26 @@ def test_dask_executor_runs_the_same_batch(zoo_dir, tmp_path):
         ("corrupt", "failed"),
     ]
     assert sorted(os.listdir(tmp_path / "deploy")) == ["demo_a.safetensors", "demo_b.safetensors"]
+
+
+def test_shipped_configs_are_valid(tmp_path):
+    configs = Path(__file__).parents[1] / "configs"
+    zoo = load_config(configs / "zoo.toml").jobs
+    assert len(zoo) >= 8
+    assert all(registry.get_entry(job.arch) is not None for job in zoo)
+    assert len({job.output for job in zoo}) == len(zoo)
+
+    # The template, next to the files it expects (load_config reads no checkpoint).
+    template = tmp_path / "release.toml"
+    template.write_text((configs / "release-checkpoints.toml").read_text())
+    for name in ["runs/a/ema_1.pth", "runs/b/ema_1.pth", "finetune/cifar100/best.pth"]:
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).touch()
+    jobs = load_config(template).jobs
+    assert [Path(j.output).name for j in jobs] == [
+        "a-ema_1.safetensors",
+        "b-ema_1.safetensors",
+        "cifar100-best.safetensors",
+        "large-last.safetensors",
+    ]
+    assert jobs[2].arch_kwargs == {"num_classes": 100} and jobs[3].verify_dtype == "float32"
