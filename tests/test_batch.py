@@ -14,7 +14,7 @@ from click.testing import CliRunner
 
 from repconv import load_deploy
 from repconv.batch import load_config, summary
-from repconv.batch.task import _crash_reason
+from repconv.batch.task import _crash_reason, _run_worker
 from repconv.checkpoint import file_sha256, read_checkpoint
 from repconv.cli import main
 from repconv.zoo import registry
@@ -232,7 +232,9 @@ def test_failing_entries_are_isolated_and_reported(zoo_dir, tmp_path):
         input = "ckpts/a0.pth"
         arch = "repvgg_a0"
         output = "deploy/slow.safetensors"
-        timeout = 0.5
+        input_shape = [3, 512, 512]  # eight float64 passes at 512x512: several seconds
+        samples = 8
+        timeout = 1
 
         [[model]]
         name = "hungry"
@@ -265,7 +267,7 @@ def test_failing_entries_are_isolated_and_reported(zoo_dir, tmp_path):
     assert "does not fit the architecture" in failures["wrong-arch"][1]
     assert failures["too-strict"][0] == "verification failed"
     assert "rtol 1e-12" in failures["too-strict"][1]
-    assert failures["slow"] == ("timed out", "timed out after 0.5 s")
+    assert failures["slow"] == ("timed out", "timed out after 1 s")
     assert failures["hungry"][0] == "out of memory"
     # Every failure is also in the printed summary, with its reason.
     for name, (_, reason) in failures.items():
@@ -431,3 +433,26 @@ def test_shipped_configs_are_valid(tmp_path):
         "large-last.safetensors",
     ]
     assert jobs[2].arch_kwargs == {"num_classes": 100} and jobs[3].verify_dtype == "float32"
+
+
+@pytest.mark.slow
+def test_forked_and_spawned_workers_write_the_same_file(zoo_dir, tmp_path):
+    """Daemonic processes (Dask's workers) cannot fork a worker and start a fresh one instead."""
+    config = write_config(
+        tmp_path,
+        f"""
+        [[model]]
+        input = "{zoo_dir / "ckpts/demo_a.pth"}"
+        output = "out/{{stem}}.safetensors"
+        arch = "demo_mixed"
+        input_shape = [3, 32, 32]
+        """,
+    )
+    job = load_config(config).jobs[0]
+    outputs = []
+    for fork in (True, False):
+        outcome = _run_worker(job, fork=fork)
+        assert outcome["status"] == "converted", outcome
+        outputs.append(Path(job.output).read_bytes())
+        Path(job.output).unlink()
+    assert outputs[0] == outputs[1]

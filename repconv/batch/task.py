@@ -8,14 +8,16 @@ executor. It never raises for the entry's own failures; it returns the outcome a
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
 import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from repconv.batch.config import Job
 from repconv.checkpoint import file_sha256, read_safetensors_metadata
@@ -110,7 +112,89 @@ def run_entry(job: Job) -> dict[str, Any]:
     return outcome
 
 
-def _run_worker(job: Job) -> dict[str, Any]:
+class _Worker(Protocol):
+    def finish(self, timeout: float | None) -> int | None:
+        """Wait for the exit code; on timeout kill the worker and return None."""
+
+    def kill(self) -> None: ...
+
+
+class _ForkedWorker:
+    """Forked from a server process that imported torch once, so an entry skips that import.
+
+    The server itself never runs torch code (no thread pools exist yet when it forks).
+    """
+
+    _context = None
+    _lock = threading.Lock()
+
+    def __init__(self, job_text: str, result_file: Path, stderr_file: Path) -> None:
+        from repconv.batch import worker
+
+        self._process = self.context().Process(
+            target=worker.run_forked,
+            args=(job_text, str(result_file), str(stderr_file)),
+            name="repconv-batch-worker",
+        )
+        self._process.start()
+
+    @classmethod
+    def context(cls):
+        with cls._lock:
+            if cls._context is None:
+                context = multiprocessing.get_context("forkserver")
+                context.set_forkserver_preload(["torch", "repconv.pipeline", __name__])
+                cls._context = context
+            return cls._context
+
+    @staticmethod
+    def usable() -> bool:
+        # Daemonic processes (a Dask worker's, say) may not have children of their own.
+        return (
+            "forkserver" in multiprocessing.get_all_start_methods()
+            and not multiprocessing.current_process().daemon
+        )
+
+    def finish(self, timeout: float | None) -> int | None:
+        self._process.join(timeout)
+        if self._process.exitcode is None:
+            self.kill()
+            return None
+        return self._process.exitcode
+
+    def kill(self) -> None:
+        self._process.kill()
+        self._process.join()
+
+
+class _SpawnedWorker:
+    """A fresh interpreter running `python -m repconv.batch.worker` (pays the torch import)."""
+
+    def __init__(self, job_text: str, result_file: Path, stderr_file: Path) -> None:
+        with open(stderr_file, "w") as stderr:
+            self._process = subprocess.Popen(
+                [sys.executable, "-m", "repconv.batch.worker", str(result_file)],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.DEVNULL,
+                stderr=stderr,
+                text=True,
+            )
+        self._job_text = job_text
+
+    def finish(self, timeout: float | None) -> int | None:
+        try:
+            self._process.communicate(self._job_text, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            return None
+        return self._process.returncode
+
+    def kill(self) -> None:
+        self._process.kill()
+        self._process.wait()
+
+
+def _run_worker(job: Job, *, fork: bool | None = None) -> dict[str, Any]:
     output = Path(job.output)
     try:
         output.parent.mkdir(parents=True, exist_ok=True)
@@ -118,46 +202,29 @@ def _run_worker(job: Job) -> dict[str, Any]:
         reason = f"cannot create {output.parent}: {exc.strerror}"
         return {"status": "failed", "failure": "bad input", "reason": reason}
     threads = job.threads or default_threads()
-    env = {
-        **os.environ,
-        "OMP_NUM_THREADS": str(threads),
-        "MKL_NUM_THREADS": str(threads),
-    }
     job_text = json.dumps({**json.loads(job.to_json()), "threads": threads})
+    fork = _ForkedWorker.usable() if fork is None else fork
     with tempfile.TemporaryDirectory(prefix="repconv-batch-") as scratch:
-        result_file = Path(scratch) / "result.json"
-        with open(Path(scratch) / "stderr", "w+") as stderr:
-            process = subprocess.Popen(
-                [sys.executable, "-m", "repconv.batch.worker", str(result_file)],
-                stdin=subprocess.PIPE,
-                stdout=subprocess.DEVNULL,
-                stderr=stderr,
-                env=env,
-                text=True,
-            )
-            timed_out = False
-            try:
-                process.communicate(job_text, timeout=job.timeout)
-            except subprocess.TimeoutExpired:
-                timed_out = True
-                process.kill()
-                process.wait()
-            except BaseException:  # interrupted: take the worker down with us
-                process.kill()
-                process.wait()
-                _remove_partial_outputs(output)
-                raise
-            stderr.seek(0)
-            stderr_text = stderr.read()[-_STDERR_TAIL:]
-        if timed_out:
+        result_file, stderr_file = Path(scratch) / "result.json", Path(scratch) / "stderr"
+        worker: _Worker = (_ForkedWorker if fork else _SpawnedWorker)(
+            job_text, result_file, stderr_file
+        )
+        try:
+            code = worker.finish(job.timeout)
+        except BaseException:  # interrupted: take the worker down with us
+            worker.kill()
+            _remove_partial_outputs(output)
+            raise
+        if code is None:
             _remove_partial_outputs(output)
             return {
                 "status": "failed",
                 "failure": "timed out",
                 "reason": f"timed out after {job.timeout:g} s",
             }
-        if process.returncode == 0 and result_file.is_file():
+        if code == 0 and result_file.is_file():
             return json.loads(result_file.read_text())
+        stderr_text = stderr_file.read_text(errors="replace")[-_STDERR_TAIL:]
     _remove_partial_outputs(output)
-    failure, reason = _crash_reason(process.returncode, stderr_text)
+    failure, reason = _crash_reason(code, stderr_text)
     return {"status": "failed", "failure": failure, "reason": reason}

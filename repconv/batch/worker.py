@@ -1,8 +1,10 @@
-"""One batch entry, converted in a process of its own: `python -m repconv.batch.worker RESULT`.
+"""One batch entry, converted in a process of its own.
 
-The job arrives as JSON on stdin and the outcome is written as JSON to RESULT. A process per
-entry is the isolation unit: whatever happens here (an exception, memory exhaustion, a kill on
-timeout) ends this process only, and the batch goes on.
+The process is forked from a server that has already imported torch (`run_forked`), or, where
+that is not possible, started as `python -m repconv.batch.worker RESULT` with the job as JSON on
+stdin. Either way the outcome is written as JSON to RESULT. A process per entry is the isolation
+unit: whatever happens here (an exception, memory exhaustion, a kill on timeout) ends this
+process only, and the batch goes on.
 """
 
 from __future__ import annotations
@@ -109,18 +111,30 @@ def convert_job(job) -> dict[str, Any]:
     return outcome
 
 
-def main(argv: list[str]) -> int:
+def run(job_text: str, result_path: str) -> None:
+    """Convert the job given as JSON; write its outcome as JSON to `result_path`, atomically."""
     from repconv.batch.config import Job
 
+    outcome = convert_job(Job.from_json(job_text))
+    result = Path(result_path)
+    partial = result.with_suffix(".partial")
+    partial.write_text(json.dumps(outcome))
+    os.replace(partial, result)
+
+
+def run_forked(job_text: str, result_path: str, stderr_path: str) -> None:
+    """Entry point of a worker forked from the preloaded server: its own stderr, then `run`."""
+    with open(stderr_path, "w") as stderr, open(os.devnull, "w") as devnull:
+        os.dup2(stderr.fileno(), 2)
+        os.dup2(devnull.fileno(), 1)
+    run(job_text, result_path)
+
+
+def main(argv: list[str]) -> int:
     if len(argv) != 1:
         sys.stderr.write("usage: python -m repconv.batch.worker RESULT_JSON < job.json\n")
         return 2
-    job = Job.from_json(sys.stdin.read())
-    outcome = convert_job(job)
-    result_path = Path(argv[0])
-    tmp = result_path.with_suffix(".partial")
-    tmp.write_text(json.dumps(outcome))
-    os.replace(tmp, result_path)
+    run(sys.stdin.read(), argv[0])
     return 0
 
 
