@@ -10,11 +10,34 @@ Public API:
 
 __version__ = "0.1.0"
 
-from repconv.errors import BadInput, RepconvError, VerificationFailed
-from repconv.pipeline import convert, convert_file, load_deploy, verify_files
-from repconv.rules import Fused, Rule, register_rule
+from typing import Any
 
-verify = verify_files
+from repconv.errors import BadInput, RepconvError, VerificationFailed
+
+# torch is imported on first use of the API, so orchestration (the CLI's help, batch's runner)
+# starts fast and small.
+_LAZY = {
+    "convert": ("repconv.pipeline", "convert"),
+    "convert_file": ("repconv.pipeline", "convert_file"),
+    "load_deploy": ("repconv.pipeline", "load_deploy"),
+    "verify_files": ("repconv.pipeline", "verify_files"),
+    "verify": ("repconv.pipeline", "verify_files"),
+    "Fused": ("repconv.rules", "Fused"),
+    "Rule": ("repconv.rules", "Rule"),
+    "register_rule": ("repconv.rules", "register_rule"),
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _LAZY:
+        raise AttributeError(f"module 'repconv' has no attribute {name!r}")
+    import importlib
+
+    module, attribute = _LAZY[name]
+    value = getattr(importlib.import_module(module), attribute)
+    globals()[name] = value
+    return value
+
 
 __all__ = [
     "BadInput",

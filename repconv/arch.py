@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
-import json
 import sys
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -20,23 +19,10 @@ import torch
 from torch import Tensor, nn
 
 from repconv.errors import BadInput
+from repconv.options import parse_kwargs  # noqa: F401  (re-exported)
 from repconv.zoo import registry as zoo
 
 MAX_KEYS_SHOWN = 5
-
-
-def parse_kwargs(text: str | None) -> dict[str, Any]:
-    if not text:
-        return {}
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise BadInput(
-            f"--arch-kwargs is not valid JSON: {exc.msg} at column {exc.colno}"
-        ) from None
-    if not isinstance(value, dict):
-        raise BadInput("--arch-kwargs must be a JSON object, e.g. '{\"num_classes\": 10}'")
-    return value
 
 
 def _import_file(path: Path) -> Any:

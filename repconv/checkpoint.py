@@ -8,13 +8,11 @@ folder, which is renamed into place only once complete, so an output is either w
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import json
 import os
 import pickle
 import re
 import sys
-import tempfile
 import zipfile
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -27,13 +25,17 @@ from safetensors.torch import load_file as load_safetensors
 from torch import Tensor, nn
 
 from repconv.errors import BadInput
+from repconv.files import (  # noqa: F401  (file_sha256 and the suffixes are part of this API)
+    INPUT_SUFFIXES,
+    OUTPUT_SUFFIXES,
+    PICKLE_SUFFIXES,
+    file_sha256,
+    temp_file_beside,
+)
 
 METADATA_FORMAT = "repconv.deploy/1"
 NESTED_KEYS = ("state_dict", "model", "model_state_dict", "model_ema", "state_dict_ema", "ema")
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")
-PICKLE_SUFFIXES = (".pth", ".pt", ".ckpt", ".bin")
-INPUT_SUFFIXES = (*PICKLE_SUFFIXES, ".safetensors")
-OUTPUT_SUFFIXES = (".safetensors", ".pth", ".pt")
 
 
 @dataclass
@@ -44,14 +46,6 @@ class LoadedCheckpoint:
     module: nn.Module | None
     source_key: str | None
     stripped_prefixes: tuple[str, ...]
-
-
-def file_sha256(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _check_readable(path: Path, suffixes: tuple[str, ...]) -> None:
@@ -216,15 +210,6 @@ def _read_safetensors(path: Path) -> tuple[dict[str, Tensor], dict[str, str]]:
     return tensors, metadata
 
 
-def read_safetensors_metadata(path: str | Path) -> dict[str, str]:
-    """The metadata of a safetensors file, reading its header only (ValueError if unreadable)."""
-    try:
-        with safe_open(str(path), "pt") as f:
-            return dict(f.metadata() or {})
-    except (SafetensorError, OSError, RuntimeError) as exc:
-        raise ValueError(f"cannot read {Path(path).name}: {_short(exc)}") from None
-
-
 def read_deploy(path: str | Path) -> tuple[dict[str, Tensor], dict[str, str]]:
     """A deploy checkpoint's tensors and metadata ({} for .pth/.pt, which carry none)."""
     path = Path(path)
@@ -317,16 +302,6 @@ def _contiguous(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
     return {k: v.detach().cpu().contiguous() for k, v in state.items()}
 
 
-def _temp_file_beside(path: Path) -> tuple[int, str]:
-    """A temp file in `path`'s folder (so the final rename is atomic), named after `path`."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    # mkstemp creates the file private (0600); give it the permissions a plain open would.
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)
-    return fd, tmp
-
-
 def write_checkpoint(
     path: str | Path, state_dict: Mapping[str, Tensor], metadata: dict[str, str]
 ) -> None:
@@ -335,7 +310,7 @@ def write_checkpoint(
     if any(not isinstance(v, str) for v in metadata.values()):
         raise TypeError("safetensors metadata values must be strings")
     tensors = _contiguous(state_dict)
-    fd, tmp = _temp_file_beside(path)
+    fd, tmp = temp_file_beside(path)
     try:
         with os.fdopen(fd, "wb") as f:
             if path.suffix.lower() == ".safetensors":
@@ -344,33 +319,6 @@ def write_checkpoint(
                 torch.save(tensors, f)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as exc:
-        Path(tmp).unlink(missing_ok=True)
-        if isinstance(exc, OSError):
-            raise BadInput(f"cannot write {path}: {exc.strerror or exc}") from None
-        raise
-
-
-def check_report_path(path: str | Path) -> Path:
-    """Refuse a report path we could not write, before any work is done; make its folder."""
-    path = Path(path)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise BadInput(f"cannot write {path}: {exc.strerror or exc}") from None
-    if path.is_dir():
-        raise BadInput(f"cannot write {path}: it is a directory")
-    return path
-
-
-def write_text_atomically(path: str | Path, text: str) -> None:
-    """Replace `path` with `text` in one step: readers see the old file or the new one."""
-    path = Path(path)
-    fd, tmp = _temp_file_beside(path)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
         os.replace(tmp, path)
     except BaseException as exc:
         Path(tmp).unlink(missing_ok=True)

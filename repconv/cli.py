@@ -17,10 +17,9 @@ try:
 except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib
 
-from repconv import __version__, checkpoint, pipeline, report
-from repconv.arch import parse_kwargs
+from repconv import __version__, files, report
 from repconv.errors import RepconvError
-from repconv.rules import describe
+from repconv.options import VERIFY_DTYPES, parse_kwargs
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
 
@@ -198,7 +197,7 @@ def main() -> None:
 @click.option("--no-verify", is_flag=True, help="Skip verification (not recommended).")
 @click.option(
     "--verify-dtype",
-    type=click.Choice(list(pipeline.DTYPES)),
+    type=click.Choice(list(VERIFY_DTYPES)),
     default="float64",
     show_default=True,
     help="Dtype of the verification passes; the model's own dtype saves memory.",
@@ -222,6 +221,8 @@ def convert(input_path: Path, output_path: Path, **opts: Any) -> None:
     as_json, verbose = opts.pop("as_json"), opts.pop("verbose")
 
     def body() -> int:
+        from repconv import pipeline
+
         with _status("converting...", as_json):
             result = pipeline.convert_file(
                 input_path,
@@ -278,6 +279,8 @@ def verify(train_path: Path, deploy_path: Path, **opts: Any) -> None:
     as_json, verbose = opts.pop("as_json"), opts.pop("verbose")
 
     def body() -> int:
+        from repconv import pipeline
+
         kwargs = parse_kwargs(opts["arch_kwargs"]) if opts["arch_kwargs"] else None
         with _status("verifying...", as_json):
             verification, notes = pipeline.verify_files(
@@ -319,6 +322,8 @@ def inspect(input_path: Path, **opts: Any) -> None:
     as_json, verbose = opts.pop("as_json"), opts.pop("verbose")
 
     def body() -> int:
+        from repconv import pipeline
+
         plan, before, after = pipeline.inspect_file(
             input_path,
             arch_spec=opts["arch"],
@@ -344,6 +349,8 @@ def inspect(input_path: Path, **opts: Any) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON document.")
 def rules(as_json: bool) -> None:
     """List the fusion rules in the order they are applied."""
+    from repconv.rules import describe
+
     rows = describe()
     if as_json:
         report.emit_json({"rules": rows})
@@ -410,9 +417,11 @@ def bench(input_path: Path, **opts: Any) -> None:
     as_json, verbose = opts.pop("as_json"), opts.pop("verbose")
 
     def body() -> int:
-        if opts["threads"]:
-            import torch
+        import torch
 
+        from repconv import pipeline
+
+        if opts["threads"]:
             torch.set_num_threads(opts["threads"])
         with _status("benchmarking...", as_json):
             result = pipeline.bench_file(
@@ -515,7 +524,7 @@ def batch(config_path: Path, **opts: Any) -> None:
     def body() -> int:
         config = batch_api.load_config(config_path)
         if opts["report_path"] is not None:
-            checkpoint.check_report_path(opts["report_path"])
+            files.check_report_path(opts["report_path"])
         if opts["dry_run"]:
             return _show_entries(config, as_json)
         err = report.console(stderr=True)
@@ -539,7 +548,7 @@ def batch(config_path: Path, **opts: Any) -> None:
                 if opts["report_path"].suffix.lower() == ".md"
                 else summary.as_json(doc)
             )
-            checkpoint.write_text_atomically(opts["report_path"], text)
+            files.write_text_atomically(opts["report_path"], text)
         if as_json:
             report.emit_json(doc)
         else:

@@ -7,7 +7,6 @@ written once, atomically.
 
 from __future__ import annotations
 
-import inspect
 import json
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -18,9 +17,10 @@ import torch
 from torch import Tensor, nn
 
 from repconv import __version__, arch, checkpoint, engine
-from repconv import verify as V
+from repconv import verification as V
 from repconv.engine import Plan
 from repconv.errors import BadInput, VerificationFailed
+from repconv.options import recorded_options
 from repconv.rules.base import Rule, param_count
 
 DTYPES = {
@@ -113,7 +113,7 @@ def convert(
     samples: int = 2,
     seed: int = 0,
     verify: bool = True,
-    verify_dtype: torch.dtype | str = torch.float64,
+    verify_dtype: torch.dtype | str = "float64",
     exact_limit: float = V.EXACT_LIMIT,
     atol: float | None = None,
     rtol: float | None = None,
@@ -178,13 +178,6 @@ def convert(
     return Result(model, the_plan, verification, state, params_before, param_count(model))
 
 
-_CONVERT_DEFAULTS = {
-    name: p.default
-    for name, p in inspect.signature(convert).parameters.items()
-    if p.kind is inspect.Parameter.KEYWORD_ONLY and name != "rules"
-}
-
-
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
@@ -201,40 +194,6 @@ def _load_model(
             "(a built-in name, package.module:callable or path/to/file.py:callable)"
         )
     return arch.build_loaded(spec, kwargs, loaded.state_dict, what=loaded.path.name)
-
-
-def recorded_options(
-    arch_spec: str | None,
-    arch_kwargs: Mapping[str, Any] | None,
-    *,
-    key: str | None = None,
-    strict: bool = False,
-    force: bool = False,
-    **options: Any,
-) -> dict[str, Any]:
-    """Every option that shapes a deploy file, defaults filled in, in one canonical form.
-
-    It is written into the file's metadata, so `repconv batch --resume` can tell whether an
-    existing output was made from the same settings.
-    """
-    unknown = set(options) - set(_CONVERT_DEFAULTS)
-    if unknown:
-        raise TypeError(f"unknown conversion option(s): {', '.join(sorted(unknown))}")
-    merged = {**_CONVERT_DEFAULTS, **options}
-    dtype = merged["verify_dtype"]
-    if isinstance(dtype, torch.dtype):
-        dtype = str(dtype).removeprefix("torch.")
-    shape = merged["input_shape"]
-    return {
-        **merged,
-        "arch": arch_spec,
-        "arch_kwargs": dict(arch_kwargs or {}),
-        "key": key,
-        "strict": strict,
-        "force": force,
-        "input_shape": list(shape) if shape else None,
-        "verify_dtype": dtype,
-    }
 
 
 def metadata_for(

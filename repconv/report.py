@@ -5,13 +5,14 @@ from __future__ import annotations
 import json
 import sys
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 from rich.table import Table
 
-from repconv.engine import Plan
-from repconv.verify import Verification, worst
+if TYPE_CHECKING:  # rendering needs no torch; only its inputs come from torch code
+    from repconv.engine import Plan
+    from repconv.verification import Verification
 
 
 def console(stderr: bool = False) -> Console:
@@ -79,6 +80,8 @@ def warnings_block(out: Console, plan: Plan) -> None:
 
 
 def verification_lines(out: Console, v: Verification) -> None:
+    from repconv.verification import worst
+
     status = "passed" if v.passed else "FAILED"
     exact = worst(v.exact)
     parts = [f"verification {status}", f"{v.samples} sample(s) of {v.input_shape} in {v.dtype}"]

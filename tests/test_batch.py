@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import socket
+import subprocess
+import sys
 import textwrap
 from pathlib import Path
 
@@ -12,11 +15,12 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from repconv import load_deploy
+from repconv import load_deploy, pipeline
 from repconv.batch import load_config, summary
 from repconv.batch.task import _crash_reason, _run_worker
 from repconv.checkpoint import file_sha256, read_checkpoint
 from repconv.cli import main
+from repconv.options import CONVERT_DEFAULTS
 from repconv.zoo import registry
 from repconv.zoo.checkpoints import save_train_checkpoint
 
@@ -456,3 +460,23 @@ def test_forked_and_spawned_workers_write_the_same_file(zoo_dir, tmp_path):
         outputs.append(Path(job.output).read_bytes())
         Path(job.output).unlink()
     assert outputs[0] == outputs[1]
+
+
+def test_orchestration_does_not_import_torch():
+    """The CLI's help and batch's runner stay fast and small: torch loads only where it works."""
+    code = (
+        "import sys, repconv.cli, repconv.batch, repconv.batch.progress, repconv.batch.summary;"
+        "print('torch' in sys.modules)"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.stdout.strip() == "False", done.stderr
+
+
+def test_recorded_defaults_are_the_defaults_of_convert():
+    parameters = inspect.signature(pipeline.convert).parameters
+    defaults = {
+        name: p.default
+        for name, p in parameters.items()
+        if p.kind is inspect.Parameter.KEYWORD_ONLY and name != "rules"
+    }
+    assert defaults == CONVERT_DEFAULTS

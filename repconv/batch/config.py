@@ -22,11 +22,11 @@ try:
 except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib
 
-from repconv.checkpoint import OUTPUT_SUFFIXES
 from repconv.errors import BadInput
+from repconv.files import OUTPUT_SUFFIXES
+from repconv.options import VERIFY_DTYPES
 
 PLACEHOLDERS = ("stem", "name", "dir")
-_VERIFY_DTYPES = ("float64", "float32", "float16", "bfloat16")
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(i?B)?\s*$", re.IGNORECASE)
 
 
@@ -163,8 +163,8 @@ def _shape(value: Any) -> list[int]:
 
 
 def _verify_dtype(value: Any) -> str:
-    if value not in _VERIFY_DTYPES:
-        raise ValueError(f"expected one of {', '.join(_VERIFY_DTYPES)}")
+    if value not in VERIFY_DTYPES:
+        raise ValueError(f"expected one of {', '.join(VERIFY_DTYPES)}")
     return value
 
 

@@ -20,8 +20,8 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from repconv.batch.config import Job
-from repconv.checkpoint import file_sha256, read_safetensors_metadata
-from repconv.pipeline import recorded_options
+from repconv.files import file_sha256, read_safetensors_metadata
+from repconv.options import recorded_options
 
 _STDERR_TAIL = 4000
 
@@ -44,7 +44,7 @@ def up_to_date(job: Job) -> dict[str, Any] | None:
         force=job.force,
         **job.convert_options(),
     )
-    if recorded != json.loads(json.dumps(wanted)):
+    if recorded != wanted:
         return None
     try:
         if meta.get("source_sha256") != file_sha256(job.input):
