@@ -24,6 +24,15 @@ from repconv.files import file_sha256, read_safetensors_metadata
 from repconv.options import recorded_options
 
 _STDERR_TAIL = 4000
+# What every worker needs, imported once by the server the workers fork from.
+_PRELOAD = [
+    "torch",
+    "repconv.pipeline",
+    "repconv.batch.worker",
+    "repconv.zoo.demo",
+    "repconv.zoo.repvgg",
+    "repconv.zoo.dbb_nets",
+]
 
 
 def up_to_date(job: Job) -> dict[str, Any] | None:
@@ -143,7 +152,7 @@ class _ForkedWorker:
         with cls._lock:
             if cls._context is None:
                 context = multiprocessing.get_context("forkserver")
-                context.set_forkserver_preload(["torch", "repconv.pipeline", __name__])
+                context.set_forkserver_preload(_PRELOAD)
                 cls._context = context
             return cls._context
 
