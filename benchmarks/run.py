@@ -22,6 +22,7 @@ import torch
 from repconv import arch, checkpoint, engine
 from repconv import convert as convert_model
 from repconv.bench import compare
+from repconv.zoo import registry
 from repconv.zoo.checkpoints import save_train_checkpoint
 
 MODELS = ["repvgg_a0", "repvgg_b3", "dbb_resnet18", "acb_resnet18", "convbn_resnet50"]
@@ -101,12 +102,25 @@ def fidelity(ckpt: Path, name: str) -> dict:
 
 
 def speedup(ckpt: Path, name: str, runs: int) -> dict:
+    """On one thread: train (eval) / repconv's deploy model, and the release's deploy-mode
+    model (the zoo's deploy form, holding the same weights) / repconv's deploy model."""
     state = checkpoint.read_checkpoint(ckpt).state_dict
     train = arch.build_loaded(name, {}, state)
     deploy = arch.build_loaded(name, {}, state)
     engine.convert_model(deploy)
-    result = compare(train, deploy, SHAPE, (1, 8), runs=runs, warmup=2)
-    return {f"b{r.batch}": r.speedup for r in result.rows}
+    release = registry.build(name, deploy=True)
+    release.load_state_dict(deploy.state_dict(), strict=True)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        ours = compare(train, deploy, SHAPE, (1, 8), runs=runs, warmup=2)
+        theirs = compare(release, deploy, SHAPE, (1, 8), runs=runs, warmup=2)
+    finally:
+        torch.set_num_threads(threads)
+    return {
+        **{f"b{r.batch}": r.speedup for r in ours.rows},
+        **{f"release_b{r.batch}": r.speedup for r in theirs.rows},
+    }
 
 
 def main() -> None:
@@ -146,8 +160,8 @@ def render(rows: list[dict], runs: int) -> str:
         "",
         "| model | ckpt MiB | step / load+save | convert / I/O process | --no-verify / I/O "
         "process | peak RSS MiB (verify, no-verify, I/O) | peak / (ckpt + imports) | "
-        "fidelity f32 | fidelity f64 | speed-up b1 | speed-up b8 |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "fidelity f32 | fidelity f64 | speed-up b1 | speed-up b8 | release deploy / ours b1, b8 |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         s, p, f, u = r["step"], r["process"], r["fidelity"], r["speedup"]
@@ -158,7 +172,8 @@ def render(rows: list[dict], runs: int) -> str:
             f"{p['ratio_no_verify']:.2f} | {p['peak_verify_mib']:.0f}, "
             f"{p['peak_no_verify_mib']:.0f}, {p['peak_floor_mib']:.0f} | "
             f"{p['peak_verify_mib'] / base:.2f}, {p['peak_no_verify_mib'] / base:.2f} | "
-            f"{f['float32']:.1e} | {f['float64']:.1e} | {u['b1']:.2f} | {u['b8']:.2f} |"
+            f"{f['float32']:.1e} | {f['float64']:.1e} | {u['b1']:.2f} | {u['b8']:.2f} | "
+            f"{u['release_b1']:.2f}, {u['release_b8']:.2f} |"
         )
     lines += [
         "",
@@ -169,7 +184,9 @@ def render(rows: list[dict], runs: int) -> str:
         "- fidelity: max |deploy - train| / max |train| over the verification samples; f32 is the",
         "  float32 model checked in float32, f64 the same checkpoint held and converted in",
         "  float64.",
-        "- speed-up: train model in eval mode / deploy model latency, batch 1 and 8.",
+        "- speed-up: train model in eval mode / deploy model latency, batch 1 and 8, one torch",
+        "  thread. release deploy / ours: the release's deploy-mode model (the zoo's deploy form,",
+        "  loaded with the same weights) / repconv's deploy model; 1.00 means equally fast.",
         "",
     ]
     return "\n".join(lines)
