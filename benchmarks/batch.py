@@ -170,8 +170,9 @@ def render(results: dict) -> str:
         "Most of an entry's time is the float64 verification's convolutions, which --jobs 1 "
         "already runs on both cores (2 torch threads): an entry takes longer on one thread next "
         "to another worker (column 5), and --jobs 2 can gain at most 2 / that (column 6). "
-        "With `no_verify = true` the work is I/O, fusion "
-        f"math and Python, single-threaded: --jobs 2 / --jobs 1 = {plain_ratio:.2f}x "
+        "With `no_verify = true` an entry takes about half a second and the one-time start of "
+        "the worker server (it imports torch, ~3 s, before any entry can run) is a large serial "
+        f"share: --jobs 2 / --jobs 1 = {plain_ratio:.2f}x "
         f"(median of {len(plain)} pairs: "
         + ", ".join(f"{p['jobs1_s']:.1f} s / {p['jobs2_s']:.1f} s" for p in plain)
         + ").",

@@ -27,7 +27,8 @@ def main() -> None:
         checkpoint.write_checkpoint(args[1], loaded.state_dict, {})
         code = 0
     else:
-        import repconv.pipeline  # noqa: F401  (the CLI loads torch lazily; count it as runtime)
+        if mode == "convert":  # the CLI loads torch lazily; count it as the runtime
+            import repconv.pipeline  # noqa: F401
         from repconv.cli import main as cli
 
         after_imports = status_mib("VmRSS")

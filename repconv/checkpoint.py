@@ -30,7 +30,7 @@ from repconv.files import (  # noqa: F401  (file_sha256 and the suffixes are par
     OUTPUT_SUFFIXES,
     PICKLE_SUFFIXES,
     file_sha256,
-    temp_file_beside,
+    write_atomically,
 )
 
 METADATA_FORMAT = "repconv.deploy/1"
@@ -310,18 +310,7 @@ def write_checkpoint(
     if any(not isinstance(v, str) for v in metadata.values()):
         raise TypeError("safetensors metadata values must be strings")
     tensors = _contiguous(state_dict)
-    fd, tmp = temp_file_beside(path)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            if path.suffix.lower() == ".safetensors":
-                _write_safetensors(f, tensors, metadata)
-            else:
-                torch.save(tensors, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as exc:
-        Path(tmp).unlink(missing_ok=True)
-        if isinstance(exc, OSError):
-            raise BadInput(f"cannot write {path}: {exc.strerror or exc}") from None
-        raise
+    if path.suffix.lower() == ".safetensors":
+        write_atomically(path, lambda f: _write_safetensors(f, tensors, metadata))
+    else:
+        write_atomically(path, lambda f: torch.save(tensors, f))

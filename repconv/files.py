@@ -10,7 +10,9 @@ import hashlib
 import json
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
+from typing import BinaryIO
 
 from repconv.errors import BadInput
 
@@ -65,16 +67,23 @@ def check_report_path(path: str | Path) -> Path:
     return path
 
 
-def write_text_atomically(path: str | Path, text: str) -> None:
-    """Replace `path` with `text` in one step: readers see the old file or the new one."""
+def write_atomically(path: str | Path, write: Callable[[BinaryIO], object]) -> None:
+    """Replace `path` with what `write` writes, in one step: readers see the old file or the
+    new one, never part of it. OS errors become BadInput."""
     path = Path(path)
     fd, tmp = temp_file_beside(path)
     try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException as exc:
         Path(tmp).unlink(missing_ok=True)
         if isinstance(exc, OSError):
             raise BadInput(f"cannot write {path}: {exc.strerror or exc}") from None
         raise
+
+
+def write_text_atomically(path: str | Path, text: str) -> None:
+    write_atomically(path, lambda f: f.write(text.encode()))
