@@ -484,7 +484,8 @@ Examples:
     "--jobs",
     "-j",
     type=click.IntRange(min=1),
-    help="Entries converted at once on this machine (default: the number of cores).",
+    help="Entries converted at once on this machine (default: the number of cores; "
+    "a Dask cluster runs as many as its workers have threads).",
 )
 @click.option(
     "--executor",

@@ -16,7 +16,7 @@ import torch
 from click.testing import CliRunner
 
 from repconv import load_deploy, pipeline
-from repconv.batch import load_config, summary
+from repconv.batch import Job, load_config, summary
 from repconv.batch.task import _crash_reason, _run_worker
 from repconv.checkpoint import file_sha256, read_checkpoint
 from repconv.cli import main
@@ -480,3 +480,32 @@ def test_recorded_defaults_are_the_defaults_of_convert():
         if p.kind is inspect.Parameter.KEYWORD_ONLY and name != "rules"
     }
     assert defaults == CONVERT_DEFAULTS
+
+
+def test_biggest_checkpoints_are_submitted_first_and_rows_keep_config_order(tmp_path):
+    from concurrent.futures import Future
+
+    from repconv.batch import runner
+
+    sizes = {"small": 10, "big": 1000, "missing": None, "middle": 100}
+    jobs = []
+    for name, size in sizes.items():
+        path = tmp_path / f"{name}.pth"
+        if size is not None:
+            path.write_bytes(b"x" * size)
+        jobs.append(Job(name=name, input=str(path), output=str(tmp_path / f"{name}.pt"), line=1))
+
+    class Recorder:  # an Executor that runs nothing: it records what it was given, in order
+        def __init__(self):
+            self.order = []
+
+        def submit(self, _fn, job):
+            self.order.append(job.name)
+            future = Future()
+            future.set_result({"status": "converted", "failure": None, "reason": None})
+            return future
+
+    executor = Recorder()
+    rows = runner.run(jobs, executor)
+    assert executor.order == ["big", "middle", "small", "missing"]
+    assert [row["name"] for row in rows] == list(sizes)

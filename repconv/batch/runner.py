@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from concurrent.futures import FIRST_COMPLETED, Executor, Future, wait
 from typing import Any, Protocol
@@ -40,10 +41,22 @@ def _outcome(future: Future) -> dict[str, Any]:
         return {"status": "failed", "failure": "crashed", "reason": f"{type(exc).__name__}: {exc}"}
 
 
+def _largest_first(jobs: Sequence[Job]) -> list[int]:
+    """Submission order: the biggest checkpoints first, so the last to finish is a small one."""
+
+    def size(index: int) -> int:
+        try:
+            return os.path.getsize(jobs[index].input)
+        except OSError:
+            return 0
+
+    return sorted(range(len(jobs)), key=lambda i: (-size(i), i))
+
+
 def run(jobs: Sequence[Job], executor: Executor, watcher: Watcher | None = None) -> list[dict]:
     """Every job's row, in the order of `jobs`, however the executor ordered the work."""
     watcher = watcher or _Silent()
-    futures = {executor.submit(run_entry, job): index for index, job in enumerate(jobs)}
+    futures = {executor.submit(run_entry, jobs[i]): i for i in _largest_first(jobs)}
     rows: list[dict[str, Any] | None] = [None] * len(jobs)
     pending = set(futures)
     try:
