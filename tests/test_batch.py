@@ -509,3 +509,28 @@ def test_biggest_checkpoints_are_submitted_first_and_rows_keep_config_order(tmp_
     rows = runner.run(jobs, executor)
     assert executor.order == ["big", "middle", "small", "missing"]
     assert [row["name"] for row in rows] == list(sizes)
+
+
+def test_only_the_patterns_own_wildcards_count(tmp_path):
+    folder = tmp_path / "runs[1]"  # a folder name that is itself a glob character class
+    (folder / "ckpts").mkdir(parents=True)
+    for name in ("a.pth", "b.pth", "notes.txt"):
+        (folder / "ckpts" / name).touch()
+    config = write_config(
+        folder,
+        """
+        [[model]]
+        input = "ckpts/*.pth"
+        output = "../deploy/{stem}.safetensors"
+        arch = "demo_mixed"
+
+        [[model]]
+        input = "ckpts/**/b.pth"
+        output = "../again/{name}.pt"
+        arch = "demo_mixed"
+        """,
+    )
+    jobs = load_config(config).jobs
+    assert [Path(j.input).name for j in jobs] == ["a.pth", "b.pth", "b.pth"]
+    assert all(Path(j.input).parent == folder / "ckpts" for j in jobs)
+    assert jobs[0].output == str(tmp_path / "deploy" / "a.safetensors")

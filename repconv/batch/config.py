@@ -242,12 +242,15 @@ def _locate(text: str) -> Callable[[str, int | None, str | None], int]:
 
 
 def _expand_input(pattern: str, base: Path) -> list[Path]:
+    """The files an input names; only the pattern's own `*?[` are wildcards, not the base's."""
     path = Path(pattern).expanduser()
-    if not path.is_absolute():
-        path = base / path
-    if not glob.has_magic(str(path)):
-        return [path]
-    return [Path(p) for p in sorted(glob.glob(str(path), recursive=True)) if Path(p).is_file()]
+    if not glob.has_magic(pattern):
+        return [path if path.is_absolute() else base / path]
+    if path.is_absolute():
+        matches = [Path(p) for p in glob.glob(str(path), recursive=True)]
+    else:
+        matches = [base / p for p in glob.glob(str(path), root_dir=base, recursive=True)]
+    return sorted(p for p in matches if p.is_file())
 
 
 def _fill(pattern: str, source: Path) -> str:
