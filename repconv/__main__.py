@@ -1,3 +1,4 @@
 from repconv.cli import main
 
-main(prog_name="repconv")
+if __name__ == "__main__":  # not when a multiprocessing server imports this as __mp_main__
+    main(prog_name="repconv")
