@@ -190,10 +190,22 @@ def read_checkpoint(
         raise BadInput(f"{path.name} holds a {type(obj).__name__}, not a state dict")
     if module is not None:
         state = {k: v for k, v in module.state_dict().items()}
+    else:
+        state = _own_copies_of_integers(state)
     if not state:
         raise BadInput(f"{path.name} holds no tensors")
     state, stripped = _strip_prefixes(state)
     return LoadedCheckpoint(path, sha, state, module, source_key, stripped)
+
+
+def _own_copies_of_integers(state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Copy the (tiny) integer tensors out of the memory-mapped file.
+
+    Every tensor of a mapped checkpoint keeps the whole mapping, and with it every page read so
+    far, in memory. The float tensors die as the model is converted (to float64 for
+    verification, or fused); without this, a `num_batches_tracked` scalar would pin the file.
+    """
+    return {k: v if v.is_floating_point() else v.clone() for k, v in state.items()}
 
 
 def _read_safetensors(path: Path) -> tuple[dict[str, Tensor], dict[str, str]]:
