@@ -8,13 +8,7 @@ from __future__ import annotations
 import json
 import sys
 
-
-def status_mib(field: str) -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) / 1024
-    return 0.0
+from repconv.batch.worker import status_mib  # torch-free: /proc/self/status only
 
 
 def main() -> None:

@@ -19,7 +19,7 @@ except ModuleNotFoundError:  # Python 3.10
 
 from repconv import __version__, files, report
 from repconv.errors import RepconvError
-from repconv.options import VERIFY_DTYPES, parse_kwargs
+from repconv.options import VERIFY_DTYPES, parse_kwargs, split_shape
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
 
@@ -38,7 +38,7 @@ def _shape(_ctx, _param, value: str | None) -> tuple[int, ...] | None:
     if value is None or isinstance(value, (list, tuple)):
         return tuple(value) if value else None
     try:
-        shape = tuple(int(v) for v in value.replace("x", ",").split(",") if v.strip())
+        shape = tuple(split_shape(value))
     except ValueError:
         raise click.BadParameter(f"expected integers like 3,224,224, got {value!r}") from None
     if not shape or any(v <= 0 for v in shape):

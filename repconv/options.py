@@ -27,6 +27,11 @@ CONVERT_DEFAULTS: dict[str, Any] = {
 }
 
 
+def split_shape(text: str) -> list[int]:
+    """An input shape written as "3,224,224" or "3x224x224" (ValueError if not integers)."""
+    return [int(v) for v in text.replace("x", ",").split(",") if v.strip()]
+
+
 def parse_kwargs(text: str | None) -> dict[str, Any]:
     """--arch-kwargs: a JSON object (empty when not given)."""
     if not text:

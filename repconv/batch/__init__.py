@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from repconv.batch.config import BatchConfig, ConfigError, Job, load_config
-from repconv.batch.executors import local_cores, open_executor, threads_per_worker
+from repconv.batch.executors import is_local, local_cores, open_executor, threads_per_worker
 from repconv.batch.runner import Watcher, run
 
 __all__ = ["BatchConfig", "ConfigError", "Job", "load_config", "run_batch"]
@@ -28,10 +28,9 @@ def run_batch(
     if not isinstance(config, BatchConfig):
         config = load_config(config)
     jobs = jobs or local_cores()
-    local = executor in (None, "local")
     for job in config.jobs:
         job.resume = resume
-        if local and job.threads is None:
+        if is_local(executor) and job.threads is None:
             job.threads = threads_per_worker(jobs)
     with open_executor(executor, jobs) as pool:
         rows = run(config.jobs, pool, watcher)

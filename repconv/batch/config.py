@@ -24,7 +24,7 @@ except ModuleNotFoundError:  # Python 3.10
 
 from repconv.errors import BadInput
 from repconv.files import OUTPUT_SUFFIXES
-from repconv.options import VERIFY_DTYPES
+from repconv.options import CONVERT_DEFAULTS, VERIFY_DTYPES, split_shape
 
 PLACEHOLDERS = ("stem", "name", "dir")
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(i?B)?\s*$", re.IGNORECASE)
@@ -66,16 +66,7 @@ class Job:
 
     def convert_options(self) -> dict[str, Any]:
         """The keyword arguments of `pipeline.convert` this job sets."""
-        return {
-            "input_shape": self.input_shape,
-            "samples": self.samples,
-            "seed": self.seed,
-            "verify": self.verify,
-            "verify_dtype": self.verify_dtype,
-            "exact_limit": self.exact_limit,
-            "atol": self.atol,
-            "rtol": self.rtol,
-        }
+        return {name: getattr(self, name) for name in CONVERT_DEFAULTS}
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -150,7 +141,7 @@ def _kwargs(value: Any) -> dict[str, Any]:
 def _shape(value: Any) -> list[int]:
     if isinstance(value, str):
         try:
-            value = [int(v) for v in value.replace("x", ",").split(",") if v.strip()]
+            value = split_shape(value)
         except ValueError:
             raise ValueError("expected integers like [3, 224, 224]") from None
     if (

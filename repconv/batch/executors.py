@@ -26,10 +26,14 @@ def threads_per_worker(jobs: int) -> int:
     return max(1, local_cores() // max(1, jobs))
 
 
+def is_local(spec: str | None) -> bool:
+    return spec is None or spec == "local"
+
+
 @contextmanager
 def open_executor(spec: str | None, jobs: int) -> Iterator[Executor]:
     """An executor for `--executor SPEC` (None: this machine, `jobs` entries at a time)."""
-    if spec is None or spec == "local":
+    if is_local(spec):
         # Threads suffice: each one only starts a worker process and waits for it.
         with ThreadPoolExecutor(max_workers=jobs, thread_name_prefix="repconv-batch") as pool:
             yield pool

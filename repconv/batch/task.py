@@ -7,9 +7,9 @@ executor. It never raises for the entry's own failures; it returns the outcome a
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import multiprocessing
-import os
 import signal
 import subprocess
 import sys
@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from repconv.batch.config import Job
+from repconv.batch.executors import local_cores
 from repconv.files import file_sha256, read_safetensors_metadata
 from repconv.options import recorded_options
 
@@ -82,11 +83,10 @@ def _recorded_results(meta: dict[str, str]) -> dict[str, Any]:
 
 def default_threads() -> int:
     """torch threads for a worker when the job sets none: the cores this worker may use."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     try:  # on a Dask worker, share the cores among the tasks it runs at once
         from distributed import get_worker
 
-        return max(1, (cores or 1) // max(1, get_worker().state.nthreads))
+        return max(1, local_cores() // max(1, get_worker().state.nthreads))
     except (ImportError, ValueError, AttributeError):
         return 1
 
@@ -211,7 +211,7 @@ def _run_worker(job: Job, *, fork: bool | None = None) -> dict[str, Any]:
         reason = f"cannot create {output.parent}: {exc.strerror}"
         return {"status": "failed", "failure": "bad input", "reason": reason}
     threads = job.threads or default_threads()
-    job_text = json.dumps({**json.loads(job.to_json()), "threads": threads})
+    job_text = dataclasses.replace(job, threads=threads).to_json()
     fork = _ForkedWorker.usable() if fork is None else fork
     with tempfile.TemporaryDirectory(prefix="repconv-batch-") as scratch:
         result_file, stderr_file = Path(scratch) / "result.json", Path(scratch) / "stderr"

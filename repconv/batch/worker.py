@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from repconv.errors import BadInput, VerificationFailed
+from repconv.files import write_text_atomically
 
 MEMORY_ERRORS = ("can't allocate memory", "not enough memory", "cannot allocate memory")
 
@@ -115,11 +116,7 @@ def run(job_text: str, result_path: str) -> None:
     """Convert the job given as JSON; write its outcome as JSON to `result_path`, atomically."""
     from repconv.batch.config import Job
 
-    outcome = convert_job(Job.from_json(job_text))
-    result = Path(result_path)
-    partial = result.with_suffix(".partial")
-    partial.write_text(json.dumps(outcome))
-    os.replace(partial, result)
+    write_text_atomically(result_path, json.dumps(convert_job(Job.from_json(job_text))))
 
 
 def run_forked(job_text: str, result_path: str, stderr_path: str) -> None:
