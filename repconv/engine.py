@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from repconv import pages
 from repconv.compare import compare_outputs
 from repconv.errors import CorruptCheckpoint, NotFusable
 from repconv.rules import convbn, deploy_method
@@ -215,6 +216,11 @@ def _probe_shape(seen: Sequence[int] | None) -> tuple[int, ...] | None:
     return tuple(shape)
 
 
+def _block_tensors(model: nn.Module, entry: PlanEntry) -> list[torch.Tensor]:
+    paths = [entry.path] if entry.norm_path is None else [entry.path, entry.norm_path]
+    return [t for path in paths for t in pages.tensors_of(model.get_submodule(path))]
+
+
 def apply(
     model: nn.Module,
     the_plan: Plan,
@@ -226,7 +232,8 @@ def apply(
 
     With `probe_shapes` (input shape per module path, as seen on the reference pass), each block
     is run on a seeded random input before and after it is fused, and its own error is recorded,
-    so a failing verification can name the blocks at fault.
+    so a failing verification can name the blocks at fault. The pages of memory-mapped train
+    tensors a block no longer holds are given back as it is fused (see `pages`).
     """
     model.eval()
     generator = torch.Generator().manual_seed(seed)
@@ -238,6 +245,7 @@ def apply(
                 dtype = next(model.get_submodule(entry.path).parameters()).dtype
                 probe = torch.randn(shape, generator=generator, dtype=dtype)
                 before = _run(model, entry, probe)
+            consumed = _block_tensors(model, entry)
             try:
                 _fuse(model, entry)
             except NotFusable as exc:
@@ -249,6 +257,7 @@ def apply(
             except CorruptCheckpoint as exc:
                 raise CorruptCheckpoint(f"corrupt checkpoint at {entry.path}: {exc}") from None
             entry.status = "fused"
+            pages.release_replaced(consumed, _block_tensors(model, entry))
             if probe is not None:
                 errors = compare_outputs(_run(model, entry, probe), before)
                 entry.block_error = max(errors.values(), default=0.0)

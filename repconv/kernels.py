@@ -161,10 +161,14 @@ def pool_after(first: Branch, size: Sequence[int]) -> Branch:
     return Branch(kernel.contiguous(), first.bias.to(MATH_DTYPE))
 
 
-def add(branches: Iterable[Branch]) -> Branch:
+def add(branches: Iterable[Branch], *, reuse_first: bool = False) -> Branch:
     """Parallel branches summed; a smaller kernel is centred in the largest, as `pad_to` would.
 
-    Accumulates into one new tensor, so no padded copy of any branch is ever made.
+    Accumulates into one new tensor, so no padded copy of any branch is ever made. With
+    `reuse_first`, the sum is accumulated into the first branch's kernel itself when that is a
+    full-size float64 kernel: the caller hands that branch over, so it must be a fresh result
+    of this module (`fold_bn`, `compose`, ...) that nothing else holds, never a model's weight.
+    On the largest block of a model that saves a float64 copy of its kernel.
     """
     branches = list(branches)
     if not branches:
@@ -173,10 +177,12 @@ def add(branches: Iterable[Branch]) -> Branch:
     dims = branches[0].kernel.dim()
     size = tuple(max(b.kernel.shape[d] for b in branches) for d in range(2, dims))
     first = branches[0].kernel
-    # Start from a copy of a full-size branch (largest first) rather than zeros: one pass less.
+    # Start from a full-size branch rather than zeros: one pass less. Both ways sum in the same
+    # order (largest first, ties in the order given), so they give the same bits.
     ordered = sorted(branches, key=lambda b: -math.prod(b.spatial))
-    kernel = None
-    if ordered[0].spatial == size:
+    if reuse_first and first.dtype == MATH_DTYPE and branches[0].spatial == size:
+        kernel = first  # it is also ordered[0]: the sort is stable
+    elif ordered[0].spatial == size:
         kernel = ordered[0].kernel.to(MATH_DTYPE, copy=True)
     else:
         kernel = torch.zeros((*channels, *size), dtype=MATH_DTYPE, device=first.device)

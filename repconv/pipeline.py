@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from repconv import __version__, arch, checkpoint, engine
+from repconv import __version__, arch, checkpoint, engine, pages
 from repconv import verification as V
 from repconv.engine import Plan
 from repconv.errors import BadInput, VerificationFailed
@@ -87,23 +87,28 @@ def _output_dtypes(
 def _cast_in_place(model: nn.Module, dtype_for: Callable[[str], torch.dtype], hold=None) -> None:
     """Round every floating tensor to the dtype it is written in; hold it in `hold` if given.
 
-    With `hold=float64` the model computes with exactly the values the file will contain.
+    With `hold=float64` the model computes with exactly the values the file will contain. Each
+    replaced tensor's pages go back as soon as its copy exists, so a memory-mapped model is never
+    resident in both dtypes at once.
     """
-    for module_path, module in model.named_modules():
-        for store in (module._parameters, module._buffers):
-            for name, tensor in store.items():
-                if tensor is None or not tensor.is_floating_point():
-                    continue
-                key = f"{module_path}.{name}" if module_path else name
-                value = tensor.detach().to(dtype_for(key))
-                if hold is not None:
-                    value = value.to(hold)
-                if value is tensor or value.data_ptr() == tensor.data_ptr():
-                    continue  # already in that dtype
-                if isinstance(tensor, nn.Parameter):
-                    tensor.data = value
-                else:
-                    store[name] = value
+    with pages.PageReleaser() as releaser:
+        for module_path, module in model.named_modules():
+            for store in (module._parameters, module._buffers):
+                for name, tensor in store.items():
+                    if tensor is None or not tensor.is_floating_point():
+                        continue
+                    key = f"{module_path}.{name}" if module_path else name
+                    value = tensor.detach().to(dtype_for(key))
+                    if hold is not None:
+                        value = value.to(hold)
+                    if value is tensor or value.data_ptr() == tensor.data_ptr():
+                        continue  # already in that dtype
+                    replaced = tensor.detach()
+                    if isinstance(tensor, nn.Parameter):
+                        tensor.data = value
+                    else:
+                        store[name] = value
+                    releaser.release([replaced])
 
 
 def convert(
@@ -137,7 +142,7 @@ def convert(
     verification = None
     if verify:
         shape = list(input_shape) if input_shape else list(arch.default_input_shape(model))
-        model.to(verify_dtype)
+        _cast_in_place(model, lambda _key: verify_dtype)
         inputs = V.make_inputs(shape, samples, seed, verify_dtype)
         paths = [e.path for e in the_plan.entries]
         try:

@@ -557,6 +557,41 @@ def test_add_rejects_mismatched_or_empty():
     assert torch.equal(total.bias, torch.tensor([1.5, 1.0], dtype=torch.float64))
 
 
+@given(
+    k=st.sampled_from([1, 3, 5]),
+    small=st.sampled_from([1, 3]),
+    first_dtype=st.sampled_from([torch.float64, torch.float32]),
+    seed=st.integers(0, 2**16),
+)
+@FEW
+def test_add_reuse_first_sums_into_the_first_kernel_only_when_it_can(k, small, first_dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    small = min(small, k)
+
+    def branches():
+        g.manual_seed(seed)
+        return [
+            Branch(
+                torch.randn(4, 2, k, k, generator=g, dtype=first_dtype), torch.randn(4, generator=g)
+            ),
+            as_branch(torch.randn(4, 2, small, small, generator=g), torch.randn(4, generator=g)),
+            as_branch(torch.randn(4, 2, k, k, generator=g)),
+        ]
+
+    expected = add(branches())
+    handed = branches()
+    original = handed[0].kernel.clone()
+    total = add(handed, reuse_first=True)
+    assert torch.equal(total.kernel, expected.kernel) and torch.equal(total.bias, expected.bias)
+    reused = total.kernel.data_ptr() == handed[0].kernel.data_ptr()
+    assert reused == (first_dtype == MATH_DTYPE)
+    if not reused:  # a branch that is not float64 is never written
+        assert torch.equal(handed[0].kernel, original)
+    kept = branches()
+    add(kept)  # without reuse_first no branch is ever written
+    assert all(torch.equal(a.kernel, b.kernel) for a, b in zip(kept, branches()))
+
+
 # ---- align: accepted geometries are exact, rejected ones raise NotFusable -------------------
 
 

@@ -189,8 +189,12 @@ def install_fused(
     target: Geometry,
     train_children: list[str],
 ) -> Fused:
-    """Sum the branches into one conv shaped like `like`, install it, drop the train children."""
-    fused = add(branches)
+    """Sum the branches into one conv shaped like `like`, install it, drop the train children.
+
+    `branches[0]` is handed over: it must be the math's own result (e.g. `fold_bn`'s), whose
+    memory becomes the fused kernel.
+    """
+    fused = add(branches, reuse_first=True)
     removed = [name for name in train_children if hasattr(block, name)]
     replace_children(block, attribute, fused_conv_like(like, fused, target), removed)
     return Fused(attribute, tuple(fused.kernel.shape), removed)
