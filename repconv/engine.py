@@ -237,7 +237,7 @@ def apply(
     """
     model.eval()
     generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
+    with torch.no_grad(), pages.PageReleaser() as releaser:
         for entry in the_plan.entries:
             shape = _probe_shape((probe_shapes or {}).get(entry.path))
             probe = before = None
@@ -257,7 +257,7 @@ def apply(
             except CorruptCheckpoint as exc:
                 raise CorruptCheckpoint(f"corrupt checkpoint at {entry.path}: {exc}") from None
             entry.status = "fused"
-            pages.release_replaced(consumed, _block_tensors(model, entry))
+            releaser.release(consumed, keep=_block_tensors(model, entry))
             if probe is not None:
                 errors = compare_outputs(_run(model, entry, probe), before)
                 entry.block_error = max(errors.values(), default=0.0)

@@ -67,21 +67,23 @@ class PageReleaser:
         if self.active:
             self.pagemap.close()
 
-    def release(self, tensors: Iterable[Tensor]) -> int:
+    def release(self, tensors: Iterable[Tensor], *, keep: Iterable[Tensor] = ()) -> int:
         """Drop the resident pages of these tensors where they are unwritten file pages.
 
-        Returns the bytes of address range given back (0 when nothing could be). The tensors
-        stay valid: reading one again maps its pages from the file again.
+        Tensors whose storage one of `keep` (still in use) shares are skipped. Returns the
+        bytes of address range given back (0 when nothing could be). The tensors stay valid:
+        reading one again maps its pages from the file again.
         """
         if not self.active:
             return 0
+        kept = {t.untyped_storage().data_ptr() for t in keep}
         total = 0
         for tensor in tensors:
             if tensor.device.type != "cpu":
                 continue
             storage = tensor.untyped_storage()
             base, nbytes = storage.data_ptr(), storage.nbytes()
-            if base in self.seen:
+            if base in self.seen or base in kept:
                 continue
             self.seen.add(base)
             total += self._release_range(base, base + nbytes)
@@ -119,10 +121,3 @@ class PageReleaser:
 def tensors_of(module: torch.nn.Module) -> list[Tensor]:
     """Every parameter and buffer of `module` and its children."""
     return [*module.parameters(), *(b for b in module.buffers() if b is not None)]
-
-
-def release_replaced(before: Iterable[Tensor], after: Iterable[Tensor]) -> int:
-    """Release the tensors of `before` whose storage none of `after` still uses."""
-    kept = {t.untyped_storage().data_ptr() for t in after}
-    with PageReleaser() as releaser:
-        return releaser.release(t for t in before if t.untyped_storage().data_ptr() not in kept)

@@ -53,21 +53,24 @@ def test_release_gives_back_read_pages_and_the_tensor_reads_the_same(tmp_path):
 def test_written_pages_are_never_released(tmp_path):
     _, state = mapped(tmp_path, {"w": torch.zeros(MIB // 4)})
     state["w"][5000] = 7.0  # copy-on-write: this page is now the process's own
-    assert pages.release_replaced([state["w"]], []) == 0
+    with pages.PageReleaser() as releaser:
+        assert releaser.release([state["w"]]) == 0
     assert state["w"][5000] == 7.0 and state["w"].sum() == 7.0
 
 
 def test_anonymous_memory_is_never_released():
     tensor = torch.randn(MIB)
     copy = tensor.clone()
-    assert pages.release_replaced([tensor], []) == 0
+    with pages.PageReleaser() as releaser:
+        assert releaser.release([tensor]) == 0
     assert torch.equal(tensor, copy)
 
 
 def test_tensors_still_in_use_are_kept(tmp_path):
     path, state = mapped(tmp_path, {"w": torch.randn(MIB // 4)})
     state["w"].sum()
-    assert pages.release_replaced([state["w"]], [state["w"]]) == 0
+    with pages.PageReleaser() as releaser:
+        assert releaser.release([state["w"]], keep=[state["w"]]) == 0
     assert resident_bytes_of(path) >= MIB - 4096
 
 
