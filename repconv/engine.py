@@ -175,11 +175,18 @@ def _floating_dtype(module: nn.Module) -> torch.dtype | None:
     return None
 
 
-def _fuse(model: nn.Module, entry: PlanEntry) -> None:
-    """Fuse one entry; the rules compute in float64, the block keeps the dtype it had."""
+def _fuse(model: nn.Module, entry: PlanEntry, releaser: pages.PageReleaser) -> None:
+    """Fuse one entry; the rules compute in float64, the block keeps the dtype it had.
+
+    The train tensors' pages are given back before the fused weights are rounded, so the block
+    never holds its train weights, float64 sum and rounded copy at once.
+    """
     module = model.get_submodule(entry.path)
     dtype = _floating_dtype(module)
+    consumed = _block_tensors(model, entry)
     _fuse_in_float64(model, entry, module)
+    releaser.release(consumed, keep=_block_tensors(model, entry))
+    del consumed
     if dtype is not None and dtype != torch.float64:
         module.to(dtype)
 
@@ -245,9 +252,8 @@ def apply(
                 dtype = next(model.get_submodule(entry.path).parameters()).dtype
                 probe = torch.randn(shape, generator=generator, dtype=dtype)
                 before = _run(model, entry, probe)
-            consumed = _block_tensors(model, entry)
             try:
-                _fuse(model, entry)
+                _fuse(model, entry, releaser)
             except NotFusable as exc:
                 entry.status, entry.reason = "skipped", str(exc)
                 the_plan.warnings.append(
@@ -257,7 +263,6 @@ def apply(
             except CorruptCheckpoint as exc:
                 raise CorruptCheckpoint(f"corrupt checkpoint at {entry.path}: {exc}") from None
             entry.status = "fused"
-            releaser.release(consumed, keep=_block_tensors(model, entry))
             if probe is not None:
                 errors = compare_outputs(_run(model, entry, probe), before)
                 entry.block_error = max(errors.values(), default=0.0)
