@@ -178,8 +178,8 @@ def _floating_dtype(module: nn.Module) -> torch.dtype | None:
 def _fuse(model: nn.Module, entry: PlanEntry, releaser: pages.PageReleaser) -> None:
     """Fuse one entry; the rules compute in float64, the block keeps the dtype it had.
 
-    The train tensors' pages are given back before the fused weights are rounded, so the block
-    never holds its train weights, float64 sum and rounded copy at once.
+    The train tensors' pages are given back as soon as the block is fused, before what is left
+    in float64 (biases, a deploy method's weights) is rounded.
     """
     module = model.get_submodule(entry.path)
     dtype = _floating_dtype(module)

@@ -1,9 +1,11 @@
 """Fusion math: every re-parameterization family reduces to these operations on branches.
 
-A branch is a (kernel, bias) pair that acts like a convolution: kernel has shape
-(out_channels, in_channels // groups, *spatial) and bias has shape (out_channels,).
-Everything here is pure (tensors in, tensors out) and computed in float64; callers cast once, at
-the end, to the model's dtype. Geometry (stride, padding, dilation) is the caller's business:
+A branch is a linear map that acts like a convolution followed by a per-channel affine map:
+y = scale * conv(x, kernel) + bias, with kernel of shape (out_channels, in_channels // groups,
+*spatial) and scale and bias of shape (out_channels,). Keeping `scale` apart means folding a
+norm costs nothing but channel vectors: the kernels are read once, when `add` sums them.
+Everything here is pure (tensors in, tensors out) and computed in float64; `add` rounds once, at
+the end, to the dtype asked for. Geometry (stride, padding, dilation) is the caller's business:
 these functions only say what the kernel and bias are.
 """
 
@@ -17,15 +19,30 @@ import torch
 from torch import Tensor
 
 MATH_DTYPE = torch.float64
+# `add` works through the output channels in slices of about this many float64 bytes, so its
+# float64 intermediates stay in cache and only the rounded result is ever allocated whole.
+SLICE_BYTES = 4 << 20
 
 
 class Branch(NamedTuple):
     kernel: Tensor
     bias: Tensor
+    scale: Tensor | None = None  # float64 per output channel; None means 1
 
     @property
     def spatial(self) -> tuple[int, ...]:
         return tuple(self.kernel.shape[2:])
+
+    def scaled_kernel(self) -> Tensor:
+        """scale * kernel in float64 (a new tensor when there is a scale)."""
+        kernel = self.kernel.to(MATH_DTYPE)
+        if self.scale is None:
+            return kernel
+        return kernel * _per_channel(self.scale, kernel.dim())
+
+
+def _per_channel(vector: Tensor, dims: int) -> Tensor:
+    return vector.view((-1,) + (1,) * (dims - 1))
 
 
 class NormStats(NamedTuple):
@@ -66,11 +83,10 @@ def norm_scale_shift(stats: NormStats) -> tuple[Tensor, Tensor]:
 
 
 def fold_bn(branch: Branch, stats: NormStats) -> Branch:
-    """Conv followed by eval-mode batch norm, as one conv."""
+    """Conv followed by eval-mode batch norm, as one conv: only its scale and bias change."""
     scale, shift = norm_scale_shift(stats)
-    view = (-1,) + (1,) * (branch.kernel.dim() - 1)
-    # `scale` is float64, so the product is computed and stored in float64 in one pass.
-    return Branch(branch.kernel * scale.view(view), branch.bias * scale + shift)
+    total = scale if branch.scale is None else branch.scale * scale
+    return Branch(branch.kernel, branch.bias.to(MATH_DTYPE) * scale + shift, total)
 
 
 def pad_to(branch: Branch, size: Sequence[int]) -> Branch:
@@ -86,7 +102,7 @@ def pad_to(branch: Branch, size: Sequence[int]) -> Branch:
         pads += [extra // 2, extra // 2]
     if not any(pads):
         return branch
-    return Branch(torch.nn.functional.pad(branch.kernel, pads), branch.bias)
+    return Branch(torch.nn.functional.pad(branch.kernel, pads), branch.bias, branch.scale)
 
 
 def _diagonal_kernel(
@@ -138,7 +154,7 @@ def compose(first: Branch, second: Branch, groups: int = 1) -> Branch:
             f"with groups={groups}"
         )
     spatial = second.spatial
-    k1 = first.kernel.to(MATH_DTYPE).reshape(groups, mid_per_group, in_per_group)
+    k1 = first.scaled_kernel().reshape(groups, mid_per_group, in_per_group)
     k2 = second.kernel.to(MATH_DTYPE).reshape(groups, out // groups, mid_per_group, -1)
     # One GEMM per group, (in, mid) @ (mid, out * taps): a third faster than the einsum, which
     # contracts with the small tap dimension innermost.
@@ -147,9 +163,12 @@ def compose(first: Branch, second: Branch, groups: int = 1) -> Branch:
     product = torch.bmm(k1.transpose(1, 2), by_mid).view(groups, in_per_group, out // groups, taps)
     kernel = product.permute(0, 2, 1, 3).reshape(out, in_per_group, *spatial)
     through = k2.sum(dim=3)
-    bias_mid = first.bias.reshape(groups, mid_per_group, 1)
+    bias_mid = first.bias.to(MATH_DTYPE).reshape(groups, mid_per_group, 1)
     carried = torch.bmm(through.reshape(groups, out // groups, mid_per_group), bias_mid)
-    return Branch(kernel, second.bias + carried.reshape(out))
+    carried = carried.reshape(out)
+    if second.scale is not None:  # second's scale applies after its conv, to the carried bias too
+        carried = carried * second.scale
+    return Branch(kernel, second.bias.to(MATH_DTYPE) + carried, second.scale)
 
 
 def pool_after(first: Branch, size: Sequence[int]) -> Branch:
@@ -163,47 +182,74 @@ def pool_after(first: Branch, size: Sequence[int]) -> Branch:
         raise ValueError(f"pooling follows a 1x1 conv, got {first.spatial}")
     window = math.prod(size)
     kernel = first.kernel.to(MATH_DTYPE).expand(*first.kernel.shape[:2], *size) / window
-    return Branch(kernel.contiguous(), first.bias.to(MATH_DTYPE))
+    return Branch(kernel.contiguous(), first.bias.to(MATH_DTYPE), first.scale)
 
 
-def add(branches: Iterable[Branch], *, reuse_first: bool = False) -> Branch:
-    """Parallel branches summed; a smaller kernel is centred in the largest, as `pad_to` would.
+def _load_scaled(out: Tensor, kernel: Tensor, scale: Tensor | None) -> Tensor:
+    """out = scale * kernel in float64. Widening first, then multiplying float64 by float64,
+    takes torch's vectorised paths; a mixed-dtype product would cast element by element."""
+    out.copy_(kernel)
+    if scale is not None:
+        out.mul_(_per_channel(scale, out.dim()))
+    return out
 
-    Accumulates into one new tensor, so no padded copy of any branch is ever made. With
-    `reuse_first`, the sum is accumulated into the first branch's kernel itself when that is a
-    full-size float64 kernel: the caller hands that branch over, so it must be a fresh result
-    of this module (`fold_bn`, `compose`, ...) that nothing else holds, never a model's weight.
-    On the largest block of a model that saves a float64 copy of its kernel.
+
+def add(branches: Iterable[Branch], *, dtype: torch.dtype = MATH_DTYPE) -> Branch:
+    """Parallel branches summed into one kernel, rounded once to `dtype`.
+
+    A smaller kernel is centred in the largest, as `pad_to` would. Each branch's scale is
+    applied here, slice by slice of output channels in float64, and each slice is rounded
+    straight into the result: no padded, scaled or float64 copy of a whole kernel is ever made.
+    The bias stays float64 (it is small); the result has no scale.
     """
     branches = list(branches)
     if not branches:
         raise ValueError("nothing to add")
-    channels = branches[0].kernel.shape[:2]
-    dims = branches[0].kernel.dim()
-    size = tuple(max(b.kernel.shape[d] for b in branches) for d in range(2, dims))
     first = branches[0].kernel
-    # Start from a full-size branch rather than zeros: one pass less. Both ways sum in the same
-    # order (largest first, ties in the order given), so they give the same bits.
-    ordered = sorted(branches, key=lambda b: -math.prod(b.spatial))
-    if reuse_first and first.dtype == MATH_DTYPE and branches[0].spatial == size:
-        kernel = first  # it is also ordered[0]: the sort is stable
-    elif ordered[0].spatial == size:
-        kernel = ordered[0].kernel.to(MATH_DTYPE, copy=True)
-    else:
-        kernel = torch.zeros((*channels, *size), dtype=MATH_DTYPE, device=first.device)
-    bias = torch.zeros_like(branches[0].bias, dtype=MATH_DTYPE)
-    for i, b in enumerate(ordered):
+    channels, dims = first.shape[:2], first.dim()
+    for b in branches:
         if b.kernel.shape[:2] != channels or b.kernel.dim() != dims:
             raise ValueError(
                 f"kernel shapes differ: {tuple(first.shape)} vs {tuple(b.kernel.shape)}"
             )
-        bias += b.bias
-        if i == 0 and ordered[0].spatial == size:
-            continue
+    size = tuple(max(b.kernel.shape[d] for b in branches) for d in range(2, dims))
+    regions = []
+    for b in branches:
         region = [slice(None), slice(None)]
         for have, want in zip(b.spatial, size):
             if (want - have) % 2:
                 raise ValueError(f"cannot centre a {b.spatial} kernel inside {size}")
             region.append(slice((want - have) // 2, (want + have) // 2))
-        kernel[tuple(region)] += b.kernel
-    return Branch(kernel, bias)
+        regions.append(tuple(region))
+    # Largest first (ties in the order given): the sum starts from a full-size branch.
+    order = sorted(range(len(branches)), key=lambda i: -math.prod(branches[i].spatial))
+    bias = torch.zeros(channels[0], dtype=MATH_DTYPE, device=first.device)
+    for i in order:
+        bias += branches[i].bias
+    result = torch.empty((*channels, *size), dtype=dtype, device=first.device)
+    row_shape = (*channels[1:], *size)
+    step = max(1, SLICE_BYTES // (8 * math.prod(row_shape)))
+    # Two float64 work areas, allocated once: fresh memory for every slice would cost a page
+    # fault per 4 KiB written, more than the arithmetic itself.
+    work = torch.empty((min(step, channels[0]), *row_shape), dtype=MATH_DTYPE, device=first.device)
+    scratch = torch.empty(work.numel(), dtype=MATH_DTYPE, device=first.device)
+    for lo in range(0, channels[0], step):
+        rows = slice(lo, lo + step)
+        total = work[: min(step, channels[0] - lo)]
+        started = False
+        for i in order:
+            b = branches[i]
+            part = b.kernel[rows]
+            scale = None if b.scale is None else b.scale[rows]
+            if not started and b.spatial == size:
+                _load_scaled(total, part, scale)
+                started = True
+                continue
+            if not started:
+                total.zero_()
+                started = True
+            if scale is not None or part.dtype != MATH_DTYPE:
+                part = _load_scaled(scratch[: part.numel()].view(part.shape), part, scale)
+            total[regions[i]] += part
+        result[rows] = total
+    return Branch(result, bias)

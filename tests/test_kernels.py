@@ -98,11 +98,12 @@ def ref_conv(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
 
 
 def fused_conv(branch: Branch, x: torch.Tensor, stride=1, padding=0, dilation=1, groups=1):
-    """The single conv a fused branch stands for, run in x's dtype."""
-    # A branch that was only lined up keeps its weight's dtype; anything computed is float64.
+    """The single conv a fused branch stands for (its scale applied), run in x's dtype."""
+    # A kernel that was only scaled or lined up keeps its weight's dtype; the rest is float64.
     assert branch.kernel.dtype in (MATH_DTYPE, x.dtype) and branch.bias.dtype == MATH_DTYPE
+    assert branch.scale is None or branch.scale.dtype == MATH_DTYPE
     dims = x.dim() - 2
-    kernel, bias = branch.kernel.to(x.dtype), branch.bias.to(x.dtype)
+    kernel, bias = branch.scaled_kernel().to(x.dtype), branch.bias.to(x.dtype)
     return CONV[dims](x, kernel, bias, stride, padding, dilation, groups)
 
 
@@ -185,7 +186,10 @@ def test_fold_bn_known_values():
     # scale = weight / sqrt(var + eps) = (1, 4 / sqrt(1.5)); bias = (b - mean) * scale + beta
     s1 = 4.0 / math.sqrt(1.5)
     torch.testing.assert_close(
-        fused.kernel.flatten(), torch.tensor([2.0, -s1], dtype=torch.float64), rtol=0, atol=1e-12
+        fused.scaled_kernel().flatten(),
+        torch.tensor([2.0, -s1], dtype=torch.float64),
+        rtol=0,
+        atol=1e-12,
     )
     torch.testing.assert_close(
         fused.bias, torch.tensor([2.5, 3.0 * s1 - 1.0], dtype=torch.float64), rtol=0, atol=1e-12
@@ -558,38 +562,37 @@ def test_add_rejects_mismatched_or_empty():
 
 
 @given(
-    k=st.sampled_from([1, 3, 5]),
-    small=st.sampled_from([1, 3]),
-    first_dtype=st.sampled_from([torch.float64, torch.float32]),
+    shapes=st.lists(st.sampled_from([(3, 3), (1, 1), (1, 3), (3, 1)]), min_size=1, max_size=4),
+    scaled=st.lists(st.booleans(), min_size=4, max_size=4),
+    out=st.integers(1, 9),
+    dtype=st.sampled_from([torch.float32, torch.float16]),
+    slice_bytes=st.sampled_from([1, 8 * 2 * 9 * 2, 4 << 20]),
     seed=st.integers(0, 2**16),
 )
 @FEW
-def test_add_reuse_first_sums_into_the_first_kernel_only_when_it_can(k, small, first_dtype, seed):
+def test_add_in_slices_equals_the_whole_sum_rounded_once(
+    shapes, scaled, out, dtype, slice_bytes, seed
+):
     g = torch.Generator().manual_seed(seed)
-    small = min(small, k)
-
-    def branches():
-        g.manual_seed(seed)
-        return [
-            Branch(
-                torch.randn(4, 2, k, k, generator=g, dtype=first_dtype), torch.randn(4, generator=g)
-            ),
-            as_branch(torch.randn(4, 2, small, small, generator=g), torch.randn(4, generator=g)),
-            as_branch(torch.randn(4, 2, k, k, generator=g)),
-        ]
-
-    expected = add(branches())
-    handed = branches()
-    original = handed[0].kernel.clone()
-    total = add(handed, reuse_first=True)
-    assert torch.equal(total.kernel, expected.kernel) and torch.equal(total.bias, expected.bias)
-    reused = total.kernel.data_ptr() == handed[0].kernel.data_ptr()
-    assert reused == (first_dtype == MATH_DTYPE)
-    if not reused:  # a branch that is not float64 is never written
-        assert torch.equal(handed[0].kernel, original)
-    kept = branches()
-    add(kept)  # without reuse_first no branch is ever written
-    assert all(torch.equal(a.kernel, b.kernel) for a, b in zip(kept, branches()))
+    branches = [
+        Branch(
+            torch.randn(out, 2, *shape, generator=g).to(dtype),
+            torch.randn(out, generator=g, dtype=MATH_DTYPE),
+            torch.rand(out, generator=g, dtype=MATH_DTYPE) + 0.5 if scale else None,
+        )
+        for shape, scale in zip(shapes, scaled)
+    ]
+    size = tuple(max(b.kernel.shape[d] for b in branches) for d in (2, 3))
+    largest_first = sorted(branches, key=lambda b: -math.prod(b.spatial))  # add's order
+    whole = sum(pad_to(Branch(b.scaled_kernel(), b.bias), size).kernel for b in largest_first)
+    kernels_before = [b.kernel.clone() for b in branches]
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr("repconv.kernels.SLICE_BYTES", slice_bytes)
+        total = add(branches, dtype=dtype)
+    assert total.kernel.dtype == dtype and total.scale is None
+    torch.testing.assert_close(total.kernel, whole.to(dtype), rtol=0, atol=0)
+    torch.testing.assert_close(total.bias, sum(b.bias for b in branches), rtol=0, atol=1e-12)
+    assert all(torch.equal(b.kernel, k) for b, k in zip(branches, kernels_before))
 
 
 # ---- align: accepted geometries are exact, rejected ones raise NotFusable -------------------
@@ -762,8 +765,12 @@ def test_computed_kernels_are_float64_whatever_the_input_dtype():
         k = as_branch(torch.randn(4, 2, 3, 3).to(dtype), torch.randn(4).to(dtype))
         one = as_branch(torch.randn(4, 2, 1, 1).to(dtype))
         stats = NormStats(torch.zeros(4), torch.ones(4), torch.ones(4), torch.zeros(4), 1e-5)
-        assert fold_bn(k, stats).kernel.dtype == MATH_DTYPE
-        assert add([k, one]).kernel.dtype == MATH_DTYPE
+        folded = fold_bn(k, stats)
+        assert folded.kernel is k.kernel  # folding never touches the kernel
+        assert folded.scale.dtype == folded.bias.dtype == MATH_DTYPE
+        assert folded.scaled_kernel().dtype == MATH_DTYPE
+        assert add([folded, one]).kernel.dtype == MATH_DTYPE
+        assert add([folded, one], dtype=dtype).kernel.dtype == dtype
         first = as_branch(torch.randn(4, 4, 1, 1).to(dtype))
         assert compose(first, k, 2).kernel.dtype == MATH_DTYPE
 

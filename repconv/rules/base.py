@@ -41,7 +41,8 @@ class Rule:
 
     `match(module)` is cheap and side-effect free; it returns None or a short description of the
     structure it found (used by `inspect`). `fuse(module)` rewrites the block in place, computing
-    in float64 and leaving float64 weights (the engine rounds them later), and returns `Fused`.
+    in float64 and rounding each weight once (to the block's dtype, or left in float64 for the
+    engine to round), and returns `Fused`.
     It raises NotFusable when the structure is right but the block cannot be folded exactly.
     """
 
@@ -148,7 +149,7 @@ def conv_bn_branch(unit: tuple[nn.Module, nn.Module]) -> tuple[Branch, Geometry]
 
 
 def fused_conv_like(conv: _ConvNd, branch: Branch, geometry: Geometry | None = None) -> nn.Module:
-    """A stock conv with `conv`'s shape and geometry holding the fused kernel and bias (float64).
+    """A stock conv with `conv`'s shape and geometry holding the fused kernel and bias.
 
     Built on the meta device so no random initialisation is spent on weights we overwrite.
     """
@@ -191,10 +192,10 @@ def install_fused(
 ) -> Fused:
     """Sum the branches into one conv shaped like `like`, install it, drop the train children.
 
-    `branches[0]` is handed over: it must be the math's own result (e.g. `fold_bn`'s), whose
-    memory becomes the fused kernel.
+    The kernel is rounded to `like`'s dtype as it is summed; the bias stays float64 until the
+    engine rounds the block.
     """
-    fused = add(branches, reuse_first=True)
+    fused = add(branches, dtype=like.weight.dtype)
     removed = [name for name in train_children if hasattr(block, name)]
     replace_children(block, attribute, fused_conv_like(like, fused, target), removed)
     return Fused(attribute, tuple(fused.kernel.shape), removed)

@@ -123,7 +123,8 @@ def fuse_pair(model: nn.Module, pair: Pair) -> tuple[int, ...]:
     """Fold the norm into the conv in place; the norm's slot becomes nn.Identity."""
     conv = model.get_submodule(pair.conv_path)
     norm = model.get_submodule(pair.norm_path)
-    fused = K.fold_bn(K.as_branch(conv.weight, conv.bias), norm_stats(norm))
+    folded = K.fold_bn(K.as_branch(conv.weight, conv.bias), norm_stats(norm))
+    fused = K.add([folded], dtype=conv.weight.dtype)
     trainable = conv.weight.requires_grad
     conv.weight = nn.Parameter(fused.kernel, requires_grad=trainable)
     conv.bias = nn.Parameter(fused.bias, requires_grad=trainable)
