@@ -17,9 +17,6 @@ import tempfile
 import time
 from pathlib import Path
 
-# As the `repconv` command does (see cli.main); set before torch allocates anything.
-os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
-
 import torch
 
 from repconv import arch, checkpoint, engine
@@ -58,10 +55,8 @@ def step_vs_floor(ckpt: Path, name: str, work: Path, runs: int) -> dict:
 
 def run_child(*args: str) -> tuple[float, dict]:
     start = time.perf_counter()
-    # Every child (the I/O floor too) runs with the allocator setting `repconv` itself uses.
-    env = {**os.environ, "THP_MEM_ALLOC_ENABLE": os.environ.get("THP_MEM_ALLOC_ENABLE", "1")}
     done = subprocess.run(
-        [sys.executable, CHILD, *args], capture_output=True, text=True, check=False, env=env
+        [sys.executable, CHILD, *args], capture_output=True, text=True, check=False
     )
     seconds = time.perf_counter() - start
     if done.returncode != 0:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import sys
 import traceback
 from collections.abc import Callable
@@ -188,10 +187,6 @@ def main() -> None:
     \b
     Exit codes: 0 ok, 1 verification failed, 2 bad usage or bad input.
     """
-    # Conversion allocates a few large float64 tensors per block; on transparent huge pages
-    # torch fills them several times faster (one fault per 2 MiB instead of per 4 KiB). torch's
-    # allocator reads this before its first large allocation; the user's setting wins.
-    os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 
 
 @main.command(epilog=CONVERT_EXAMPLES)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
@@ -191,13 +190,3 @@ def test_byte_identical_across_processes(train_ckpt, tmp_path):
         subprocess.run([*cmd, "--arch", "demo_mixed"], check=True, env=env, capture_output=True)
         outputs.append(out.read_bytes())
     assert outputs[0] == outputs[1]
-
-
-@pytest.mark.parametrize(("preset", "expected"), [(None, "1"), ("0", "0")])
-def test_huge_pages_for_torch_unless_the_user_says_otherwise(runner, monkeypatch, preset, expected):
-    if preset is None:
-        monkeypatch.delenv("THP_MEM_ALLOC_ENABLE", raising=False)
-    else:
-        monkeypatch.setenv("THP_MEM_ALLOC_ENABLE", preset)
-    assert runner.invoke(main, ["rules"]).exit_code == 0
-    assert os.environ["THP_MEM_ALLOC_ENABLE"] == expected
