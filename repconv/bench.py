@@ -80,13 +80,14 @@ def compare(
     runs: int = 10,
     warmup: int = 3,
 ) -> BenchResult:
-    """Latency of both models at each batch size (interleaved per batch size), params, MACs."""
+    """Latency of both models at each batch size (taking turns run by run), params, MACs."""
     train.eval()
     deploy.eval()
     rows = []
     for batch in batch_sizes:
-        before = latency.measure(train, input_shape, batch, runs, warmup)
-        after = latency.measure(deploy, input_shape, batch, runs, warmup)
+        before, after = latency.measure_alternating(
+            [train, deploy], input_shape, batch, runs, warmup
+        )
         rows.append(
             BenchRow(batch, before.median_ms, before.spread_ms, after.median_ms, after.spread_ms)
         )

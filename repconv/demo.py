@@ -54,7 +54,7 @@ def _zoo_demo(out_dir: Path, out: Console, name: str = "repvgg_a0") -> bool:
     state = pipeline.checkpoint.read_checkpoint(train).state_dict
     train_model = arch.build_loaded(name, {}, state)
     deploy_model = pipeline.load_deploy(deploy)
-    before, after = latency.measure(train_model, shape), latency.measure(deploy_model, shape)
+    before, after = latency.measure_alternating([train_model, deploy_model], shape)
     report.table(
         out,
         f"Latency of {name}, batch 1, {'x'.join(map(str, shape))}, "

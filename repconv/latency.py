@@ -18,18 +18,28 @@ class Latency:
     runs: int
 
 
-def measure(
-    model: nn.Module, input_shape: Sequence[int], batch: int = 1, runs: int = 10, warmup: int = 3
-) -> Latency:
-    """Time `model` on a random batch in inference mode, after `warmup` untimed runs."""
-    dtype = next((p.dtype for p in model.parameters()), torch.float32)
-    x = torch.randn((batch, *input_shape), dtype=dtype)
-    times = []
-    model.eval()
+def measure_alternating(
+    models: Sequence[nn.Module],
+    input_shape: Sequence[int],
+    batch: int = 1,
+    runs: int = 10,
+    warmup: int = 3,
+) -> list[Latency]:
+    """Time several models run by run in turn (the order reversed every run), so a slow spell
+    of a shared machine falls on all of them alike instead of on whichever ran then."""
+    inputs = []
+    for model in models:
+        model.eval()
+        dtype = next((p.dtype for p in model.parameters()), torch.float32)
+        inputs.append(torch.randn((batch, *input_shape), dtype=dtype))
+    times: list[list[float]] = [[] for _ in models]
+    order = list(range(len(models)))
     with torch.inference_mode():
         for i in range(warmup + runs):
-            start = time.perf_counter()
-            model(x)
-            if i >= warmup:
-                times.append((time.perf_counter() - start) * 1000)
-    return Latency(statistics.median(times), max(times) - min(times), runs)
+            for m in order:
+                start = time.perf_counter()
+                models[m](inputs[m])
+                if i >= warmup:
+                    times[m].append((time.perf_counter() - start) * 1000)
+            order.reverse()
+    return [Latency(statistics.median(t), max(t) - min(t), runs) for t in times]

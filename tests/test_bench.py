@@ -8,6 +8,7 @@ import torch
 from click.testing import CliRunner
 from torch import nn
 
+from repconv import latency
 from repconv.bench import count_macs
 from repconv.cli import main
 from repconv.zoo.checkpoints import save_train_checkpoint
@@ -79,3 +80,26 @@ def test_bench_against_a_written_deploy_file(tmp_path):
     ]
     doc = json.loads(CliRunner().invoke(main, args).output)
     assert doc["deploy_params"] == 28986
+
+
+class Recorder(nn.Module):
+    """Logs its name on every call, so the order of timed runs can be checked."""
+
+    def __init__(self, name: str, log: list[str]) -> None:
+        super().__init__()
+        self.name, self.log = name, log
+        self.weight = nn.Parameter(torch.zeros(1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.log.append(self.name)
+        return x
+
+
+def test_models_take_turns_run_by_run():
+    log: list[str] = []
+    train, deploy = Recorder("t", log), Recorder("d", log)
+    before, after = latency.measure_alternating([train, deploy], (1, 2, 2), runs=4, warmup=1)
+    # One pair per run, the order reversed every run: a slow spell hits both models.
+    assert "".join(log) == "td" + "dt" + "td" + "dt" + "td"
+    assert before.runs == after.runs == 4
+    assert before.median_ms >= 0 and after.median_ms >= 0
