@@ -73,7 +73,12 @@ def run_batch(config: Path, jobs: int, work: Path) -> tuple[float, dict, dict]:
     seconds = time.perf_counter() - start
     parent = json.loads(done.stdout.strip().splitlines()[-1])
     if parent["code"] != 0:
-        raise RuntimeError(f"batch failed:\n{done.stderr[-3000:]}")
+        failed = [
+            f"{e['name']}: {e.get('failure')}: {e.get('reason')}"
+            for e in json.loads(report.read_text())["entries"]
+            if e["status"] == "failed"
+        ]
+        raise RuntimeError("batch failed:\n" + "\n".join(failed or [done.stderr[-3000:]]))
     return seconds, parent, json.loads(report.read_text())
 
 
