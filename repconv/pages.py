@@ -51,9 +51,10 @@ class PageReleaser:
             return
         try:
             self.spans = _file_mappings()
-            self.pagemap = open("/proc/self/pagemap", "rb", buffering=0)  # noqa: SIM115
             self.libc = ctypes.CDLL(None, use_errno=True)
             self.libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+            # Opened last: nothing that can fail comes after it, so it is closed in __exit__.
+            self.pagemap = open("/proc/self/pagemap", "rb", buffering=0)  # noqa: SIM115
         except (OSError, AttributeError):
             self.active = False
             return
@@ -120,4 +121,4 @@ class PageReleaser:
 
 def tensors_of(module: torch.nn.Module) -> list[Tensor]:
     """Every parameter and buffer of `module` and its children."""
-    return [*module.parameters(), *(b for b in module.buffers() if b is not None)]
+    return [*module.parameters(), *module.buffers()]
