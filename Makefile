@@ -1,6 +1,7 @@
 PYTHON ?= python3
 PIP := $(PYTHON) -m pip
-STAMP := .installed.stamp
+# One stamp per interpreter: a fresh virtual environment always installs.
+STAMP := .installed-$(shell $(PYTHON) -c 'import hashlib, sys; print(hashlib.sha1(sys.prefix.encode()).hexdigest()[:12])').stamp
 
 .PHONY: install test lint demo batch-demo bench clean
 
@@ -32,4 +33,4 @@ bench: install
 	$(PYTHON) benchmarks/batch.py
 
 clean:
-	rm -rf $(STAMP) build *.egg-info .pytest_cache demo-out zoo-train zoo-deploy
+	rm -rf .installed-*.stamp build *.egg-info .pytest_cache demo-out zoo-train zoo-deploy
