@@ -269,11 +269,18 @@ def convert(input_path: Path, output_path: Path, **opts: Any) -> None:
 @click.argument("deploy_path", metavar="DEPLOY", type=click.Path(path_type=Path))
 @_common_model_options
 @_check_options
+@click.option(
+    "--trust-metadata",
+    is_flag=True,
+    help="Build any architecture DEPLOY's metadata names (runs the code it names).",
+)
 def verify(train_path: Path, deploy_path: Path, **opts: Any) -> None:
     """Check that DEPLOY computes what TRAIN computes: exit 0 if equal, 1 if not.
 
     \b
-    The architecture and its kwargs are read from DEPLOY's metadata unless given.
+    Without --arch, the architecture recorded in DEPLOY's metadata is used when it is a
+    built-in zoo name; any other recorded spec (a module or file to import) is only
+    built with --trust-metadata, since it would run code the file names.
     Example:  repconv verify train.pth deploy.safetensors --json
     """
     as_json, verbose = opts.pop("as_json"), opts.pop("verbose")
@@ -295,6 +302,7 @@ def verify(train_path: Path, deploy_path: Path, **opts: Any) -> None:
                 seed=opts["seed"],
                 atol=opts["atol"],
                 rtol=opts["rtol"],
+                trust_metadata=opts["trust_metadata"],
             )
         code = EXIT_OK if verification.passed else EXIT_FAILED
         if as_json:

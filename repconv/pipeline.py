@@ -8,6 +8,7 @@ written once, atomically.
 from __future__ import annotations
 
 import json
+import shlex
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +23,7 @@ from repconv.engine import Plan
 from repconv.errors import BadInput, VerificationFailed
 from repconv.options import recorded_options
 from repconv.rules.base import Rule, param_count
+from repconv.zoo import registry as zoo
 
 DTYPES = {
     "float64": torch.float64,
@@ -280,31 +282,67 @@ def _deploy_structure(model: nn.Module) -> None:
     engine.apply(model, engine.plan(model))
 
 
+def recorded_architecture(
+    meta: Mapping[str, str], what: str, *, trust_metadata: bool = False
+) -> tuple[str | None, dict[str, Any]]:
+    """The architecture a deploy file's metadata names, if it may be built without asking.
+
+    Metadata is data: a spec that imports a module or a file (and calls what it names with
+    kwargs from the file) would run code chosen by whoever wrote the file, so only built-in zoo
+    names are taken unless the user said `trust_metadata` (`--trust-metadata`).
+    """
+    spec = meta.get("arch") or None
+    kwargs = _metadata_json(meta, "arch_kwargs", what) if spec else {}
+    if spec is None or trust_metadata or zoo.get_entry(spec) is not None:
+        return spec, kwargs
+    typed = f"--arch {shlex.quote(spec)}"
+    if kwargs:
+        typed += f" --arch-kwargs {shlex.quote(json.dumps(kwargs, sort_keys=True))}"
+    raise BadInput(
+        f"{what} names the architecture {spec!r} in its metadata; repconv does not run code a "
+        f"file names: if you trust it, pass it yourself ({typed}) or add --trust-metadata"
+    )
+
+
+def _metadata_json(meta: Mapping[str, str], name: str, what: str) -> dict[str, Any]:
+    try:
+        value = json.loads(meta.get(name) or "{}")
+    except json.JSONDecodeError:
+        raise BadInput(f"{what}: metadata {name!r} is not valid JSON") from None
+    if not isinstance(value, dict):
+        raise BadInput(f"{what}: metadata {name!r} is not a JSON object")
+    return value
+
+
 def load_deploy(
     path: str | Path,
     model_or_arch: nn.Module | str | None = None,
     arch_kwargs: Mapping[str, Any] | None = None,
+    *,
+    trust_metadata: bool = False,
 ) -> nn.Module:
     """Rebuild the deploy structure (from a train-form model or an arch spec) and load `path`.
 
-    The weights are loaded strictly; with no architecture given, the one recorded in the file's
-    metadata is used.
+    The weights are loaded strictly. With no architecture given, the one recorded in the file's
+    metadata is used if it is a built-in zoo name, or any spec with `trust_metadata=True`.
     """
     state, meta = checkpoint.read_deploy(path)
+    what = Path(path).name
     if isinstance(model_or_arch, nn.Module):
         model = model_or_arch.eval()
         _deploy_structure(model)
-        arch.check_fit(model, state, Path(path).name)
+        arch.check_fit(model, state, what)
         model.load_state_dict(state, strict=True, assign=True)
         return model
-    spec = model_or_arch or meta.get("arch")
+    spec = model_or_arch
+    if spec is None:
+        spec, recorded_kwargs = recorded_architecture(meta, what, trust_metadata=trust_metadata)
+        arch_kwargs = recorded_kwargs if arch_kwargs is None else arch_kwargs
     if not spec:
-        raise BadInput(f"{Path(path).name} records no architecture; pass one (--arch)")
+        raise BadInput(f"{what} records no architecture; pass one (--arch)")
     if arch_kwargs is None:
-        arch_kwargs = json.loads(meta.get("arch_kwargs") or "{}")
-    return arch.build_loaded(
-        spec, arch_kwargs, state, what=Path(path).name, prepare=_deploy_structure
-    )
+        arch_kwargs = _metadata_json(meta, "arch_kwargs", what)
+    return arch.build_loaded(spec, arch_kwargs, state, what=what, prepare=_deploy_structure)
 
 
 def verify_files(
@@ -320,22 +358,29 @@ def verify_files(
     seed: int = 0,
     atol: float | None = None,
     rtol: float | None = None,
+    trust_metadata: bool = False,
 ) -> tuple[V.Verification, dict[str, str]]:
-    """Compare a deploy checkpoint against the train checkpoint it came from (float64 passes)."""
+    """Compare a deploy checkpoint against the train checkpoint it came from (float64 passes).
+
+    Without `arch_spec`, the architecture recorded in the deploy file is used if it is a
+    built-in zoo name (any spec with `trust_metadata`), else a trusted pickled train model.
+    """
     state, meta = checkpoint.read_deploy(deploy_path)
-    spec = arch_spec or meta.get("arch") or None
-    if arch_kwargs is None:
-        arch_kwargs = json.loads(meta.get("arch_kwargs") or "{}")
+    what = Path(deploy_path).name
     loaded = checkpoint.read_checkpoint(train_path, key=key, trust_pickle=trust_pickle)
+    spec = arch_spec
+    if spec is None and loaded.module is None:
+        spec, recorded_kwargs = recorded_architecture(meta, what, trust_metadata=trust_metadata)
+        arch_kwargs = recorded_kwargs if arch_kwargs is None else arch_kwargs
+    if arch_kwargs is None:
+        arch_kwargs = _metadata_json(meta, "arch_kwargs", what) if spec else {}
     train = _load_model(loaded, spec, arch_kwargs)
     if spec is None:
         # A trusted pickled model: a second copy of it gives the deploy structure.
         twin = checkpoint.read_checkpoint(train_path, key=key, trust_pickle=True).module
         deploy = load_deploy(deploy_path, twin)
     else:
-        deploy = arch.build_loaded(
-            spec, arch_kwargs, state, what=Path(deploy_path).name, prepare=_deploy_structure
-        )
+        deploy = arch.build_loaded(spec, arch_kwargs, state, what=what, prepare=_deploy_structure)
     shape = list(input_shape) if input_shape else list(arch.default_input_shape(train))
     train.to(torch.float64)
     deploy.to(torch.float64)
@@ -401,11 +446,16 @@ def bench_file(
     kwargs = dict(arch_kwargs or {})
     loaded = checkpoint.read_checkpoint(input_path, key=key, trust_pickle=trust_pickle)
     train = _load_model(loaded, arch_spec, kwargs)
-    if deploy_path is not None:
-        deploy = load_deploy(deploy_path, arch_spec, arch_kwargs)
-    elif loaded.module is not None and arch_spec is None:
-        deploy = checkpoint.read_checkpoint(input_path, key=key, trust_pickle=True).module
-        engine.convert_model(deploy.eval())
+    if loaded.module is not None and arch_spec is None:
+        # A trusted pickled model: a second copy of it gives the deploy structure.
+        twin = checkpoint.read_checkpoint(input_path, key=key, trust_pickle=True).module
+        if deploy_path is not None:
+            deploy = load_deploy(deploy_path, twin)
+        else:
+            deploy = twin
+            engine.convert_model(deploy.eval())
+    elif deploy_path is not None:
+        deploy = load_deploy(deploy_path, arch_spec, kwargs)
     else:
         deploy = arch.build_loaded(arch_spec, kwargs, loaded.state_dict, what=loaded.path.name)
         engine.convert_model(deploy)

@@ -98,11 +98,13 @@ def test_python_api_convert_and_load_deploy(tmp_path):
     save_layout("plain", source)
     result = repconv.convert_file(source, out, arch_spec=ARCH, input_shape=(3, 24, 24))
     assert result.passed and result.plan.fused_by_rule()["dbb"] == 3
-    model = repconv.load_deploy(out)  # arch from the metadata
+    with pytest.raises(repconv.BadInput, match="trust"):
+        repconv.load_deploy(out)  # a file spec in the metadata is not run unasked
+    model = repconv.load_deploy(out, trust_metadata=True)
     assert set(model.state_dict()) == set(load_file(out))
     from_module = repconv.load_deploy(out, build())
     assert set(from_module.state_dict()) == set(model.state_dict())
-    verification, notes = repconv.verify(source, out, input_shape=(3, 24, 24))
+    verification, notes = repconv.verify(source, out, input_shape=(3, 24, 24), trust_metadata=True)
     assert verification.passed and notes == {}
 
 
