@@ -148,7 +148,7 @@ def _ordered_bits(t: Tensor) -> Tensor:
 
 
 def ulp_distance(actual: Tensor, expected: Tensor) -> Tensor:
-    """Per element, how many representable values of their (common) dtype lie between them."""
+    """Per element, how many steps through the values of their (common) dtype apart they are."""
     a, b = _ordered_bits(actual), _ordered_bits(expected)
     same_side = (a >= 0) == (b >= 0)
     # Across zero the difference could overflow int64; its size is all that matters there.
@@ -378,7 +378,7 @@ class Verification:
                 f"{s['path']} ({s['rule']}, {s['block_error']:.3g})" for s in self.suspects[:5]
             )
             parts.append(f"blocks whose own outputs diverge: {named}")
+        # verify has no per-block figures to clear the blocks; its tensor check names changes.
         elif self.tensors is None and self.exact_passed and not self.written_passed:
-            # (verify has no per-block figures: its tensor check names what changed instead)
             parts.append("every block is exact, so the loss is rounding to the output dtype")
         return "verification failed: " + "; ".join(parts)
