@@ -275,9 +275,11 @@ def convert(input_path: Path, output_path: Path, **opts: Any) -> None:
     help="Build any architecture DEPLOY's metadata names (runs the code it names).",
 )
 def verify(train_path: Path, deploy_path: Path, **opts: Any) -> None:
-    """Check that DEPLOY computes what TRAIN computes: exit 0 if equal, 1 if not.
+    """Check that DEPLOY is what TRAIN converts to: exit 0 if so, 1 if not.
 
     \b
+    Two checks: DEPLOY's tensors must equal the ones recomputed from TRAIN (within one
+    unit in the last place), and DEPLOY must compute what TRAIN computes on random inputs.
     Without --arch, the architecture recorded in DEPLOY's metadata is used when it is a
     built-in zoo name; any other recorded spec (a module or file to import) is only
     built with --trust-metadata, since it would run code the file names.
@@ -314,6 +316,8 @@ def verify(train_path: Path, deploy_path: Path, **opts: Any) -> None:
         for note in notes.values():
             report.console(stderr=True).print(f"note: {note}", markup=False)
         report.verification_lines(out, verification)
+        if not verification.passed:
+            out.print(verification.failure_message(), markup=False)
         return code
 
     _run(as_json, verbose, body)

@@ -360,8 +360,11 @@ def verify_files(
     rtol: float | None = None,
     trust_metadata: bool = False,
 ) -> tuple[V.Verification, dict[str, str]]:
-    """Compare a deploy checkpoint against the train checkpoint it came from (float64 passes).
+    """Compare a deploy checkpoint against the train checkpoint it came from.
 
+    Two checks, on one model built once: its deploy tensors, recomputed from the train
+    checkpoint, must equal the file's (within one ulp of the file's dtype), and the file's
+    tensors loaded into it must compute what the train model computed (the written figure).
     Without `arch_spec`, the architecture recorded in the deploy file is used if it is a
     built-in zoo name (any spec with `trust_metadata`), else a trusted pickled train model.
     """
@@ -374,19 +377,21 @@ def verify_files(
         arch_kwargs = recorded_kwargs if arch_kwargs is None else arch_kwargs
     if arch_kwargs is None:
         arch_kwargs = _metadata_json(meta, "arch_kwargs", what) if spec else {}
-    train = _load_model(loaded, spec, arch_kwargs)
-    if spec is None:
-        # A trusted pickled model: a second copy of it gives the deploy structure.
-        twin = checkpoint.read_checkpoint(train_path, key=key, trust_pickle=True).module
-        deploy = load_deploy(deploy_path, twin)
-    else:
-        deploy = arch.build_loaded(spec, arch_kwargs, state, what=what, prepare=_deploy_structure)
-    shape = list(input_shape) if input_shape else list(arch.default_input_shape(train))
-    train.to(torch.float64)
-    deploy.to(torch.float64)
+    model = _load_model(loaded, spec, arch_kwargs)
+    loaded.state_dict = None  # the model holds what it needs
+    shape = list(input_shape) if input_shape else list(arch.default_input_shape(model))
+    if samples < 1:
+        raise BadInput("--samples must be at least 1")
+    # As `convert` does by default: the whole model in float64, references before the rewrite.
+    _cast_in_place(model, lambda _key: torch.float64)
     inputs = V.make_inputs(shape, samples, seed, torch.float64)
-    references = V.run(train, inputs)
-    written = V.measure(V.run(deploy, inputs), references)
+    references = _reference_outputs(model, inputs, shape)
+    the_plan = engine.apply(model, engine.plan(model))
+    tensors = V.compare_tensors(model.state_dict(), state)
+    written = None
+    if tensors.fits:
+        _load_in_float64(model, state)
+        written = V.measure(V.run(model, inputs), references)
     dtypes = {t.dtype for t in state.values() if t.is_floating_point()}
     verification = V.Verification(
         input_shape=shape,
@@ -396,13 +401,65 @@ def verify_files(
         exact=None,
         written=written,
         exact_limit=V.EXACT_LIMIT,
+        tensors=tensors,
         **V.written_tolerances(dtypes, atol, rtol),
     )
+    return verification, _verify_notes(meta, loaded.sha256, the_plan, what)
+
+
+def _reference_outputs(model: nn.Module, inputs: Sequence[Tensor], shape: Sequence[int]) -> list:
+    try:
+        return V.run(model, inputs)
+    except RuntimeError as exc:
+        raise BadInput(
+            f"the model cannot run on inputs of shape {list(shape)}: {_first_line(exc)} "
+            "(set --input-shape)"
+        ) from None
+
+
+def _load_in_float64(model: nn.Module, state: Mapping[str, Tensor]) -> None:
+    """The file's exact values, held in float64 so the run adds no rounding of its own."""
+    widened = {k: v.to(torch.float64) if v.is_floating_point() else v for k, v in state.items()}
+    model.load_state_dict(widened, strict=True, assign=True)
+
+
+def _verify_notes(
+    meta: Mapping[str, str], source_sha: str, the_plan: Plan, what: str
+) -> dict[str, str]:
     notes = {}
     recorded = meta.get("source_sha256")
-    if recorded and recorded != loaded.sha256:
+    if recorded and recorded != source_sha:
         notes["source"] = "the deploy file records a different source checkpoint (sha256 differs)"
-    return verification, notes
+    plan_note = _recorded_plan_note(meta.get("plan"), the_plan, what)
+    if plan_note:
+        notes["plan"] = plan_note
+    return notes
+
+
+def _recorded_plan_note(text: str | None, the_plan: Plan, what: str) -> str | None:
+    """A note when the blocks (path, rule) the file records are not the recomputed ones."""
+    if not text:
+        return None
+    try:
+        recorded = {(b["path"], b["rule"]) for b in json.loads(text)["blocks"]}
+    except (ValueError, TypeError, KeyError):
+        # Only a note depends on it; the tensors themselves are checked either way.
+        return f"{what}'s recorded plan is not readable"
+    recomputed = {(e.path, e.rule) for e in the_plan.entries}
+    if recorded == recomputed:
+        return None
+    parts = []
+    for label, blocks in (
+        ("only in the file", recorded - recomputed),
+        ("only recomputed", recomputed - recorded),
+    ):
+        if blocks:
+            shown = ", ".join(f"{p or '<root>'} ({r})" for p, r in sorted(blocks)[:3])
+            parts.append(f"{len(blocks)} {label}: {shown}{', ...' if len(blocks) > 3 else ''}")
+    return (
+        f"the plan recorded in {what} differs from the recomputed one ({'; '.join(parts)}); "
+        "the file may come from another repconv version or another --arch"
+    )
 
 
 def inspect_file(

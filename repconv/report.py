@@ -87,10 +87,15 @@ def verification_lines(out: Console, v: Verification) -> None:
     parts = [f"verification {status}", f"{v.samples} sample(s) of {v.input_shape} in {v.dtype}"]
     if exact is not None:
         parts.append(f"exact {exact:.3g} (limit {v.exact_limit:g})")
-    parts.append(
-        f"written {worst(v.written):.3g} (rtol {v.written_rtol:g}, atol {v.written_atol:g})"
-    )
+    if v.written is None:
+        parts.append("written not run (the file does not fit the model)")
+    else:
+        parts.append(
+            f"written {worst(v.written):.3g} (rtol {v.written_rtol:g}, atol {v.written_atol:g})"
+        )
     out.print(": ".join(parts[:1]) + ": " + ", ".join(parts[1:]), markup=False)
+    if v.tensors is not None:
+        out.print(f"tensors: {v.tensors.summary()}", markup=False)
 
 
 def summary_line(out: Console, plan: Plan, before: int, after: int) -> None:

@@ -4,11 +4,16 @@ Outputs are compared per tensor as max|deploy - ref| / max|ref|. Two figures, bo
 with activations in float64 so that rounding in the passes neither hides a bug nor fails a correct
 conversion: `exact` runs the fused weights before they are rounded (it judges the math alone) and
 `written` runs them exactly as they will be written (it judges the file).
+
+`repconv verify` adds a check of the file itself: conversion is deterministic, so the deploy
+tensors recomputed from the train checkpoint must equal the file's, element by element, to within
+one unit in the last place of the file's dtype (a `TensorCheck`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+import math
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -26,6 +31,18 @@ WRITTEN_LIMITS = {
     torch.float32: 1e-4,
     torch.float16: 1e-2,
     torch.bfloat16: 5e-2,
+}
+
+
+# Recomputed tensors are rounded once from float64, like the converter's; only the order of
+# float64 sums may differ (GEMM blocking follows the thread count), which moves at most one ulp.
+ULP_LIMIT = 1
+MAX_SHOWN = 5
+_BITS_OF = {
+    torch.float64: torch.int64,
+    torch.float32: torch.int32,
+    torch.float16: torch.int16,
+    torch.bfloat16: torch.int16,
 }
 
 
@@ -122,6 +139,162 @@ def worst(figures: dict[str, Figure] | None) -> float | None:
     return max((f.relative for f in figures.values()), default=0.0)
 
 
+def _ordered_bits(t: Tensor) -> Tensor:
+    """Each float's bit pattern as an int64 that orders like the floats (-0 and +0 both 0)."""
+    bits = _BITS_OF[t.dtype]
+    raw = t.contiguous().view(bits).to(torch.int64)
+    # Floats are sign-magnitude: a negative float's magnitude bits count away from zero.
+    return torch.where(raw < 0, torch.iinfo(bits).min - raw, raw)
+
+
+def ulp_distance(actual: Tensor, expected: Tensor) -> Tensor:
+    """Per element, how many steps through the values of their (common) dtype apart they are."""
+    a, b = _ordered_bits(actual), _ordered_bits(expected)
+    same_side = (a >= 0) == (b >= 0)
+    # Across zero the difference could overflow int64; its size is all that matters there.
+    across = a.abs().to(torch.float64) + b.abs().to(torch.float64)
+    return torch.where(same_side, (a - b).abs().to(torch.float64), across)
+
+
+@dataclass
+class TensorDifference:
+    """A deploy tensor that is not what the train checkpoint converts to."""
+
+    key: str
+    ulps: float
+    max_abs: float
+    problem: str | None = None  # why the values could not be compared, if they could not
+
+    def describe(self) -> str:
+        if self.problem:
+            return f"{self.key} ({self.problem})"
+        return f"{self.key} ({self.ulps:.3g} ulp, {self.max_abs:.3g} absolute)"
+
+
+@dataclass
+class TensorCheck:
+    """The deploy file's tensors against the ones recomputed from the train checkpoint."""
+
+    compared: int = 0
+    bit_exact: int = 0
+    within_ulp: int = 0
+    differing: int = 0
+    misfits: int = 0  # of the differing, how many have another shape or kind of dtype
+    first_differences: list[TensorDifference] = field(default_factory=list)
+    missing: list[str] = field(default_factory=list)  # recomputed, absent from the file
+    unexpected: list[str] = field(default_factory=list)  # in the file, not recomputed
+
+    @property
+    def fits(self) -> bool:
+        """The file's keys and shapes fit the model (so it can be loaded and run)."""
+        return not self.missing and not self.unexpected and not self.misfits
+
+    @property
+    def passed(self) -> bool:
+        return self.differing == 0 and not self.missing and not self.unexpected
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "passed": self.passed,
+            "compared": self.compared,
+            "bit_exact": self.bit_exact,
+            "within_ulp": self.within_ulp,
+            "differing": self.differing,
+            "ulp_limit": ULP_LIMIT,
+            "first_differences": [
+                {
+                    "key": d.key,
+                    "ulps": _finite_or_none(d.ulps),
+                    "max_abs": _finite_or_none(d.max_abs),
+                    "problem": d.problem,
+                }
+                for d in self.first_differences
+            ],
+            "missing": self.missing,
+            "unexpected": self.unexpected,
+        }
+
+    def summary(self) -> str:
+        equal = self.bit_exact + self.within_ulp
+        text = (
+            f"{equal} of {self.compared} equal to the recomputed ones "
+            f"({self.bit_exact} bit-exact, {self.within_ulp} within {ULP_LIMIT} ulp)"
+        )
+        return text + "".join(f"; {part}" for part in self.problems())
+
+    def problems(self) -> list[str]:
+        parts = []
+        if self.differing:
+            named = ", ".join(d.describe() for d in self.first_differences)
+            more = ", ..." if self.differing > len(self.first_differences) else ""
+            parts.append(f"{self.differing} differ: {named}{more}")
+        if self.missing:
+            parts.append(f"{len(self.missing)} missing from the file: {_few(self.missing)}")
+        if self.unexpected:
+            parts.append(
+                f"{len(self.unexpected)} not in the recomputed model: {_few(self.unexpected)}"
+            )
+        return parts
+
+
+def _finite_or_none(value: float) -> float | None:
+    return value if math.isfinite(value) else None  # JSON has no infinity
+
+
+def _few(keys: Sequence[str]) -> str:
+    return ", ".join(keys[:MAX_SHOWN]) + (", ..." if len(keys) > MAX_SHOWN else "")
+
+
+def compare_tensors(recomputed: Mapping[str, Tensor], written: Mapping[str, Tensor]) -> TensorCheck:
+    """Round each recomputed tensor to the dtype the file holds it in and compare the two."""
+    check = TensorCheck(
+        missing=[k for k in recomputed if k not in written],
+        unexpected=[k for k in written if k not in recomputed],
+    )
+    for key, expected in recomputed.items():
+        if key not in written:
+            continue
+        check.compared += 1
+        outcome, difference = _compare_one(key, expected.detach(), written[key].detach())
+        if outcome == "bit-exact":
+            check.bit_exact += 1
+        elif outcome == "within":
+            check.within_ulp += 1
+        else:
+            check.differing += 1
+            check.misfits += outcome == "misfit"
+            if len(check.first_differences) < MAX_SHOWN:
+                check.first_differences.append(difference)
+    return check
+
+
+def _compare_one(key: str, expected: Tensor, actual: Tensor) -> tuple[str, TensorDifference | None]:
+    """("bit-exact" | "within" | "differs" | "misfit", the difference when there is one)."""
+    if expected.shape != actual.shape:
+        shapes = f"{tuple(actual.shape)} in the file, {tuple(expected.shape)} recomputed"
+        return "misfit", TensorDifference(key, float("inf"), float("inf"), f"shape {shapes}")
+    if expected.is_floating_point() != actual.is_floating_point():
+        dtypes = f"{actual.dtype} in the file, {expected.dtype} recomputed"
+        return "misfit", TensorDifference(key, float("inf"), float("inf"), f"dtype {dtypes}")
+    rounded = expected.to(actual.dtype)
+    if actual.dtype in _BITS_OF:
+        bits = _BITS_OF[actual.dtype]
+        if torch.equal(rounded.contiguous().view(bits), actual.contiguous().view(bits)):
+            return "bit-exact", None
+        ulps = ulp_distance(actual, rounded)
+    else:
+        if torch.equal(rounded, actual):
+            return "bit-exact", None
+        # Integers (counters) are copied, never rounded: any change is a difference.
+        ulps = torch.full(actual.shape, float("inf"))
+    worst_ulps = float(ulps.max()) if ulps.numel() else 0.0
+    if worst_ulps <= ULP_LIMIT:
+        return "within", None
+    diff = (actual.to(torch.float64) - rounded.to(torch.float64)).abs()
+    max_abs = float(diff.nan_to_num(float("inf")).max()) if diff.numel() else 0.0
+    return "differs", TensorDifference(key, worst_ulps, max_abs)
+
+
 @dataclass
 class Verification:
     """The outcome of comparing a deploy model against its train model."""
@@ -131,11 +304,12 @@ class Verification:
     seed: int
     dtype: str
     exact: dict[str, Figure] | None
-    written: dict[str, Figure]
+    written: dict[str, Figure] | None  # None: the file could not be run (its keys do not fit)
     exact_limit: float
     written_atol: float
     written_rtol: float
     suspects: list[dict[str, Any]] = field(default_factory=list)
+    tensors: TensorCheck | None = None  # `repconv verify` only
 
     @property
     def exact_passed(self) -> bool:
@@ -145,17 +319,23 @@ class Verification:
 
     @property
     def written_passed(self) -> bool:
+        if self.written is None:
+            return False
         return all(f.passes(self.written_atol, self.written_rtol) for f in self.written.values())
 
     @property
+    def tensors_passed(self) -> bool:
+        return self.tensors is None or self.tensors.passed
+
+    @property
     def passed(self) -> bool:
-        return self.exact_passed and self.written_passed
+        return self.exact_passed and self.written_passed and self.tensors_passed
 
     def to_dict(self) -> dict[str, Any]:
         def figures(figs: dict[str, Figure] | None) -> dict[str, float] | None:
             return None if figs is None else {k: f.relative for k, f in figs.items()}
 
-        return {
+        document = {
             "passed": self.passed,
             "input_shape": self.input_shape,
             "samples": self.samples,
@@ -170,15 +350,25 @@ class Verification:
             "written": figures(self.written),
             "suspects": self.suspects,
         }
+        if self.tensors is not None:  # convert's metadata stays as it was
+            document["tensors"] = self.tensors.to_dict()
+        return document
 
     def failure_message(self) -> str:
         parts = []
+        if not self.tensors_passed:
+            parts.append(
+                "the file's tensors are not what the train checkpoint converts to: "
+                + "; ".join(self.tensors.problems())
+            )
+        if self.written is None:
+            parts.append("the file was not run: its keys or shapes do not fit the model")
         if not self.exact_passed:
             parts.append(
                 f"the fused math is off: exact error {worst(self.exact):.3g} "
                 f"> limit {self.exact_limit:g}"
             )
-        if not self.written_passed:
+        if self.written is not None and not self.written_passed:
             parts.append(
                 f"the written weights are off: error {worst(self.written):.3g} "
                 f"> rtol {self.written_rtol:g} (atol {self.written_atol:g})"
@@ -188,6 +378,7 @@ class Verification:
                 f"{s['path']} ({s['rule']}, {s['block_error']:.3g})" for s in self.suspects[:5]
             )
             parts.append(f"blocks whose own outputs diverge: {named}")
-        elif self.exact_passed and not self.written_passed:
+        # verify has no per-block figures to clear the blocks; its tensor check names changes.
+        elif self.tensors is None and self.exact_passed and not self.written_passed:
             parts.append("every block is exact, so the loss is rounding to the output dtype")
         return "verification failed: " + "; ".join(parts)

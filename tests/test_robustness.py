@@ -250,7 +250,9 @@ def test_verify_bad_inputs(tmp_path, good):
     misfit = tmp_path / "misfit.safetensors"
     save_file({"fc.weight": torch.zeros(10, 64)}, misfit, metadata={"arch": "demo_mixed"})
     result = CliRunner().invoke(main, ["verify", str(good), str(misfit)])
-    assert result.exit_code == 2 and "does not fit" in result.stderr
+    # Keys the train checkpoint converts to but the file lacks: the file is not that conversion.
+    assert result.exit_code == 1 and "15 missing from the file: stem." in result.stdout
+    assert "written not run" in result.stdout
 
 
 SHIFTED = """
