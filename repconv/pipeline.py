@@ -86,6 +86,31 @@ def _output_dtypes(
     return dtype_for
 
 
+def _holds_exactly(wide: torch.dtype, narrow: torch.dtype) -> bool:
+    """Every `narrow` value is a `wide` value (finer steps, a range at least as large)."""
+    w, n = torch.finfo(wide), torch.finfo(narrow)
+    return w.eps <= n.eps and w.max >= n.max and w.smallest_normal <= n.smallest_normal
+
+
+def _check_holds_weights(verify_dtype: torch.dtype, dtypes) -> None:
+    """The weights are held in the verification dtype while they are fused: never round them."""
+    lost = sorted(
+        {str(d).removeprefix("torch.") for d in dtypes if d.is_floating_point}
+        - {
+            str(d).removeprefix("torch.")
+            for d in DTYPES.values()
+            if _holds_exactly(verify_dtype, d)
+        }
+    )
+    if lost:
+        name = str(verify_dtype).removeprefix("torch.")
+        raise BadInput(
+            f"--verify-dtype {name} cannot hold the checkpoint's {', '.join(lost)} weights "
+            "exactly, and they are fused while held in it; use float64 (the default) or the "
+            "checkpoint's own dtype"
+        )
+
+
 def _cast_in_place(model: nn.Module, dtype_for: Callable[[str], torch.dtype], hold=None) -> None:
     """Round every floating tensor to the dtype it is written in; hold it in `hold` if given.
 
@@ -138,6 +163,8 @@ def convert(
         raise BadInput("--samples must be at least 1")
     model.eval()
     original = _dtype_of_keys(model)
+    if verify:
+        _check_holds_weights(verify_dtype, original.values())
     params_before = param_count(model)
     the_plan = engine.plan(model, rules)
     dtype_for = _output_dtypes(original, the_plan)

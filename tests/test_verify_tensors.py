@@ -214,13 +214,22 @@ def test_no_verify_and_verify_dtype_float32_give_the_default_tensors(converted, 
         assert cli("verify", train, deploy, *QUICK).exit_code == 0
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="convert --verify-dtype below the checkpoint's dtype rounds the train weights to it "
-    "before fusing, so the file is not the default conversion (verify rightly says so)",
+@pytest.mark.parametrize(
+    ("stored", "held"),
+    [(torch.float64, "float32"), (torch.float32, "float16"), (torch.float16, "bfloat16")],
 )
-def test_a_float64_checkpoint_converted_with_verify_dtype_float32_verifies(tmp_path):
-    train = save_train(tmp_path / "train.pth", torch.float64)
+def test_convert_refuses_a_verify_dtype_that_would_round_the_weights(tmp_path, stored, held):
+    """Held in a dtype that cannot hold them, the weights would be fused already rounded."""
+    train = save_train(tmp_path / "train.pth", stored)
+    out = tmp_path / "deploy.safetensors"
+    result = cli("convert", train, out, *ARCH, *QUICK, "--verify-dtype", held)
+    assert result.exit_code == 2, result.output
+    assert f"--verify-dtype {held} cannot hold" in result.stderr
+    assert not out.exists()
+
+
+def test_a_float16_checkpoint_verified_in_float32_is_the_default_conversion(tmp_path):
+    train = save_train(tmp_path / "train.pth", torch.float16)
     deploy = convert(train, tmp_path / "f32.safetensors", "--verify-dtype", "float32")
     verification, _ = pipeline.verify_files(train, deploy, samples=1)
     assert verification.tensors.passed
