@@ -523,7 +523,8 @@ def batch(config_path: Path, **opts: Any) -> None:
     output (a pattern: {stem}, {name}, {dir}), name, timeout (s), memory_limit, threads.
     A failing entry (bad checkpoint, failed verification, out of memory, timeout) is
     reported and the others go on. Exit 0 if all entries succeed, 1 if any failed,
-    2 if CONFIG is bad (with the line at fault).
+    2 if CONFIG is bad (with the line at fault), 130/143 on Ctrl-C/SIGTERM (running
+    workers are killed, nothing is half-written).
     """
     from repconv import batch as batch_api
     from repconv.batch import progress, summary

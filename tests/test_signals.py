@@ -137,6 +137,7 @@ def test_sigterm_while_writing_removes_the_temp_file(ckpts, tmp_path):
     assert list(out.iterdir()) == []
 
 
+@pytest.mark.slow
 def test_sigterm_while_converting(ckpts, tmp_path):
     """The genuine `python -m repconv`, signalled while torch computes (a long verification)."""
     out = tmp_path / "out"
@@ -205,6 +206,7 @@ def leftovers(folder: Path) -> list[str]:
     return sorted(p.name for p in (folder / "out").iterdir())
 
 
+@pytest.mark.slow
 def test_sigterm_stops_the_batch_and_its_workers(ckpts, tmp_path):
     batch = start_batch_with_workers(tmp_path, ckpts)
     batch.send_signal(signal.SIGTERM)
@@ -215,6 +217,7 @@ def test_sigterm_stops_the_batch_and_its_workers(ckpts, tmp_path):
     assert leftovers(tmp_path) == []
 
 
+@pytest.mark.slow
 def test_a_killed_batch_takes_its_workers_down(ckpts, tmp_path):
     batch = start_batch_with_workers(tmp_path, ckpts)
     batch.kill()
@@ -223,6 +226,7 @@ def test_a_killed_batch_takes_its_workers_down(ckpts, tmp_path):
     assert not [name for name in leftovers(tmp_path) if not name.endswith(".tmp")]
 
 
+@pytest.mark.slow
 def test_a_spawned_worker_dies_with_its_parent(ckpts, tmp_path):
     """Where workers cannot be forked (a Dask worker's) they are spawned; SIGKILL still ends
     them with their parent, through PR_SET_PDEATHSIG."""

@@ -1,10 +1,11 @@
 """One batch entry, converted in a process of its own.
 
 The process is forked from a server that has already imported torch (`run_forked`), or, where
-that is not possible, started as `python -m repconv.batch.worker RESULT` with the job as JSON on
-stdin. Either way the outcome is written as JSON to RESULT. A process per entry is the isolation
-unit: whatever happens here (an exception, memory exhaustion, a kill on timeout) ends this
-process only, and the batch goes on.
+that is not possible, started as `python -m repconv.batch.worker RESULT [PARENT_PID]` with the
+job as JSON on stdin. Either way the outcome is written as JSON to RESULT. A process per entry is
+the isolation unit: whatever happens here (an exception, memory exhaustion, a kill on timeout)
+ends this process only, and the batch goes on. The batch ending, however, ends this process
+too, even when the batch was SIGKILLed (`die_with_parent`, `_die_with_batch`).
 """
 
 from __future__ import annotations
