@@ -247,3 +247,28 @@ def test_a_spawned_worker_dies_with_its_parent(ckpts, tmp_path):
     parent.wait(GUARD_SECONDS)
     assert wait_until_session_is_gone(parent.pid) == {}
     assert leftovers(tmp_path) == []
+
+
+def test_an_interrupted_batch_leaves_the_next_one_working(ckpts, tmp_path):
+    """Library use: Ctrl-C stops the workers and the fork server; a later batch starts anew."""
+    from repconv.batch import run_batch
+
+    config = tmp_path / "demo.toml"
+    config.write_text(
+        f'[[model]]\ninput = "{ckpts / "demo.pth"}"\noutput = "out/demo.safetensors"\n'
+        'arch = "demo_mixed"\ninput_shape = [3, 32, 32]\n'
+    )
+
+    class InterruptOnceRunning:
+        def running(self, jobs) -> None:
+            if jobs:
+                raise KeyboardInterrupt
+
+        def finished(self, job, row) -> None:
+            pytest.fail("the entry should have been stopped")
+
+    with pytest.raises(KeyboardInterrupt):
+        run_batch(config, jobs=1, watcher=InterruptOnceRunning())
+    assert not (tmp_path / "out").exists() or list((tmp_path / "out").iterdir()) == []
+    _, rows = run_batch(config, jobs=1)
+    assert rows[0]["status"] == "converted", rows[0]

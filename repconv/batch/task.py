@@ -7,6 +7,7 @@ executor. It never raises for the entry's own failures; it returns the outcome a
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import multiprocessing
@@ -132,7 +133,8 @@ class _Worker(Protocol):
 
 
 class _LiveWorkers:
-    """The worker processes running now, so that the main thread can kill them.
+    """The worker processes running now (in this process: one batch at a time), so that the
+    main thread can kill them.
 
     A batch interrupted by Ctrl-C or SIGTERM gets the exception in its main thread, while the
     threads that started the workers sit in `finish`, which nothing interrupts. Workers start
@@ -244,11 +246,17 @@ class _ForkedWorker:
                 return
         from multiprocessing import forkserver
 
-        # `_stop` is the documented-by-use way CPython's own tests stop the server; guarded
-        # so that a Python without it falls back on the server's exit at end of process.
-        stop = getattr(getattr(forkserver, "_forkserver", None), "_stop", None)
-        if stop is not None:
-            stop()
+        # Private, hence guarded: without them the server still exits when this process ends.
+        server = getattr(forkserver, "_forkserver", None)
+        pid, stop = getattr(server, "_forkserver_pid", None), getattr(server, "_stop", None)
+        if pid is None or stop is None:
+            return
+        # Killed first: `_stop` only closes the server's control pipe and waits, and a worker
+        # we never heard of (forked as its start failed) would hold that pipe open for ever.
+        # Such a worker dies with the server (PR_SET_PDEATHSIG).
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+        stop()
 
 
 class _SpawnedWorker:
