@@ -19,6 +19,7 @@ except ModuleNotFoundError:  # Python 3.10
 
 from repconv import __version__, files, report
 from repconv.errors import RepconvError
+from repconv.interrupts import EXIT_INTERRUPTED, EXIT_TERMINATED, Terminated, sigterm_raises
 from repconv.options import VERIFY_DTYPES, parse_kwargs, split_shape
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
@@ -138,14 +139,21 @@ def _check_options(fn: Callable) -> Callable:
 
 
 def _run(as_json: bool, verbose: bool, body: Callable[[], int]) -> None:
-    """Run a command body; map errors to exit codes and one-line messages."""
+    """Run a command body; map errors to exit codes and one-line messages.
+
+    SIGTERM raises `Terminated` while the body runs, so it unwinds as Ctrl-C does: temp files
+    are removed and a batch takes its workers down.
+    """
     err = report.console(stderr=True)
     try:
-        code = body()
+        with sigterm_raises():
+            code = body()
     except RepconvError as exc:
         code, message, trace = exc.exit_code, str(exc), traceback.format_exc()
     except KeyboardInterrupt:
-        code, message, trace = 130, "interrupted", traceback.format_exc()
+        code, message, trace = EXIT_INTERRUPTED, "interrupted", traceback.format_exc()
+    except Terminated:
+        code, message, trace = EXIT_TERMINATED, "terminated", traceback.format_exc()
     except Exception as exc:  # any failure becomes one line, traceback on -v
         code, message, trace = (
             EXIT_BAD_INPUT,
@@ -527,7 +535,8 @@ def batch(config_path: Path, **opts: Any) -> None:
     output (a pattern: {stem}, {name}, {dir}), name, timeout (s), memory_limit, threads.
     A failing entry (bad checkpoint, failed verification, out of memory, timeout) is
     reported and the others go on. Exit 0 if all entries succeed, 1 if any failed,
-    2 if CONFIG is bad (with the line at fault).
+    2 if CONFIG is bad (with the line at fault), 130/143 on Ctrl-C/SIGTERM (running
+    workers are killed, nothing is half-written).
     """
     from repconv import batch as batch_api
     from repconv.batch import progress, summary

@@ -48,10 +48,15 @@ def read_safetensors_metadata(path: str | Path) -> dict[str, str]:
 def temp_file_beside(path: Path) -> tuple[int, str]:
     """A temp file in `path`'s folder (so the final rename is atomic), named after `path`."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    # mkstemp creates the file private (0600); give it the permissions a plain open would.
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)
+    try:
+        # mkstemp creates the file private (0600); give it the permissions a plain open would.
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
+    except BaseException:  # a signal turned exception (Ctrl-C, SIGTERM) leaves no file either
+        os.close(fd)
+        Path(tmp).unlink(missing_ok=True)
+        raise
     return fd, tmp
 
 

@@ -34,7 +34,9 @@ def is_local(spec: str | None) -> bool:
 def open_executor(spec: str | None, jobs: int) -> Iterator[Executor]:
     """An executor for `--executor SPEC` (None: this machine, `jobs` entries at a time)."""
     if is_local(spec):
-        # Threads suffice: each one only starts a worker process and waits for it.
+        # Threads suffice: each one only starts a worker process and waits for it. Leaving on
+        # an exception still waits for them: the runner has killed their workers by then, and
+        # each thread removes its worker's temp file before it ends.
         with ThreadPoolExecutor(max_workers=jobs, thread_name_prefix="repconv-batch") as pool:
             yield pool
         return
@@ -54,7 +56,15 @@ def open_executor(spec: str | None, jobs: int) -> Iterator[Executor]:
     except (OSError, TimeoutError) as exc:
         raise BadInput(f"cannot reach the Dask scheduler at {address}: {exc}") from None
     try:
-        with client.get_executor(pure=False) as executor:
+        executor = client.get_executor(pure=False)
+        try:
             yield executor
+        except BaseException:
+            # Interrupted: cancel the tasks instead of waiting for them (what leaving the
+            # executor's `with` would do). A task already running on a Dask worker finishes
+            # there; this process cannot reach into the cluster's machines.
+            executor.shutdown(wait=False)
+            raise
+        executor.shutdown(wait=True)
     finally:
         client.close()

@@ -8,7 +8,7 @@ from concurrent.futures import FIRST_COMPLETED, Executor, Future, wait
 from typing import Any, Protocol
 
 from repconv.batch.config import Job
-from repconv.batch.task import run_entry
+from repconv.batch.task import accept_workers, run_entry, stop_workers
 
 POLL_SECONDS = 0.25
 
@@ -54,12 +54,19 @@ def _largest_first(jobs: Sequence[Job]) -> list[int]:
 
 
 def run(jobs: Sequence[Job], executor: Executor, watcher: Watcher | None = None) -> list[dict]:
-    """Every job's row, in the order of `jobs`, however the executor ordered the work."""
+    """Every job's row, in the order of `jobs`, however the executor ordered the work.
+
+    Interrupted (Ctrl-C, or SIGTERM turned into an exception by the CLI), it cancels the
+    entries not started, kills the local workers running and re-raises.
+    """
     watcher = watcher or _Silent()
-    futures = {executor.submit(run_entry, jobs[i]): i for i in _largest_first(jobs)}
+    accept_workers()
+    futures: dict[Future, int] = {}
     rows: list[dict[str, Any] | None] = [None] * len(jobs)
-    pending = set(futures)
     try:
+        for index in _largest_first(jobs):
+            futures[executor.submit(run_entry, jobs[index])] = index
+        pending = set(futures)
         while pending:
             done, pending = wait(pending, timeout=POLL_SECONDS, return_when=FIRST_COMPLETED)
             for future in sorted(done, key=futures.__getitem__):
@@ -69,7 +76,8 @@ def run(jobs: Sequence[Job], executor: Executor, watcher: Watcher | None = None)
             in_order = sorted(pending, key=futures.__getitem__)
             watcher.running([jobs[futures[f]] for f in in_order if f.running()])
     except BaseException:
-        for future in pending:
+        for future in futures:
             future.cancel()
+        stop_workers()
         raise
     return rows

@@ -7,15 +7,18 @@ executor. It never raises for the entry's own failures; it returns the outcome a
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import multiprocessing
+import os
 import signal
 import subprocess
 import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -125,7 +128,66 @@ class _Worker(Protocol):
     def finish(self, timeout: float | None) -> int | None:
         """Wait for the exit code; on timeout kill the worker and return None."""
 
-    def kill(self) -> None: ...
+    def kill(self) -> None:
+        """Kill the worker and wait until it has ended."""
+
+
+class _LiveWorkers:
+    """The worker processes running now (in this process: one batch at a time), so that the
+    main thread can kill them.
+
+    A batch interrupted by Ctrl-C or SIGTERM gets the exception in its main thread, while the
+    threads that started the workers sit in `finish`, which nothing interrupts. Workers start
+    under the lock and none starts once `stop` has run, so no worker outlives an interrupted
+    batch, and none writes its output after it.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._workers: dict[_Worker, Path] = {}
+        self._stopping = False
+
+    def start(self, start: Callable[[], _Worker], output: Path) -> _Worker | None:
+        """The worker `start` started, tracked until `discard`; None if the batch is stopping."""
+        with self._lock:
+            if self._stopping:
+                return None
+            worker = start()
+            self._workers[worker] = output
+            return worker
+
+    def discard(self, worker: _Worker) -> None:
+        with self._lock:
+            self._workers.pop(worker, None)
+
+    def stop(self) -> None:
+        """Kill every worker and wait for each to end; then remove what it was writing."""
+        with self._lock:
+            self._stopping = True
+            workers = list(self._workers.items())
+        for worker, output in workers:
+            worker.kill()
+            _remove_partial_outputs(output)
+
+    def reopen(self) -> None:
+        with self._lock:
+            self._stopping = False
+
+
+_live_workers = _LiveWorkers()
+
+
+def accept_workers() -> None:
+    """Let entries start workers (again, after an interrupted batch in the same process)."""
+    _live_workers.reopen()
+
+
+def stop_workers() -> None:
+    """Kill every worker this process started, wait for them, remove their temp files, refuse
+    new ones and stop the fork server. For the main thread of an interrupted batch; the
+    workers of a Dask cluster are not here."""
+    _live_workers.stop()
+    _ForkedWorker.stop_server()
 
 
 class _ForkedWorker:
@@ -175,6 +237,27 @@ class _ForkedWorker:
         self._process.kill()
         self._process.join()
 
+    @classmethod
+    def stop_server(cls) -> None:
+        """Stop the fork server, if this process started one (it would also exit on its own
+        once this process ends and its control pipe closes)."""
+        with cls._lock:
+            if cls._context is None:
+                return
+        from multiprocessing import forkserver
+
+        # Private, hence guarded: without them the server still exits when this process ends.
+        server = getattr(forkserver, "_forkserver", None)
+        pid, stop = getattr(server, "_forkserver_pid", None), getattr(server, "_stop", None)
+        if pid is None or stop is None:
+            return
+        # Killed first: `_stop` only closes the server's control pipe and waits, and a worker
+        # we never heard of (forked as its start failed) would hold that pipe open for ever.
+        # Such a worker dies with the server (PR_SET_PDEATHSIG).
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+        stop()
+
 
 class _SpawnedWorker:
     """A fresh interpreter running `python -m repconv.batch.worker` (pays the torch import)."""
@@ -182,7 +265,8 @@ class _SpawnedWorker:
     def __init__(self, job_text: str, result_file: Path, stderr_file: Path) -> None:
         with open(stderr_file, "w") as stderr:
             self._process = subprocess.Popen(
-                [sys.executable, "-m", "repconv.batch.worker", str(result_file)],
+                # Our pid: the worker checks it is still its parent once it asked to die with it.
+                [sys.executable, "-m", "repconv.batch.worker", str(result_file), str(os.getpid())],
                 stdin=subprocess.PIPE,
                 stdout=subprocess.DEVNULL,
                 stderr=stderr,
@@ -215,15 +299,18 @@ def _run_worker(job: Job, *, fork: bool | None = None) -> dict[str, Any]:
     fork = _ForkedWorker.usable() if fork is None else fork
     with tempfile.TemporaryDirectory(prefix="repconv-batch-") as scratch:
         result_file, stderr_file = Path(scratch) / "result.json", Path(scratch) / "stderr"
-        worker: _Worker = (_ForkedWorker if fork else _SpawnedWorker)(
-            job_text, result_file, stderr_file
-        )
+        kind = _ForkedWorker if fork else _SpawnedWorker
+        worker = _live_workers.start(lambda: kind(job_text, result_file, stderr_file), output)
+        if worker is None:
+            return {"status": "failed", "failure": "stopped", "reason": "the batch was stopped"}
         try:
             code = worker.finish(job.timeout)
         except BaseException:  # interrupted: take the worker down with us
             worker.kill()
             _remove_partial_outputs(output)
             raise
+        finally:
+            _live_workers.discard(worker)
         if code is None:
             _remove_partial_outputs(output)
             return {

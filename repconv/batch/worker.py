@@ -1,18 +1,23 @@
 """One batch entry, converted in a process of its own.
 
 The process is forked from a server that has already imported torch (`run_forked`), or, where
-that is not possible, started as `python -m repconv.batch.worker RESULT` with the job as JSON on
-stdin. Either way the outcome is written as JSON to RESULT. A process per entry is the isolation
-unit: whatever happens here (an exception, memory exhaustion, a kill on timeout) ends this
-process only, and the batch goes on.
+that is not possible, started as `python -m repconv.batch.worker RESULT [PARENT_PID]` with the
+job as JSON on stdin. Either way the outcome is written as JSON to RESULT. A process per entry is
+the isolation unit: whatever happens here (an exception, memory exhaustion, a kill on timeout)
+ends this process only, and the batch goes on. The batch ending, however, ends this process
+too, even when the batch was SIGKILLed (`die_with_parent`, `_die_with_batch`).
 """
 
 from __future__ import annotations
 
+import ctypes
 import json
+import multiprocessing
 import os
 import resource
+import signal
 import sys
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +25,31 @@ from repconv.errors import BadInput, VerificationFailed
 from repconv.files import write_text_atomically
 
 MEMORY_ERRORS = ("can't allocate memory", "not enough memory", "cannot allocate memory")
+_PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
+# The process that imported this module. The fork server preloads it, so in a forked worker
+# this is the server: the parent to die with.
+_IMPORTED_BY = os.getpid()
+
+
+def die_with_parent(parent: int) -> None:
+    """Have the kernel SIGKILL this process when its parent ends (Linux; elsewhere a no-op).
+
+    A batch killed outright (SIGKILL, the OOM killer) runs no clean-up, so without this its
+    workers would go on and write their outputs after it died. A spawned worker's parent is
+    the batch (strictly, the batch's thread that started it, which waits for it); a forked
+    worker's is the fork server, which `_die_with_batch` covers as well.
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+            return
+    except (OSError, AttributeError):
+        return
+    # The parent may have ended before the request was made: then nobody would send it.
+    if os.getppid() != parent:
+        os._exit(1)
 
 
 def status_mib(field: str) -> float | None:
@@ -32,6 +62,24 @@ def status_mib(field: str) -> float | None:
     except OSError:
         pass
     return None
+
+
+def _die_with_batch() -> None:
+    """In a forked worker, SIGKILL this process as soon as the batch process ends.
+
+    The fork server, this worker's parent, does not end with the batch while workers run:
+    each worker holds a copy of the server's control pipe, which keeps it open. So the worker
+    watches the batch itself (multiprocessing's handle on the process that started it).
+    """
+    batch = multiprocessing.parent_process()
+    if batch is None:
+        return
+
+    def watch() -> None:
+        batch.join()
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    threading.Thread(target=watch, name="repconv-watch-batch", daemon=True).start()
 
 
 def _limit_memory(limit: int | None) -> None:
@@ -121,6 +169,9 @@ def run(job_text: str, result_path: str) -> None:
 
 def run_forked(job_text: str, result_path: str, stderr_path: str) -> None:
     """Entry point of a worker forked from the preloaded server: its own stderr, then `run`."""
+    # If the preload failed this module was imported here; the parent is then read at once.
+    die_with_parent(_IMPORTED_BY if os.getpid() != _IMPORTED_BY else os.getppid())
+    _die_with_batch()
     with open(stderr_path, "w") as stderr, open(os.devnull, "w") as devnull:
         os.dup2(stderr.fileno(), 2)
         os.dup2(devnull.fileno(), 1)
@@ -128,9 +179,11 @@ def run_forked(job_text: str, result_path: str, stderr_path: str) -> None:
 
 
 def main(argv: list[str]) -> int:
-    if len(argv) != 1:
-        sys.stderr.write("usage: python -m repconv.batch.worker RESULT_JSON < job.json\n")
+    if len(argv) not in (1, 2) or not all(a.isdigit() for a in argv[1:]):
+        sys.stderr.write("usage: python -m repconv.batch.worker RESULT_JSON [PARENT_PID] < job\n")
         return 2
+    if len(argv) == 2:
+        die_with_parent(int(argv[1]))
     run(sys.stdin.read(), argv[0])
     return 0
 
