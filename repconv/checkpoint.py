@@ -8,6 +8,7 @@ folder, which is renamed into place only once complete, so an output is either w
 from __future__ import annotations
 
 import ctypes
+import hashlib
 import json
 import os
 import pickle
@@ -25,10 +26,12 @@ from safetensors.torch import load_file as load_safetensors
 from torch import Tensor, nn
 
 from repconv.errors import BadInput
-from repconv.files import (  # noqa: F401  (file_sha256 and the suffixes are part of this API)
+from repconv.files import (
     INPUT_SUFFIXES,
     OUTPUT_SUFFIXES,
     PICKLE_SUFFIXES,
+    TENSORS_DIGEST_KEY,
+    CorruptZipMember,
     file_sha256,
     write_atomically,
 )
@@ -142,7 +145,7 @@ def read_checkpoint(
     """Read a train checkpoint: a state dict (possibly nested), or with trust a whole module."""
     path = Path(path)
     _check_readable(path, INPUT_SUFFIXES)
-    sha = file_sha256(path)
+    sha = _sha256_of_intact(path)
     if path.suffix.lower() == ".safetensors":
         state = _read_safetensors(path)[0]
         if key is not None:
@@ -196,6 +199,15 @@ def read_checkpoint(
         raise BadInput(f"{path.name} holds no tensors")
     state, stripped = _strip_prefixes(state)
     return LoadedCheckpoint(path, sha, state, module, source_key, stripped)
+
+
+def _sha256_of_intact(path: Path) -> str:
+    """The file's sha256; a zip checkpoint's members are checked against their CRCs on the way
+    (torch.load does not check them), so a damaged tensor is refused, not converted."""
+    try:
+        return file_sha256(path, check_zip_crcs=path.suffix.lower() in PICKLE_SUFFIXES)
+    except CorruptZipMember as exc:
+        raise BadInput(f"cannot read {path.name}: {exc} (file is corrupt)") from None
 
 
 def _own_copies_of_integers(state: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -279,18 +291,24 @@ def _raw_bytes(tensor: Tensor) -> memoryview:
     return memoryview((ctypes.c_char * nbytes).from_address(tensor.data_ptr())).cast("B")
 
 
-def _write_safetensors(f, tensors: dict[str, Tensor], metadata: dict[str, str]) -> None:
+def _write_safetensors(
+    f, tensors: dict[str, Tensor], metadata: dict[str, str], *, tensors_digest: bool = False
+) -> None:
     """The safetensors format, written tensor by tensor straight from memory.
 
     The header is sorted JSON so equal inputs give equal bytes (the safetensors library writes
     metadata from a hash map whose order changes between processes), and no serialised copy of
-    the whole file is ever held in memory.
+    the whole file is ever held in memory. With `tensors_digest` the metadata records the sha256
+    of the data section, hashed from the memory about to be written (before the header, which
+    holds it), so `batch --resume` can tell an intact file from a damaged one.
     """
     if sys.byteorder != "little":
         raise BadInput("writing safetensors needs a little-endian machine")
+    names = sorted(tensors)
+    if tensors_digest:
+        metadata = {**metadata, TENSORS_DIGEST_KEY: _tensors_sha256(tensors, names)}
     header: dict[str, Any] = {"__metadata__": metadata} if metadata else {}
     offset = 0
-    names = sorted(tensors)
     for name in names:
         t = tensors[name]
         if t.dtype not in _SAFETENSORS_DTYPES:
@@ -310,19 +328,36 @@ def _write_safetensors(f, tensors: dict[str, Tensor], metadata: dict[str, str]) 
         f.write(_raw_bytes(tensors[name]))
 
 
+def _tensors_sha256(tensors: dict[str, Tensor], names: list[str]) -> str:
+    digest = hashlib.sha256()
+    for name in names:
+        digest.update(_raw_bytes(tensors[name]))
+    return digest.hexdigest()
+
+
 def _contiguous(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
     return {k: v.detach().cpu().contiguous() for k, v in state.items()}
 
 
 def write_checkpoint(
-    path: str | Path, state_dict: Mapping[str, Tensor], metadata: dict[str, str]
+    path: str | Path,
+    state_dict: Mapping[str, Tensor],
+    metadata: dict[str, str],
+    *,
+    tensors_digest: bool = False,
 ) -> None:
-    """Write atomically: a temp file in the same folder, fsynced, then renamed into place."""
+    """Write atomically: a temp file in the same folder, fsynced, then renamed into place.
+
+    `tensors_digest`: a safetensors file also records its tensors' sha256 in the metadata
+    (`files.TENSORS_DIGEST_KEY`); .pth/.pt files carry no metadata.
+    """
     path = Path(path)
     if any(not isinstance(v, str) for v in metadata.values()):
         raise TypeError("safetensors metadata values must be strings")
     tensors = _contiguous(state_dict)
     if path.suffix.lower() == ".safetensors":
-        write_atomically(path, lambda f: _write_safetensors(f, tensors, metadata))
+        write_atomically(
+            path, lambda f: _write_safetensors(f, tensors, metadata, tensors_digest=tensors_digest)
+        )
     else:
         write_atomically(path, lambda f: torch.save(tensors, f))
