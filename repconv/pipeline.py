@@ -237,6 +237,9 @@ def metadata_for(
     sha: str,
     options: Mapping[str, Any] | None = None,
 ) -> dict:
+    """A deploy file's metadata. The writer adds one key more, `tensors_sha256` (the sha256 of
+    the data section), since only it sees the bytes written: `write_checkpoint(...,
+    tensors_digest=True)`."""
     return {
         "format": checkpoint.METADATA_FORMAT,
         "version": __version__,
@@ -301,7 +304,7 @@ def convert_file(
             arch_spec, kwargs, key=key, strict=strict, force=force, **options
         )
         meta = metadata_for(result, arch_spec, kwargs, loaded.sha256, recorded)
-        checkpoint.write_checkpoint(out, result.state_dict, meta)
+        checkpoint.write_checkpoint(out, result.state_dict, meta, tensors_digest=True)
     return result
 
 

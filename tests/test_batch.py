@@ -6,6 +6,7 @@ import inspect
 import json
 import os
 import socket
+import struct
 import subprocess
 import sys
 import textwrap
@@ -17,9 +18,10 @@ from click.testing import CliRunner
 
 from repconv import load_deploy, pipeline
 from repconv.batch import Job, load_config, summary
-from repconv.batch.task import _crash_reason, _run_worker
-from repconv.checkpoint import file_sha256, read_checkpoint
+from repconv.batch.task import _crash_reason, _run_worker, up_to_date
+from repconv.checkpoint import file_sha256, read_checkpoint, read_deploy, write_checkpoint
 from repconv.cli import main
+from repconv.files import TENSORS_DIGEST_KEY, read_safetensors_metadata
 from repconv.options import CONVERT_DEFAULTS
 from repconv.zoo import registry
 from repconv.zoo.checkpoints import save_train_checkpoint
@@ -342,6 +344,63 @@ def test_resume_skips_what_is_up_to_date_and_redoes_what_changed(tmp_path):
     assert "| one | up to date | acb 1, conv_bn 2, dbb 2, repvgg 2 |" in markdown
     # Without --resume everything is converted again.
     assert set(statuses().values()) == {"converted"}
+
+
+def _damage_truncated(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def _damage_bias(path: Path) -> None:
+    """A bias +5.0, written in place: the header and its metadata stay as they were."""
+    with open(path, "r+b") as f:
+        header_size = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(header_size))
+        name = next(k for k in sorted(header) if k.endswith(".bias"))
+        assert header[name]["dtype"] == "F32"
+        f.seek(8 + header_size + header[name]["data_offsets"][0])
+        value = struct.unpack("<f", f.read(4))[0]
+        f.seek(-4, os.SEEK_CUR)
+        f.write(struct.pack("<f", value + 5.0))
+
+
+def _written_before_digests(path: Path) -> None:
+    """What repconv wrote before deploy files recorded a digest of their tensors."""
+    state, meta = read_deploy(path)
+    meta.pop(TENSORS_DIGEST_KEY)
+    write_checkpoint(path, state, meta)
+
+
+@pytest.mark.parametrize("damage", [_damage_truncated, _damage_bias, _written_before_digests])
+def test_resume_converts_damaged_outputs_again(zoo_dir, tmp_path, damage):
+    (tmp_path / "ckpts").symlink_to(zoo_dir / "ckpts")
+    config = write_config(
+        tmp_path,
+        """
+        [[model]]
+        input = "ckpts/demo_a.pth"
+        output = "deploy/{stem}.safetensors"
+        arch = "demo_mixed"
+        input_shape = [3, 32, 32]
+        samples = 1
+        """,
+    )
+    job, output = load_config(config).jobs[0], tmp_path / "deploy/demo_a.safetensors"
+
+    def status() -> str:
+        result = run("batch", config, "--json", "--resume")
+        assert result.exit_code == 0, result.output
+        return json.loads(result.stdout)["entries"][0]["status"]
+
+    assert status() == "converted"
+    intact, mtime = output.read_bytes(), output.stat().st_mtime_ns
+    assert TENSORS_DIGEST_KEY in read_safetensors_metadata(output)
+    assert status() == "up to date" and up_to_date(job)["status"] == "up to date"
+    assert output.stat().st_mtime_ns == mtime
+    damage(output)
+    assert output.read_bytes() != intact
+    assert up_to_date(job) is None
+    assert status() == "converted"
+    assert output.read_bytes() == intact  # the same input gives the same bytes
 
 
 def test_report_is_stable_apart_from_measurements(zoo_dir):

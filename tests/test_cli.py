@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -73,14 +74,17 @@ def test_metadata_schema(runner, train_ckpt, tmp_path):
         "options",
         "params_before",
         "params_after",
+        "tensors_sha256",
     }
     assert meta["format"] == "repconv.deploy/1"
+    data = out.read_bytes()
+    data_section = data[8 + int.from_bytes(data[:8], "little") :]
+    assert meta["tensors_sha256"] == hashlib.sha256(data_section).hexdigest()
     options = json.loads(meta["options"])
     assert options["arch"] == "demo_mixed" and options["samples"] == 2
     assert options["verify_dtype"] == "float64" and options["input_shape"] is None
     assert int(meta["params_before"]) > int(meta["params_after"]) > 0
     assert meta["arch"] == "demo_mixed" and json.loads(meta["arch_kwargs"]) == {}
-    import hashlib
 
     assert meta["source_sha256"] == hashlib.sha256(train_ckpt.read_bytes()).hexdigest()
     plan = json.loads(meta["plan"])

@@ -5,7 +5,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import struct
 import textwrap
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -16,6 +18,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from repconv.cli import main
+from repconv.files import CorruptZipMember, file_sha256
 from repconv.zoo.demo import DemoNet
 
 
@@ -99,6 +102,78 @@ def test_truncated_empty_text_and_corrupt_files(tmp_path, good):
     corrupt = tmp_path / "corrupt.safetensors"
     corrupt.write_bytes(os.urandom(300))
     expect_bad_input(tmp_path, corrupt, *ARCH, needle="not a safetensors file")
+
+
+def flip_byte(path: Path, offset: int) -> None:
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        byte = f.read(1)[0]
+        f.seek(offset)
+        f.write(bytes([byte ^ 0x10]))
+
+
+def largest_member(path: Path) -> tuple[zipfile.ZipInfo, int]:
+    """The zip member holding the most bytes, and where its data starts (past its local header)."""
+    with zipfile.ZipFile(path) as archive:
+        info = max(archive.infolist(), key=lambda i: i.compress_size)
+        start_dir = archive.start_dir
+    with open(path, "rb") as f:
+        f.seek(info.header_offset)
+        local = f.read(30)
+    name_length, extra_length = struct.unpack("<HH", local[26:30])
+    return info, info.header_offset + 30 + name_length + extra_length, start_dir
+
+
+def test_torch_writes_correct_crcs(good):
+    with zipfile.ZipFile(good) as archive:
+        assert archive.testzip() is None
+
+
+def test_a_flipped_byte_in_a_tensor_fails_the_crc_check(tmp_path, good):
+    info, data_start, _ = largest_member(good)
+    assert "/data/" in info.filename
+    flip_byte(good, data_start + info.compress_size // 2)
+    message = expect_bad_input(tmp_path, good, *ARCH, needle="fails its CRC check")
+    assert message == (
+        f"error: cannot read train.pth: member {info.filename} fails its CRC check "
+        "(file is corrupt)"
+    )
+
+
+def test_a_flipped_byte_in_the_directorys_crc_fails_too(tmp_path, good):
+    info, _, start_dir = largest_member(good)
+    data = good.read_bytes()
+    entry = data.index(info.filename.encode(), start_dir) - 46  # central directory entry
+    assert data[entry : entry + 4] == b"PK\x01\x02"
+    flip_byte(good, entry + 16)  # its CRC-32 field
+    expect_bad_input(tmp_path, good, *ARCH, needle=f"member {info.filename} fails its CRC")
+
+
+def test_intact_zip_and_legacy_checkpoints_convert(tmp_path, good):
+    legacy = tmp_path / "legacy.pth"
+    torch.save(demo_state(), legacy, _use_new_zipfile_serialization=False)  # no CRCs to check
+    for source in (good, legacy):
+        out = tmp_path / f"{source.stem}.safetensors"
+        result = CliRunner().invoke(main, ["convert", str(source), str(out), *ARCH])
+        assert result.exit_code == 0, result.output
+        assert out.is_file()
+
+
+def test_crc_check_reads_zip64_members(tmp_path):
+    path = tmp_path / "zip64.zip"
+    payload = os.urandom(5000)
+    with zipfile.ZipFile(path, "w") as archive:  # stored, as torch writes
+        archive.writestr("small", b"abc")
+        with archive.open("big", "w", force_zip64=True) as member:
+            member.write(payload)
+    assert file_sha256(path, check_zip_crcs=True) == hashlib.sha256(path.read_bytes()).hexdigest()
+    info, data_start, _ = largest_member(path)
+    # Its local header carries a zip64 extra field (20 bytes) between the name and the data.
+    assert info.filename == "big" and data_start == info.header_offset + 30 + len("big") + 20
+    flip_byte(path, data_start + 4999)
+    with pytest.raises(CorruptZipMember, match="member big fails its CRC check"):
+        file_sha256(path, check_zip_crcs=True)
+    file_sha256(path)  # without the check it is only hashed
 
 
 def test_malicious_pickle_never_runs(tmp_path):

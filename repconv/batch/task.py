@@ -24,7 +24,7 @@ from typing import Any, Protocol
 
 from repconv.batch.config import Job
 from repconv.batch.executors import local_cores
-from repconv.files import file_sha256, read_safetensors_metadata
+from repconv.files import check_tensors_digest, file_sha256, read_safetensors_metadata
 from repconv.options import recorded_options
 
 _STDERR_TAIL = 4000
@@ -40,7 +40,8 @@ _PRELOAD = [
 
 
 def up_to_date(job: Job) -> dict[str, Any] | None:
-    """If the output exists and records the same input (sha256) and options: its outcome."""
+    """If the output exists, records the same input (sha256) and options, and is intact: its
+    outcome. Anything else, a damaged or unreadable output included, means convert again."""
     output = Path(job.output)
     if output.suffix.lower() != ".safetensors" or not output.is_file():
         return None
@@ -62,7 +63,9 @@ def up_to_date(job: Job) -> dict[str, Any] | None:
     try:
         if meta.get("source_sha256") != file_sha256(job.input):
             return None
-    except OSError:
+        # The header can be intact while the tensors are not (a cut-off copy, a changed byte).
+        check_tensors_digest(output)
+    except (ValueError, OSError):
         return None
     return {"status": "up to date", "failure": None, "reason": None, **_recorded_results(meta)}
 
