@@ -146,7 +146,7 @@ def convert(
         inputs = V.make_inputs(shape, samples, seed, verify_dtype)
         paths = [e.path for e in the_plan.entries]
         try:
-            with V.recording_input_shapes(model, paths) as shapes:
+            with V.reporting_out_of_memory(shape), V.recording_input_shapes(model, paths) as shapes:
                 references = V.run(model, inputs)
         except RuntimeError as exc:
             raise BadInput(
@@ -301,7 +301,7 @@ def load_deploy(
     if not spec:
         raise BadInput(f"{Path(path).name} records no architecture; pass one (--arch)")
     if arch_kwargs is None:
-        arch_kwargs = json.loads(meta.get("arch_kwargs") or "{}")
+        arch_kwargs = checkpoint.metadata_json(meta, "arch_kwargs", path, {})
     return arch.build_loaded(
         spec, arch_kwargs, state, what=Path(path).name, prepare=_deploy_structure
     )
@@ -325,7 +325,7 @@ def verify_files(
     state, meta = checkpoint.read_deploy(deploy_path)
     spec = arch_spec or meta.get("arch") or None
     if arch_kwargs is None:
-        arch_kwargs = json.loads(meta.get("arch_kwargs") or "{}")
+        arch_kwargs = checkpoint.metadata_json(meta, "arch_kwargs", deploy_path, {})
     loaded = checkpoint.read_checkpoint(train_path, key=key, trust_pickle=trust_pickle)
     train = _load_model(loaded, spec, arch_kwargs)
     if spec is None:
@@ -340,8 +340,9 @@ def verify_files(
     train.to(torch.float64)
     deploy.to(torch.float64)
     inputs = V.make_inputs(shape, samples, seed, torch.float64)
-    references = V.run(train, inputs)
-    written = V.measure(V.run(deploy, inputs), references)
+    with V.reporting_out_of_memory(shape):
+        references = V.run(train, inputs)
+        written = V.measure(V.run(deploy, inputs), references)
     dtypes = {t.dtype for t in state.values() if t.is_floating_point()}
     verification = V.Verification(
         input_shape=shape,
@@ -410,4 +411,5 @@ def bench_file(
         deploy = arch.build_loaded(arch_spec, kwargs, loaded.state_dict, what=loaded.path.name)
         engine.convert_model(deploy)
     shape = list(input_shape) if input_shape else list(arch.default_input_shape(train))
-    return bench.compare(train, deploy, shape, batch_sizes, runs, warmup)
+    with V.reporting_out_of_memory(shape):
+        return bench.compare(train, deploy, shape, batch_sizes, runs, warmup)
