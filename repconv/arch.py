@@ -96,10 +96,28 @@ def _has_meta_tensors(model: nn.Module) -> bool:
     return False
 
 
+CONVERTIBLE_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _filled_in_by_torch(model: nn.Module) -> set[str]:
+    """Keys load_state_dict accepts missing: the batch counters of norms tracking statistics.
+
+    torch's norms add `num_batches_tracked` themselves when a state dict has none (state dicts
+    from before it existed), so a checkpoint without them loads strictly all the same.
+    """
+    return {
+        f"{path}.num_batches_tracked" if path else "num_batches_tracked"
+        for path, module in model.named_modules()
+        if isinstance(module, nn.modules.batchnorm._NormBase) and module.track_running_stats
+    }
+
+
 def check_fit(model: nn.Module, state_dict: Mapping[str, Tensor], what: str) -> None:
-    """Raise BadInput naming up to five missing and unexpected keys, and shape mismatches."""
+    """Raise BadInput naming up to five missing and unexpected keys, and shape mismatches;
+    then any tensor in a dtype repconv does not convert where the model holds floats."""
     expected = model.state_dict()
-    missing = [k for k in expected if k not in state_dict]
+    optional = _filled_in_by_torch(model)
+    missing = [k for k in expected if k not in state_dict and k not in optional]
     unexpected = [k for k in state_dict if k not in expected]
     problems = []
     if missing:
@@ -115,6 +133,29 @@ def check_fit(model: nn.Module, state_dict: Mapping[str, Tensor], what: str) -> 
         problems.append(f"{len(wrong)} with another shape ({_few(wrong)})")
     if problems:
         raise BadInput(f"{what} does not fit the architecture: keys " + "; ".join(problems))
+    _check_dtypes(expected, state_dict, what)
+
+
+def _check_dtypes(
+    expected: Mapping[str, Tensor], state_dict: Mapping[str, Tensor], what: str
+) -> None:
+    """Integer (quantized) or float8 tensors where the model holds floats cannot be folded."""
+    wrong = [
+        k
+        for k, v in expected.items()
+        if k in state_dict
+        and v.is_floating_point()
+        and state_dict[k].dtype not in CONVERTIBLE_DTYPES
+    ]
+    if not wrong:
+        return
+    dtypes = sorted({str(state_dict[k].dtype).removeprefix("torch.") for k in wrong})
+    tensors = "tensor" if len(wrong) == 1 else f"{len(wrong)} tensors"
+    allowed = "/".join(str(d).removeprefix("torch.") for d in CONVERTIBLE_DTYPES)
+    raise BadInput(
+        f"{what}: {tensors} {_few(wrong)} {'is' if len(wrong) == 1 else 'are'} "
+        f"{'/'.join(dtypes)}; repconv converts floating checkpoints ({allowed})"
+    )
 
 
 def _few(items: list[str]) -> str:

@@ -11,6 +11,7 @@ from torch import nn
 
 from repconv import latency
 from repconv.rules.base import param_count
+from repconv.verification import check_inputs_fit
 
 
 def count_macs(model: nn.Module, input_shape: Sequence[int]) -> int:
@@ -83,6 +84,9 @@ def compare(
     """Latency of both models at each batch size (taking turns run by run), params, MACs."""
     train.eval()
     deploy.eval()
+    dtype = next((p.dtype for p in train.parameters()), torch.float32)
+    # measure_alternating holds one input of the largest batch per model.
+    check_inputs_fit(input_shape, 2 * max(batch_sizes, default=1), dtype)
     rows = []
     for batch in batch_sizes:
         before, after = latency.measure_alternating(

@@ -34,6 +34,7 @@ from repconv.files import (
     TENSORS_DIGEST_KEY,
     CorruptZipMember,
     file_sha256,
+    prove_writable,
     write_atomically,
 )
 
@@ -127,8 +128,10 @@ def _load_unmapped(path: Path, trust_pickle: bool) -> Any:
 
 
 def _unreadable(path: Path, exc: BaseException) -> BadInput:
-    # torch's safe unpickler reports an unknown opcode as a bare KeyError(<byte>).
-    cause = "unrecognised data" if isinstance(exc, KeyError) else _short(exc)
+    # torch's safe unpickler reports an unknown opcode as a bare KeyError(<byte>), or as an
+    # UnpicklingError whose text is a paragraph about weights_only.
+    garbled = isinstance(exc, (KeyError, pickle.UnpicklingError))
+    cause = "unrecognised data" if garbled else _short(exc)
     return BadInput(
         f"cannot read {path.name}: file is truncated or not a PyTorch checkpoint ({cause})"
     )
@@ -267,7 +270,25 @@ def check_output_path(output: str | Path, *, inputs: tuple | list = ()) -> Path:
         raise BadInput(f"cannot write {output}: folder {parent} is not writable")
     if output.is_dir():
         raise BadInput(f"cannot write {output}: it is a directory")
+    prove_writable(output)
     return output
+
+
+def metadata_json(meta: Mapping[str, str], field: str, path: str | Path, default: Any) -> Any:
+    """A JSON field of a deploy file's metadata (`default` if absent), or BadInput naming it.
+
+    A field whose default is a dict must hold a JSON object.
+    """
+    text = meta.get(field)
+    if not text:
+        return default
+    try:
+        value = json.loads(text)
+    except (json.JSONDecodeError, TypeError):
+        raise BadInput(f"{Path(path).name}: metadata {field!r} is not valid JSON") from None
+    if isinstance(default, dict) and not isinstance(value, dict):
+        raise BadInput(f"{Path(path).name}: metadata {field!r} is not a JSON object")
+    return value
 
 
 _SAFETENSORS_DTYPES = {

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import sys
 import traceback
 from collections.abc import Callable
@@ -20,7 +21,14 @@ except ModuleNotFoundError:  # Python 3.10
 from repconv import __version__, files, report
 from repconv.errors import RepconvError
 from repconv.interrupts import EXIT_INTERRUPTED, EXIT_TERMINATED, Terminated, sigterm_raises
-from repconv.options import VERIFY_DTYPES, parse_kwargs, split_shape
+from repconv.options import (
+    MAX_BATCH_SIZE,
+    MAX_SAMPLES,
+    VERIFY_DTYPES,
+    parse_kwargs,
+    shape_problem,
+    split_shape,
+)
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
 
@@ -40,11 +48,19 @@ def _shape(_ctx, _param, value: str | None) -> tuple[int, ...] | None:
         return tuple(value) if value else None
     try:
         shape = tuple(split_shape(value))
-    except ValueError:
-        raise click.BadParameter(f"expected integers like 3,224,224, got {value!r}") from None
-    if not shape or any(v <= 0 for v in shape):
-        raise click.BadParameter(f"expected positive integers like 3,224,224, got {value!r}")
+    except ValueError as exc:
+        raise click.BadParameter(f"{exc}, got {value!r}") from None
+    problem = shape_problem(shape)
+    if problem:
+        raise click.BadParameter(f"{problem}, got {value!r}")
     return shape
+
+
+def _finite(_ctx, _param, value: float | None) -> float | None:
+    """click's FloatRange lets NaN through (every comparison with NaN is false), and Inf."""
+    if value is not None and not math.isfinite(value):
+        raise click.BadParameter(f"expected a finite number, got {value!r}")
+    return value
 
 
 def _load_config(ctx: click.Context, _param, value: str | None) -> str | None:
@@ -118,7 +134,7 @@ def _check_options(fn: Callable) -> Callable:
         ),
         click.option(
             "--samples",
-            type=click.IntRange(min=1),
+            type=click.IntRange(min=1, max=MAX_SAMPLES),
             default=2,
             show_default=True,
             help="Number of random inputs compared.",
@@ -126,10 +142,16 @@ def _check_options(fn: Callable) -> Callable:
         click.option(
             "--seed", type=int, default=0, show_default=True, help="Seed of the random inputs."
         ),
-        click.option("--atol", type=click.FloatRange(min=0), help="Absolute limit (written)."),
+        click.option(
+            "--atol",
+            type=click.FloatRange(min=0),
+            callback=_finite,
+            help="Absolute limit (written).",
+        ),
         click.option(
             "--rtol",
             type=click.FloatRange(min=0),
+            callback=_finite,
             help="Relative limit (written); default 1e-4 float32, 1e-2 float16.",
         ),
     ]
@@ -213,6 +235,7 @@ def main() -> None:
 @click.option(
     "--exact-limit",
     type=click.FloatRange(min=0),
+    callback=_finite,
     default=1e-6,
     show_default=True,
     help="Limit for the exact (float64 math) error.",
@@ -391,8 +414,10 @@ def _int_list(_ctx, _param, value: str) -> tuple[int, ...]:
         values = tuple(int(v) for v in value.split(",") if v.strip())
     except ValueError:
         raise click.BadParameter(f"expected integers like 1,8, got {value!r}") from None
-    if not values or any(v <= 0 for v in values):
-        raise click.BadParameter(f"expected positive integers like 1,8, got {value!r}")
+    if not values or any(not 1 <= v <= MAX_BATCH_SIZE for v in values):
+        raise click.BadParameter(
+            f"expected integers from 1 to {MAX_BATCH_SIZE} like 1,8, got {value!r}"
+        )
     return values
 
 

@@ -7,6 +7,7 @@ then the deploy-method fallback, then conv -> BN pairs over what is left.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -86,6 +87,48 @@ def check_norm_statistics(model: nn.Module) -> None:
             )
 
 
+# Elements checked at once: bounds the temporaries of the finiteness check to a few MB.
+FINITE_CHUNK = 1 << 20
+
+
+def non_finite_count(tensor: torch.Tensor) -> int:
+    """How many NaN or Inf values a floating tensor holds, without a full-size temporary.
+
+    A chunk's sum is finite unless the chunk holds NaN or Inf (or its sum overflows), so the
+    exact count is only taken for chunks whose sum is not.
+    """
+    flat = tensor.detach().reshape(-1)  # a view: checkpoint tensors are contiguous
+    accumulate = torch.float64 if flat.dtype == torch.float64 else torch.float32
+    bad = 0
+    for start in range(0, flat.numel(), FINITE_CHUNK):
+        chunk = flat[start : start + FINITE_CHUNK]
+        if math.isfinite(float(chunk.sum(dtype=accumulate))):
+            continue
+        bad += int(chunk.numel() - int(torch.isfinite(chunk).sum()))
+    return bad
+
+
+def check_finite(model: nn.Module) -> None:
+    """Refuse a model with a NaN or Inf in any floating parameter or buffer, naming the first.
+
+    Such a value makes every output it reaches NaN, which verification would otherwise blame
+    on the fused math. The pages of memory-mapped tensors are given back once checked, so the
+    check does not make the whole file resident at once.
+    """
+    with pages.PageReleaser() as releaser:
+        for path, module in model.named_modules():
+            for name, tensor in [*module._parameters.items(), *module._buffers.items()]:
+                if tensor is None or not tensor.is_floating_point() or tensor.is_meta:
+                    continue
+                bad = non_finite_count(tensor)
+                if bad:
+                    raise CorruptCheckpoint(
+                        f"corrupt checkpoint: tensor {_join(path, name)} holds {bad} NaN or "
+                        f"Inf value(s) of {tensor.numel()}"
+                    )
+                releaser.release([tensor])
+
+
 def _subtree_facts(model: nn.Module, rules: Sequence[Rule]) -> dict[int, tuple[bool, bool]]:
     """For each module (by id): (some block rule matches in its subtree, it holds a norm)."""
     facts: dict[int, tuple[bool, bool]] = {}
@@ -109,6 +152,7 @@ def plan(model: nn.Module, rules: Sequence[Rule] | None = None) -> Plan:
     """Which rule fuses which block, without changing anything."""
     rules = list(block_rules() if rules is None else rules)
     check_norm_statistics(model)
+    check_finite(model)
     facts = _subtree_facts(model, rules)
     entries: list[PlanEntry] = []
     opaque: set[int] = set()

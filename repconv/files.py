@@ -211,7 +211,22 @@ def check_report_path(path: str | Path) -> Path:
         raise BadInput(f"cannot write {path}: {exc.strerror or exc}") from None
     if path.is_dir():
         raise BadInput(f"cannot write {path}: it is a directory")
+    prove_writable(path)
     return path
+
+
+def prove_writable(path: Path) -> None:
+    """Create and remove a temp file beside `path`: the write that comes later will work.
+
+    Permission bits say little (root ignores them, /proc refuses files whatever they say), so
+    only trying tells for sure.
+    """
+    try:
+        fd, tmp = temp_file_beside(path)
+    except OSError as exc:
+        raise BadInput(f"cannot write {path}: {exc.strerror or exc}") from None
+    os.close(fd)
+    Path(tmp).unlink(missing_ok=True)
 
 
 def write_atomically(path: str | Path, write: Callable[[BinaryIO], object]) -> None:

@@ -7,7 +7,8 @@ whether an existing output was made from the same settings without loading torch
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+import re
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from repconv.errors import BadInput
@@ -27,9 +28,35 @@ CONVERT_DEFAULTS: dict[str, Any] = {
 }
 
 
+# Bounds that no real input reaches; what fits in memory is checked when inputs are made.
+MAX_SAMPLES = 64
+MAX_BATCH_SIZE = 1024
+MAX_SHAPE_DIMS = 8
+MAX_SHAPE_SIDE = 1 << 20
+SHAPE_EXAMPLE = "3,224,224 or 3x224x224"
+
+
 def split_shape(text: str) -> list[int]:
-    """An input shape written as "3,224,224" or "3x224x224" (ValueError if not integers)."""
-    return [int(v) for v in text.replace("x", ",").split(",") if v.strip()]
+    """An input shape written as "3,224,224" or "3x224x224".
+
+    ValueError if any part is not an integer, including an empty part ("3,,4", "3,x,4").
+    """
+    parts = re.split(r"[x,]", text.strip())
+    try:
+        return [int(part) for part in parts]
+    except ValueError:
+        raise ValueError(f"expected integers like {SHAPE_EXAMPLE}") from None
+
+
+def shape_problem(shape: Sequence[int]) -> str | None:
+    """Why `shape` cannot be an input shape (without batch), or None if it can."""
+    if not shape or any(v <= 0 for v in shape):
+        return f"expected positive integers like {SHAPE_EXAMPLE}"
+    if len(shape) > MAX_SHAPE_DIMS:
+        return f"expected at most {MAX_SHAPE_DIMS} sizes"
+    if max(shape) > MAX_SHAPE_SIDE:
+        return f"expected sizes of at most {MAX_SHAPE_SIDE}"
+    return None
 
 
 def parse_kwargs(text: str | None) -> dict[str, Any]:

@@ -175,7 +175,7 @@ def convert(
         inputs = V.make_inputs(shape, samples, seed, verify_dtype)
         paths = [e.path for e in the_plan.entries]
         try:
-            with V.recording_input_shapes(model, paths) as shapes:
+            with V.reporting_out_of_memory(shape), V.recording_input_shapes(model, paths) as shapes:
                 references = V.run(model, inputs)
         except RuntimeError as exc:
             raise BadInput(
@@ -322,7 +322,7 @@ def recorded_architecture(
     names are taken unless the user said `trust_metadata` (`--trust-metadata`).
     """
     spec = meta.get("arch") or None
-    kwargs = _metadata_json(meta, "arch_kwargs", what) if spec else {}
+    kwargs = checkpoint.metadata_json(meta, "arch_kwargs", what, {}) if spec else {}
     if spec is None or trust_metadata or zoo.get_entry(spec) is not None:
         return spec, kwargs
     typed = f"--arch {shlex.quote(spec)}"
@@ -332,16 +332,6 @@ def recorded_architecture(
         f"{what} names the architecture {spec!r} in its metadata; repconv does not run code a "
         f"file names: if you trust it, pass it yourself ({typed}) or add --trust-metadata"
     )
-
-
-def _metadata_json(meta: Mapping[str, str], name: str, what: str) -> dict[str, Any]:
-    try:
-        value = json.loads(meta.get(name) or "{}")
-    except json.JSONDecodeError:
-        raise BadInput(f"{what}: metadata {name!r} is not valid JSON") from None
-    if not isinstance(value, dict):
-        raise BadInput(f"{what}: metadata {name!r} is not a JSON object")
-    return value
 
 
 def load_deploy(
@@ -371,7 +361,7 @@ def load_deploy(
     if not spec:
         raise BadInput(f"{what} records no architecture; pass one (--arch)")
     if arch_kwargs is None:
-        arch_kwargs = _metadata_json(meta, "arch_kwargs", what)
+        arch_kwargs = checkpoint.metadata_json(meta, "arch_kwargs", path, {})
     return arch.build_loaded(spec, arch_kwargs, state, what=what, prepare=_deploy_structure)
 
 
@@ -406,7 +396,7 @@ def verify_files(
         spec, recorded_kwargs = recorded_architecture(meta, what, trust_metadata=trust_metadata)
         arch_kwargs = recorded_kwargs if arch_kwargs is None else arch_kwargs
     if arch_kwargs is None:
-        arch_kwargs = _metadata_json(meta, "arch_kwargs", what) if spec else {}
+        arch_kwargs = checkpoint.metadata_json(meta, "arch_kwargs", deploy_path, {}) if spec else {}
     model = _load_model(loaded, spec, arch_kwargs)
     loaded.state_dict = None  # the model holds what it needs
     shape = list(input_shape) if input_shape else list(arch.default_input_shape(model))
@@ -421,7 +411,8 @@ def verify_files(
     written = None
     if tensors.fits:
         _load_in_float64(model, state)
-        written = V.measure(V.run(model, inputs), references)
+        with V.reporting_out_of_memory(shape):
+            written = V.measure(V.run(model, inputs), references)
     dtypes = {t.dtype for t in state.values() if t.is_floating_point()}
     verification = V.Verification(
         input_shape=shape,
@@ -439,7 +430,8 @@ def verify_files(
 
 def _reference_outputs(model: nn.Module, inputs: Sequence[Tensor], shape: Sequence[int]) -> list:
     try:
-        return V.run(model, inputs)
+        with V.reporting_out_of_memory(shape):
+            return V.run(model, inputs)
     except RuntimeError as exc:
         raise BadInput(
             f"the model cannot run on inputs of shape {list(shape)}: {_first_line(exc)} "
@@ -547,4 +539,5 @@ def bench_file(
         deploy = arch.build_loaded(arch_spec, kwargs, loaded.state_dict, what=loaded.path.name)
         engine.convert_model(deploy)
     shape = list(input_shape) if input_shape else list(arch.default_input_shape(train))
-    return bench.compare(train, deploy, shape, batch_sizes, runs, warmup)
+    with V.reporting_out_of_memory(shape):
+        return bench.compare(train, deploy, shape, batch_sizes, runs, warmup)

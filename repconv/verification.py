@@ -22,6 +22,12 @@ import torch
 from torch import Tensor, nn
 
 from repconv.compare import flatten_outputs
+from repconv.errors import BadInput
+
+try:
+    import resource
+except ImportError:  # not on Windows
+    resource = None
 
 EXACT_LIMIT = 1e-6
 # Rounding the fused weights to the output dtype costs about 1e-6 (float32) or 1e-3 (float16)
@@ -60,8 +66,120 @@ def written_tolerances(
     return {"written_atol": atol or 0.0, "written_rtol": rtol or 0.0}
 
 
+# Where free memory cannot be read (off Linux): more than any sane verification input needs.
+FALLBACK_MEMORY = 16 << 30
+# How torch and the C library word a failed allocation.
+ALLOCATION_FAILURES = ("can't allocate memory", "not enough memory", "cannot allocate memory")
+
+
+def _meminfo_bytes(field: str) -> int | None:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def _data_in_use() -> int | None:
+    """VmData: the memory RLIMIT_DATA counts, in use by this process now (Linux)."""
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmData:"))
+    except (OSError, ValueError, StopIteration):
+        return None
+
+
+def _data_limit_headroom() -> int | None:
+    """What RLIMIT_DATA (batch's memory_limit) still allows this process, if it is set."""
+    if resource is None:
+        return None
+    soft, _ = resource.getrlimit(resource.RLIMIT_DATA)
+    if soft == resource.RLIM_INFINITY:
+        return None
+    return max(soft - (_data_in_use() or 0), 0)
+
+
+def available_memory() -> int:
+    """Bytes this process can still allocate, about: MemAvailable, within RLIMIT_DATA."""
+    found = [v for v in (_meminfo_bytes("MemAvailable"), _data_limit_headroom()) if v is not None]
+    return min(found) if found else FALLBACK_MEMORY
+
+
+def _gigabytes(nbytes: int) -> str:
+    return f"{nbytes / 1e9:.3g} GB"
+
+
+def check_inputs_fit(shape: Sequence[int], count: int, dtype: torch.dtype) -> None:
+    """Refuse inputs that alone exceed the memory left, before allocating them.
+
+    The activations inside the model are larger still; this catches a mistyped shape with a
+    clear message instead of an allocator error or the kernel's OOM killer.
+    """
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    needed = count * math.prod(shape) * itemsize
+    available = available_memory()
+    if needed > available:
+        raise BadInput(
+            f"not enough memory for inputs of shape {list(shape)}: {count} x "
+            f"{str(dtype).removeprefix('torch.')} need {needed} bytes ({_gigabytes(needed)}), "
+            f"{_gigabytes(available)} available; use a smaller --input-shape"
+        )
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    text = str(exc).lower()
+    return isinstance(exc, MemoryError) or any(m in text for m in ALLOCATION_FAILURES)
+
+
+@contextmanager
+def _allocations_capped() -> Iterator[None]:
+    """Make allocations beyond the memory available fail, while active (Linux).
+
+    A failed allocation is an error we can report; memory promised but not there wakes the
+    kernel's OOM killer instead. Only the soft RLIMIT_DATA is lowered, and restored after.
+    """
+    in_use, free = _data_in_use(), _meminfo_bytes("MemAvailable")
+    if resource is None or in_use is None or free is None:
+        yield
+        return
+    soft, hard = resource.getrlimit(resource.RLIMIT_DATA)
+    cap = in_use + free
+    if soft != resource.RLIM_INFINITY:
+        cap = min(cap, soft)
+    if hard != resource.RLIM_INFINITY:
+        cap = min(cap, hard)
+    try:
+        resource.setrlimit(resource.RLIMIT_DATA, (cap, hard))
+    except (OSError, ValueError):
+        yield
+        return
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_DATA, (soft, hard))
+
+
+@contextmanager
+def reporting_out_of_memory(shape: Sequence[int]) -> Iterator[None]:
+    """Turn a failed allocation while running the model into one line naming the shape."""
+    try:
+        with _allocations_capped():
+            yield
+    except (RuntimeError, MemoryError) as exc:
+        if not is_out_of_memory(exc):
+            raise
+        raise BadInput(
+            f"not enough memory to run the model on inputs of shape {list(shape)}: it ran out "
+            "of memory; use a smaller --input-shape"
+        ) from None
+
+
 def make_inputs(shape: Sequence[int], samples: int, seed: int, dtype: torch.dtype) -> list[Tensor]:
     """`samples` seeded standard-normal inputs of batch 1 (the same for every run)."""
+    check_inputs_fit(shape, samples, dtype)
     generator = torch.Generator().manual_seed(seed)
     return [torch.randn((1, *shape), generator=generator, dtype=dtype) for _ in range(samples)]
 

@@ -85,6 +85,24 @@ BAD_CONFIGS = {
     "entry without input": ('[[model]]\noutput = "x.pth"\n', 1, "without input"),
     "bad memory size": (A0 + 'output = "x.pth"\nmemory_limit = "lots"\n', 4, "memory_limit"),
     "output is an input": (A0 + 'output = "ckpts/{stem}.pth"\n', 1, "is the input of line 1"),
+    "shape with an empty part": (
+        A0 + 'output = "x.pth"\ninput_shape = "3,x,4"\n',
+        4,
+        "input_shape: expected integers like 3,224,224 or 3x224x224, got '3,x,4'",
+    ),
+    "shape too large": (A0 + 'output = "x.pth"\ninput_shape = [3, 2000000]\n', 4, "at most"),
+    "too many samples": (
+        A0 + 'output = "x.pth"\nsamples = 100000\n',
+        4,
+        "samples: expected an integer from 1 to 64",
+    ),
+    "NaN atol": ("[defaults]\natol = nan\n" + A0, 2, "atol: expected a finite number"),
+    "Inf rtol": (A0 + 'output = "x.pth"\nrtol = inf\n', 4, "rtol: expected a finite number"),
+    "NaN exact limit": (
+        A0 + 'output = "x.pth"\nexact_limit = nan\n',
+        4,
+        "exact_limit: expected a finite number",
+    ),
     "two entries, one output": (
         '[defaults]\noutput = "d/{stem}.safetensors"\n' + A0 + A0 + 'arch = "repvgg_a0"\n',
         5,
@@ -104,6 +122,24 @@ def test_a_bad_config_is_exit_2_naming_its_line(case, zoo_dir, tmp_path):
     assert f"bad.toml:{line}:" in result.output
     assert words in result.output
     assert not (tmp_path / "d").exists() and not (tmp_path / "x.pth").exists()
+
+
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs /proc (Linux)")
+def test_unwritable_report_fails_before_any_entry_runs(zoo_dir, tmp_path):
+    (tmp_path / "ckpts").symlink_to(zoo_dir / "ckpts")
+    config = write_config(
+        tmp_path,
+        """
+        [[model]]
+        input = "ckpts/demo_a.pth"
+        output = "deploy/{stem}.safetensors"
+        arch = "demo_mixed"
+        """,
+    )
+    result = run("batch", config, "--report", "/proc/report.json")
+    assert result.exit_code == 2, result.output
+    assert "error: cannot write /proc/report.json" in result.output
+    assert not (tmp_path / "deploy").exists()
 
 
 def test_config_expands_globs_patterns_and_overrides(zoo_dir):

@@ -18,6 +18,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from repconv.cli import main
+from repconv.errors import BadInput
 from repconv.files import CorruptZipMember, file_sha256
 from repconv.zoo.demo import DemoNet
 
@@ -382,3 +383,241 @@ def test_failed_verification_writes_nothing_unless_forced(tmp_path):
     assert not out.exists()
     result = CliRunner().invoke(main, [*base, "--force"])
     assert result.exit_code == 1 and out.exists()
+
+
+# Issue 10, part 7: each of these was a traceback, a wall of text, a wrong exit code, or silence.
+
+
+def expect_usage_error(*args: str, needle: str) -> str:
+    """A bad option value: click's usage error, exit 2, naming the problem."""
+    result = CliRunner().invoke(main, list(args))
+    assert result.exit_code == 2, result.output
+    assert needle in result.stderr, result.stderr
+    assert "Traceback" not in result.output
+    return result.stderr
+
+
+def test_integer_checkpoint_is_one_line_naming_tensor_and_dtype(tmp_path):
+    state = demo_state()
+    state["stem.conv.weight"] = (state["stem.conv.weight"] * 100).to(torch.int8)
+    path = tmp_path / "train.pth"
+    torch.save(state, path)
+    message = expect_bad_input(tmp_path, path, *ARCH, needle="stem.conv.weight is int8")
+    assert "float16/bfloat16/float32/float64" in message and message.startswith("error: train")
+
+
+def test_state_dict_without_batch_counters_loads_and_converts(tmp_path):
+    from safetensors.torch import load_file
+
+    from repconv import arch, checkpoint, engine
+
+    state = {k: v for k, v in demo_state().items() if not k.endswith("num_batches_tracked")}
+    path = tmp_path / "old.pth"
+    torch.save(state, path)
+    loaded = checkpoint.read_checkpoint(path)
+    model = arch.build_loaded("demo_mixed", {}, loaded.state_dict)
+    # Built on the meta device and assigned the loaded tensors, and nothing is left on meta.
+    assert model.stem.conv.weight.data_ptr() == loaded.state_dict["stem.conv.weight"].data_ptr()
+    assert not arch._has_meta_tensors(model)
+    assert int(model.stem.bn.num_batches_tracked) == 0
+    out = tmp_path / "deploy.safetensors"
+    result = CliRunner().invoke(main, ["convert", str(path), str(out), *ARCH])
+    assert result.exit_code == 0, result.output
+    deploy = DemoNet()
+    engine.convert_model(deploy)
+    deploy.load_state_dict(load_file(out), strict=True)
+
+
+def test_unfolded_norm_without_batch_counter_is_written_loadable(tmp_path):
+    from safetensors.torch import load_file
+
+    model_file = tmp_path / "prenorm.py"
+    model_file.write_text(textwrap.dedent(UNFOLDABLE))
+    train = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.BatchNorm2d(4))
+    state = randomized(train, dtype=torch.float32).state_dict()
+    del state["2.num_batches_tracked"]
+    path = tmp_path / "prenorm.pth"
+    torch.save(state, path)
+    out = tmp_path / "deploy.safetensors"
+    args = ["--arch", f"{model_file}:build", "--input-shape", "3,8,8"]
+    result = CliRunner().invoke(main, ["convert", str(path), str(out), *args])
+    assert result.exit_code == 0, result.output
+    written = load_file(out)
+    assert "2.num_batches_tracked" in written
+    train.load_state_dict(written, strict=True)
+
+
+@pytest.mark.parametrize("text", ["3,x,4", "3,,4", "3,224,", "3xx224", "x"])
+def test_input_shape_with_an_empty_part_is_refused(tmp_path, good, text):
+    out = tmp_path / "o.safetensors"
+    args = ["convert", str(good), str(out), *ARCH, "--input-shape", text]
+    stderr = expect_usage_error(*args, needle="expected integers like 3,224,224 or 3x224x224")
+    assert repr(text) in stderr and not out.exists()
+
+
+def test_input_shape_spellings_and_bounds():
+    from repconv.options import shape_problem, split_shape
+
+    assert split_shape("3x224x224") == split_shape(" 3, 224 ,224 ") == [3, 224, 224]
+    assert shape_problem([3, 2_000_000, 4]) and shape_problem([1] * 9) and shape_problem([3, 0])
+    assert shape_problem([3, 224, 224]) is None
+
+
+@pytest.mark.parametrize(
+    ("tensor", "where", "value"),
+    [
+        ("stem.conv.weight", (0, 0, 0, 0), float("nan")),
+        ("repvgg.rbr_dense.bn.weight", (1,), float("inf")),
+        ("repvgg.rbr_dense.bn.bias", (2,), float("-inf")),
+        ("fc.weight", (0, 0), float("nan")),
+    ],
+)
+def test_non_finite_weights_are_a_corrupt_checkpoint(tmp_path, tensor, where, value):
+    state = demo_state()
+    state[tensor][where] = value
+    path = tmp_path / "corrupt.pth"
+    torch.save(state, path)
+    message = expect_bad_input(tmp_path, path, *ARCH, needle="corrupt checkpoint")
+    count = state[tensor].numel()
+    assert f"tensor {tensor} holds 1 NaN or Inf value(s) of {count}" in message
+
+
+def test_non_finite_count_is_exact_across_chunks(monkeypatch):
+    from repconv import engine
+
+    monkeypatch.setattr(engine, "FINITE_CHUNK", 7)
+    values = torch.randn(100)
+    values[[3, 40, 41, 99]] = torch.tensor([float("nan"), float("inf"), -float("inf"), 1e38])
+    assert engine.non_finite_count(values) == 3
+    # Finite float16 values whose sum overflows are not counted.
+    assert engine.non_finite_count(torch.full((50,), 60000.0, dtype=torch.float16)) == 0
+    assert engine.non_finite_count(torch.full((50,), 1e308, dtype=torch.float64)) == 0
+
+
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs /proc (Linux)")
+def test_unwritable_output_folder_fails_before_any_work(tmp_path, good, monkeypatch):
+    from repconv import checkpoint
+
+    def must_not_run(*_args, **_kwargs):
+        raise AssertionError("the checkpoint was read before the output was known writable")
+
+    monkeypatch.setattr(checkpoint, "read_checkpoint", must_not_run)
+    result = CliRunner().invoke(main, ["convert", str(good), "/proc/x.safetensors", *ARCH])
+    assert result.exit_code == 2, result.output
+    assert result.stderr.strip() == "error: cannot write /proc/x.safetensors: " + os.strerror(2)
+
+
+def test_input_too_large_for_memory_names_shape_and_bytes(tmp_path, good):
+    shape = ("--input-shape", "3,100000,100000")
+    message = expect_bad_input(tmp_path, good, *ARCH, *shape, needle="not enough memory")
+    assert "[3, 100000, 100000]" in message and "240000000000 bytes" in message
+    expect_usage_error(
+        "convert", str(good), "o.pth", *ARCH, "--input-shape", "3,2000000,4", needle="at most"
+    )
+
+
+def test_verify_and_bench_refuse_inputs_too_large_for_memory(tmp_path, good):
+    deploy = tmp_path / "deploy.safetensors"
+    assert CliRunner().invoke(main, ["convert", str(good), str(deploy), *ARCH]).exit_code == 0
+    for args in (
+        ["verify", str(good), str(deploy), "--input-shape", "3,100000,100000"],
+        ["bench", str(good), *ARCH[:2], "--input-shape", "3,30000,30000", "--batch-sizes", "1024"],
+    ):
+        result = CliRunner().invoke(main, args)
+        assert result.exit_code == 2, result.output
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and "not enough memory for inputs of shape" in lines[0], lines
+
+
+GREEDY = """
+import torch
+from torch import nn
+
+
+class Greedy(nn.Sequential):
+    def forward(self, x):
+        torch.empty(1 << 50, dtype=torch.uint8)  # a petabyte: no machine has it
+        return super().forward(x)
+
+
+def build():
+    return Greedy(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))
+"""
+
+
+def test_running_out_of_memory_in_the_model_is_one_line(tmp_path):
+    model_file = tmp_path / "greedy.py"
+    model_file.write_text(textwrap.dedent(GREEDY))
+    namespace: dict = {}
+    exec(compile(GREEDY, "greedy", "exec"), namespace)
+    path = tmp_path / "greedy.pth"
+    torch.save(namespace["build"]().state_dict(), path)
+    args = ("--arch", f"{model_file}:build", "--input-shape", "3,8,8")
+    message = expect_bad_input(tmp_path, path, *args, needle="not enough memory to run the model")
+    assert "[3, 8, 8]" in message and "ran out of memory" in message
+
+
+@pytest.mark.skipif(not Path("/proc/meminfo").is_file(), reason="needs /proc/meminfo (Linux)")
+def test_allocations_beyond_available_memory_fail_instead_of_waking_the_oom_killer():
+    import resource
+
+    from repconv import verification as V
+
+    before = resource.getrlimit(resource.RLIMIT_DATA)
+    too_much = V.available_memory() + (1 << 30)
+    expected = pytest.raises(BadInput, match=r"shape \[3, 4\]: it ran out of memory")
+    with expected, V.reporting_out_of_memory([3, 4]):
+        torch.empty(too_much, dtype=torch.uint8)  # never touched, so never resident
+    assert resource.getrlimit(resource.RLIMIT_DATA) == before
+
+
+def test_deploy_metadata_that_is_not_json_is_one_line(tmp_path, good):
+    from safetensors.torch import load_file
+
+    from repconv import load_deploy
+    from repconv.files import read_safetensors_metadata
+
+    deploy = tmp_path / "deploy.safetensors"
+    assert CliRunner().invoke(main, ["convert", str(good), str(deploy), *ARCH]).exit_code == 0
+    for value, needle in (("{bad", "is not valid JSON"), ("[1]", "is not a JSON object")):
+        meta = {**read_safetensors_metadata(deploy), "arch_kwargs": value}
+        broken = tmp_path / "broken.safetensors"
+        save_file(load_file(deploy), broken, metadata=meta)
+        result = CliRunner().invoke(main, ["verify", str(good), str(broken), "--samples", "1"])
+        assert result.exit_code == 2, result.output
+        expected = f"error: broken.safetensors: metadata 'arch_kwargs' {needle}"
+        assert result.stderr.strip() == expected
+        with pytest.raises(BadInput, match=needle):
+            load_deploy(broken)
+
+
+def test_random_bytes_are_not_a_checkpoint(tmp_path):
+    import random
+
+    path = tmp_path / "noise.pth"
+    path.write_bytes(random.Random(0).randbytes(3000))
+    message = expect_bad_input(tmp_path, path, *ARCH, needle="not a PyTorch checkpoint")
+    assert message.endswith("(unrecognised data)") and "weights_only" not in message
+
+
+@pytest.mark.parametrize(
+    ("option", "value"),
+    [
+        ("--samples", "100000"),
+        ("--samples", "0"),
+        ("--atol", "nan"),
+        ("--rtol", "inf"),
+        ("--exact-limit", "nan"),
+    ],
+)
+def test_option_bounds(tmp_path, good, option, value):
+    out = tmp_path / "o.safetensors"
+    expect_usage_error(
+        "convert", str(good), str(out), "--arch", "demo_mixed", option, value, needle=f"'{option}'"
+    )
+    assert not out.exists()
+
+
+def test_bench_batch_sizes_are_bounded(good):
+    args = ("bench", str(good), "--arch", "demo_mixed", "--batch-sizes", "1,100000")
+    expect_usage_error(*args, needle="expected integers from 1 to 1024")

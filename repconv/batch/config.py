@@ -11,6 +11,7 @@ from __future__ import annotations
 import difflib
 import glob
 import json
+import math
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
@@ -24,7 +25,13 @@ except ModuleNotFoundError:  # Python 3.10
 
 from repconv.errors import BadInput
 from repconv.files import OUTPUT_SUFFIXES
-from repconv.options import CONVERT_DEFAULTS, VERIFY_DTYPES, split_shape
+from repconv.options import (
+    CONVERT_DEFAULTS,
+    MAX_SAMPLES,
+    VERIFY_DTYPES,
+    shape_problem,
+    split_shape,
+)
 
 PLACEHOLDERS = ("stem", "name", "dir")
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(i?B)?\s*$", re.IGNORECASE)
@@ -105,10 +112,12 @@ def _flag(value: Any) -> bool:
     return value
 
 
-def _integer(minimum: int | None = None) -> Callable[[Any], int]:
+def _integer(minimum: int | None = None, maximum: int | None = None) -> Callable[[Any], int]:
     def check(value: Any) -> int:
         if isinstance(value, bool) or not isinstance(value, int):
             raise ValueError("expected an integer")
+        if maximum is not None and not minimum <= value <= maximum:
+            raise ValueError(f"expected an integer from {minimum} to {maximum}")
         if minimum is not None and value < minimum:
             raise ValueError(f"expected an integer >= {minimum}")
         return value
@@ -120,6 +129,8 @@ def _number(positive: bool = False) -> Callable[[Any], float]:
     def check(value: Any) -> float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ValueError("expected a number")
+        if not math.isfinite(value):
+            raise ValueError("expected a finite number")
         if value < 0 or (positive and value == 0):
             raise ValueError("expected a positive number" if positive else "expected >= 0")
         return float(value)
@@ -140,16 +151,14 @@ def _kwargs(value: Any) -> dict[str, Any]:
 
 def _shape(value: Any) -> list[int]:
     if isinstance(value, str):
-        try:
-            value = split_shape(value)
-        except ValueError:
-            raise ValueError("expected integers like [3, 224, 224]") from None
-    if (
-        not isinstance(value, list)
-        or not value
-        or any(isinstance(v, bool) or not isinstance(v, int) or v <= 0 for v in value)
+        value = split_shape(value)  # its ValueError says what is expected
+    if not isinstance(value, list) or any(
+        isinstance(v, bool) or not isinstance(v, int) for v in value
     ):
         raise ValueError("expected positive integers like [3, 224, 224]")
+    problem = shape_problem(value)
+    if problem:
+        raise ValueError(problem)
     return value
 
 
@@ -179,7 +188,7 @@ OPTIONS: dict[str, Callable[[Any], Any]] = {
     "strict": _flag,
     "force": _flag,
     "input_shape": _shape,
-    "samples": _integer(1),
+    "samples": _integer(1, MAX_SAMPLES),
     "seed": _integer(),
     "no_verify": _flag,
     "verify_dtype": _verify_dtype,
