@@ -253,11 +253,16 @@ def test_an_interrupted_batch_leaves_the_next_one_working(ckpts, tmp_path):
     """Library use: Ctrl-C stops the workers and the fork server; a later batch starts anew."""
     from repconv.batch import run_batch
 
-    config = tmp_path / "demo.toml"
-    config.write_text(
-        f'[[model]]\ninput = "{ckpts / "demo.pth"}"\noutput = "out/demo.safetensors"\n'
-        'arch = "demo_mixed"\ninput_shape = [3, 32, 32]\n'
-    )
+    def config_for(name: str, arch: str) -> Path:
+        config = tmp_path / f"{name}.toml"
+        config.write_text(
+            f'[[model]]\ninput = "{ckpts / name}.pth"\noutput = "out/{name}.safetensors"\n'
+            f'arch = "{arch}"\n'
+        )
+        return config
+
+    # RepVGG-A0 verified at 224x224 runs for seconds: still running at the runner's first poll.
+    stopped, next_one = config_for("a0", "repvgg_a0"), config_for("demo", "demo_mixed")
 
     class InterruptOnceRunning:
         def running(self, jobs) -> None:
@@ -268,7 +273,7 @@ def test_an_interrupted_batch_leaves_the_next_one_working(ckpts, tmp_path):
             pytest.fail("the entry should have been stopped")
 
     with pytest.raises(KeyboardInterrupt):
-        run_batch(config, jobs=1, watcher=InterruptOnceRunning())
+        run_batch(stopped, jobs=1, watcher=InterruptOnceRunning())
     assert not (tmp_path / "out").exists() or list((tmp_path / "out").iterdir()) == []
-    _, rows = run_batch(config, jobs=1)
+    _, rows = run_batch(next_one, jobs=1)
     assert rows[0]["status"] == "converted", rows[0]
