@@ -334,6 +334,14 @@ def recorded_architecture(
     )
 
 
+def _recorded_kwargs_for(spec: str | None, meta: Mapping[str, str], what: str) -> dict[str, Any]:
+    """The recorded `arch_kwargs` when `spec` is the recorded architecture; they mean nothing
+    to another one."""
+    if spec is None or spec != meta.get("arch"):
+        return {}
+    return checkpoint.metadata_json(meta, "arch_kwargs", what, {})
+
+
 def load_deploy(
     path: str | Path,
     model_or_arch: nn.Module | str | None = None,
@@ -361,7 +369,7 @@ def load_deploy(
     if not spec:
         raise BadInput(f"{what} records no architecture; pass one (--arch)")
     if arch_kwargs is None:
-        arch_kwargs = checkpoint.metadata_json(meta, "arch_kwargs", path, {})
+        arch_kwargs = _recorded_kwargs_for(spec, meta, what)
     return arch.build_loaded(spec, arch_kwargs, state, what=what, prepare=_deploy_structure)
 
 
@@ -396,7 +404,7 @@ def verify_files(
         spec, recorded_kwargs = recorded_architecture(meta, what, trust_metadata=trust_metadata)
         arch_kwargs = recorded_kwargs if arch_kwargs is None else arch_kwargs
     if arch_kwargs is None:
-        arch_kwargs = checkpoint.metadata_json(meta, "arch_kwargs", deploy_path, {}) if spec else {}
+        arch_kwargs = _recorded_kwargs_for(spec, meta, what)
     model = _load_model(loaded, spec, arch_kwargs)
     loaded.state_dict = None  # the model holds what it needs
     shape = list(input_shape) if input_shape else list(arch.default_input_shape(model))

@@ -126,3 +126,15 @@ def test_bad_json_in_recorded_kwargs_is_bad_input(converted):
         result.stderr.strip()
         == "error: deploy.safetensors: metadata 'arch_kwargs' is not valid JSON"
     )
+
+
+def test_recorded_kwargs_go_only_with_the_recorded_architecture(converted, tmp_path):
+    train, deploy = converted
+    rewrite_arch(deploy, *shell_command(tmp_path / "ran"))
+    # the user's own --arch is built with its own (no) kwargs, not the file's
+    assert verify(train, deploy, "--arch", "demo_mixed").exit_code == 0
+    state, meta = checkpoint.read_deploy(deploy)
+    meta.update(arch="demo_mixed", arch_kwargs=json.dumps({"unknown": 1}))
+    checkpoint.write_checkpoint(deploy, state, meta)
+    result = verify(train, deploy, "--arch", "demo_mixed")  # same arch: the recorded kwargs
+    assert result.exit_code == 2 and "unexpected keyword argument 'unknown'" in result.stderr
