@@ -58,13 +58,15 @@ def _resolve_string_padding(mode: str, ks, dilation, stride) -> tuple[int, ...]:
 
 def align(branch: Branch, geometry: Geometry, target: Geometry) -> Branch:
     """Centre `branch` (sliding with `geometry`) in the window of `target`, or explain why not."""
-    return pad_to(lined_up(branch, geometry, target), target.kernel_size)
+    require_lined_up(geometry, target)
+    return pad_to(branch, target.kernel_size)
 
 
-def lined_up(branch: Branch, geometry: Geometry, target: Geometry) -> Branch:
-    """`branch` itself once checked to line up with `target`; `kernels.add` centres it.
+def require_lined_up(geometry: Geometry, target: Geometry) -> None:
+    """Raise NotFusable unless a branch sliding with `geometry` lines up with `target`.
 
-    Per spatial dim, a branch with kernel k, padding p, dilation d lines up with a target of
+    A branch that passes can be summed into the fused kernel once `kernels.add` centres it. Per
+    spatial dim, a branch with kernel k, padding p, dilation d lines up with a target of
     kernel K, padding P, dilation D when strides match, the kernels share a dilation (or k == 1),
     K - k is even and P - p == D * (K - k) / 2. That is also what makes the output sizes equal.
     """
@@ -95,4 +97,3 @@ def lined_up(branch: Branch, geometry: Geometry, target: Geometry) -> Branch:
                 f"padding {p} does not line up with the block's padding {big_p} "
                 f"(kernel {k} in {big_k}, dilation {big_d})"
             )
-    return branch

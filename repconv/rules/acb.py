@@ -12,7 +12,7 @@ from __future__ import annotations
 from torch import nn
 
 from repconv import kernels as K
-from repconv.geometry import Geometry, lined_up
+from repconv.geometry import Geometry, require_lined_up
 from repconv.rules.base import (
     Fused,
     Rule,
@@ -67,7 +67,8 @@ def fuse(block: nn.Module) -> Fused:
     for conv_name, bn_name in _PAIRS:
         conv = getattr(block, conv_name)
         branch = K.fold_bn(K.as_branch(conv.weight, conv.bias), norm_stats(getattr(block, bn_name)))
-        branches.append(lined_up(branch, _branch_geometry(block, conv_name), target))
+        require_lined_up(_branch_geometry(block, conv_name), target)
+        branches.append(branch)
     children = [name for pair in _PAIRS for name in pair]
     children += ["ver_conv_crop_layer", "hor_conv_crop_layer"]
     return install_fused(block, "fused_conv", block.square_conv, branches, target, children)

@@ -18,7 +18,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.conv import _ConvNd
 
 from repconv.errors import CorruptCheckpoint, NotFusable
-from repconv.geometry import Geometry
+from repconv.geometry import Geometry, require_lined_up
 from repconv.kernels import Branch, NormStats, add, as_branch, fold_bn
 
 _PLAIN_CONV_FORWARDS = {cls.forward for cls in (nn.Conv1d, nn.Conv2d, nn.Conv3d)}
@@ -143,6 +143,13 @@ def conv_bn_branch(unit: tuple[nn.Module, nn.Module]) -> tuple[Branch, Geometry]
         raise NotFusable(f"norm has {width} channels, its conv {conv.out_channels}")
     branch = fold_bn(as_branch(conv.weight, conv.bias), norm_stats(norm))
     return branch, Geometry.of(conv)
+
+
+def lined_up_conv_bn_branch(unit: tuple[nn.Module, nn.Module], target: Geometry) -> Branch:
+    """A conv-then-norm unit's branch, refused (NotFusable) unless it lines up with `target`."""
+    branch, geometry = conv_bn_branch(unit)
+    require_lined_up(geometry, target)
+    return branch
 
 
 # ---- building the fused conv ----------------------------------------------------------------

@@ -13,7 +13,7 @@ from torch import nn
 
 from repconv import kernels as K
 from repconv.errors import NotFusable
-from repconv.geometry import Geometry, lined_up
+from repconv.geometry import Geometry, require_lined_up
 from repconv.rules.base import (
     Fused,
     Rule,
@@ -22,6 +22,7 @@ from repconv.rules.base import (
     install_fused,
     is_norm_like,
     is_plain_conv,
+    lined_up_conv_bn_branch,
     norm_stats,
 )
 
@@ -138,7 +139,8 @@ def _avg_branch(block: nn.Module, target: Geometry, groups: int) -> K.Branch:
     else:
         branch = K.avg_pool(out_channels, groups, size, device=device)
     branch = K.fold_bn(branch, norm_stats(parts["avgbn"]))
-    return lined_up(branch, geometry, target)
+    require_lined_up(geometry, target)
+    return branch
 
 
 def _kxk_branch(block: nn.Module, target: Geometry) -> K.Branch:
@@ -165,7 +167,8 @@ def _kxk_branch(block: nn.Module, target: Geometry) -> K.Branch:
     except ValueError as exc:
         raise NotFusable(str(exc)) from None
     branch = K.fold_bn(branch, norm_stats(parts["bn2"]))
-    return lined_up(branch, geometry, target)
+    require_lined_up(geometry, target)
+    return branch
 
 
 def _pair(value) -> tuple[int, int]:
@@ -178,7 +181,7 @@ def fuse(block: nn.Module) -> Fused:
     groups = origin[0].groups
     branches = [main]
     if getattr(block, "dbb_1x1", None) is not None:
-        branches.append(lined_up(*conv_bn_branch(conv_bn_unit(block.dbb_1x1)), target))
+        branches.append(lined_up_conv_bn_branch(conv_bn_unit(block.dbb_1x1), target))
     branches.append(_avg_branch(block, target, groups))
     branches.append(_kxk_branch(block, target))
     return install_fused(block, "dbb_reparam", origin[0], branches, target, _TRAIN_CHILDREN)

@@ -11,7 +11,7 @@ from torch import nn
 
 from repconv import kernels as K
 from repconv.errors import NotFusable
-from repconv.geometry import Geometry, lined_up
+from repconv.geometry import Geometry, require_lined_up
 from repconv.rules.base import (
     Fused,
     Rule,
@@ -19,6 +19,7 @@ from repconv.rules.base import (
     conv_bn_unit,
     install_fused,
     is_norm_like,
+    lined_up_conv_bn_branch,
     norm_stats,
 )
 
@@ -51,7 +52,8 @@ def identity_branch(conv: nn.Module, norm: nn.Module | None, target: Geometry) -
     if norm is not None:
         branch = K.fold_bn(branch, norm_stats(norm))
     unit = Geometry(ones, target.stride, tuple(0 for _ in ones), ones, target.padding_mode)
-    return lined_up(branch, unit, target)
+    require_lined_up(unit, target)
+    return branch
 
 
 def fuse(block: nn.Module) -> Fused:
@@ -59,7 +61,7 @@ def fuse(block: nn.Module) -> Fused:
     main, target = conv_bn_branch(dense)
     branches = [main]
     if getattr(block, "rbr_1x1", None) is not None:
-        branches.append(lined_up(*conv_bn_branch(conv_bn_unit(block.rbr_1x1)), target))
+        branches.append(lined_up_conv_bn_branch(conv_bn_unit(block.rbr_1x1), target))
     identity = getattr(block, "rbr_identity", None)
     if identity is not None:
         norm = identity if is_norm_like(identity) else None
