@@ -1,67 +1,141 @@
-"""The engine: walk the module tree, match rules, record a plan, fuse in place.
+"""The engine: walk the module tree, run the passes, record a plan, fuse in place.
 
 Planning is side-effect free, so `inspect` and the verifier can look at a plan before anything
-changes. Applying a plan rewrites the model in place (no copies): block rules first, top-down,
-then the deploy-method fallback, then conv -> BN pairs over what is left.
+changes. The passes (`rules.registry.passes`) run in a documented order (see `rules.base.Pass`):
+block rules first, top-down, then the deploy-method fallback, then conv -> BN pairs over what is
+left. Applying a plan rewrites the model in place (no copies) and returns each step's `Outcome`;
+the plan itself is not changed. The engine judges nothing: an observer from `verification` may
+watch each block as it is fused.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field
-from typing import Any
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
 
 import torch
 from torch import nn
 
 from repconv import pages
-from repconv.compare import compare_outputs
 from repconv.errors import CorruptCheckpoint, NotFusable
-from repconv.rules import convbn, deploy_method
-from repconv.rules.base import Rule, is_norm_like, norm_problem, param_count
-from repconv.rules.registry import block_rules
+from repconv.rules.base import Pass, Rule, Step, is_norm_like, norm_problem, param_count
+from repconv.rules.registry import passes as registered_passes
+
+__all__ = ["Applied", "Outcome", "Plan", "Step", "apply", "convert_model", "plan"]
+
+Status = Literal["fused", "skipped"]
+PlannedStatus = Literal["planned", "fused", "skipped"]
+# Called with a step before it is fused; what it returns (if anything) is called once the step
+# is fused and gives the block's own error.
+BlockObserver = Callable[[nn.Module, Step], Callable[[], float] | None]
 
 
-@dataclass
-class PlanEntry:
-    """One block (or conv -> norm pair) and what happens to it."""
-
-    path: str
-    rule: str
-    family: str
-    structure: str
-    params_before: int
-    params_after: int | None = None
-    kernel_shape: tuple[int, ...] | None = None
-    status: str = "planned"  # planned | fused | skipped
-    reason: str | None = None
-    block_error: float | None = None
-    norm_path: str | None = None
-    _rule: Rule | None = field(default=None, repr=False, compare=False)
-    _method: str | None = field(default=None, repr=False, compare=False)
-
-    def to_dict(self) -> dict[str, Any]:
-        data = {k: v for k, v in asdict(self).items() if not k.startswith("_")}
-        data["kernel_shape"] = list(self.kernel_shape) if self.kernel_shape else None
-        return data
+def _block_dict(
+    step: Step,
+    status: PlannedStatus = "planned",
+    reason: str | None = None,
+    params_after: int | None = None,
+    kernel_shape: tuple[int, ...] | None = None,
+    block_error: float | None = None,
+) -> dict[str, Any]:
+    """One block as the recorded plan (deploy metadata, `--json`) lists it."""
+    return {
+        "path": step.path,
+        "rule": step.rule,
+        "family": step.family,
+        "structure": step.structure,
+        "params_before": step.params_before,
+        "params_after": params_after,
+        "kernel_shape": list(kernel_shape) if kernel_shape else None,
+        "status": status,
+        "reason": reason,
+        "block_error": block_error,
+        "norm_path": step.norm_path,
+    }
 
 
 @dataclass
 class Plan:
-    entries: list[PlanEntry]
+    """What will be done: one step per block (or conv -> norm pair), in the order of fusing."""
+
+    entries: list[Step]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "blocks": [_block_dict(s) for s in self.entries],
+            "fused_by_rule": {},
+            "warnings": [],
+        }
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """How one step went."""
+
+    step: Step
+    status: Status
+    reason: str | None = None
+    params_after: int | None = None
+    kernel_shape: tuple[int, ...] | None = None
+    block_error: float | None = None
+
+    # The step's own fields, so an outcome reads like the block it is about.
+
+    @property
+    def path(self) -> str:
+        return self.step.path
+
+    @property
+    def rule(self) -> str:
+        return self.step.rule
+
+    @property
+    def family(self) -> str:
+        return self.step.family
+
+    @property
+    def structure(self) -> str:
+        return self.step.structure
+
+    @property
+    def params_before(self) -> int:
+        return self.step.params_before
+
+    @property
+    def norm_path(self) -> str | None:
+        return self.step.norm_path
+
+    def to_dict(self) -> dict[str, Any]:
+        return _block_dict(
+            self.step,
+            self.status,
+            self.reason,
+            self.params_after,
+            self.kernel_shape,
+            self.block_error,
+        )
+
+
+@dataclass
+class Applied:
+    """What `apply` did: the plan, one outcome per step, and what was left unfolded."""
+
+    plan: Plan
+    entries: list[Outcome]
     warnings: list[dict[str, str]] = field(default_factory=list)
 
     def fused_by_rule(self) -> dict[str, int]:
         counts: dict[str, int] = {}
-        for e in self.entries:
-            if e.status == "fused":
-                counts[e.rule] = counts.get(e.rule, 0) + 1
+        for outcome in self.entries:
+            if outcome.status == "fused":
+                counts[outcome.rule] = counts.get(outcome.rule, 0) + 1
         return counts
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "blocks": [e.to_dict() for e in self.entries],
+            "blocks": [o.to_dict() for o in self.entries],
             "fused_by_rule": self.fused_by_rule(),
             "warnings": self.warnings,
         }
@@ -129,87 +203,60 @@ def check_finite(model: nn.Module) -> None:
                 releaser.release([tensor])
 
 
-def _subtree_facts(model: nn.Module, rules: Sequence[Rule]) -> dict[int, tuple[bool, bool]]:
-    """For each module (by id): (some block rule matches in its subtree, it holds a norm)."""
-    facts: dict[int, tuple[bool, bool]] = {}
+class _EarlierPasses:
+    """A walk pass's scope: what the passes before it match in a module's subtree."""
 
-    def visit(module: nn.Module) -> tuple[bool, bool]:
-        if id(module) in facts:
-            return facts[id(module)]
-        matched = any(rule.match(module) for rule in rules)
-        has_norm = is_norm_like(module)
-        for child in module.children():
-            child_matched, child_norm = visit(child)
-            matched, has_norm = matched or child_matched, has_norm or child_norm
-        facts[id(module)] = (matched, has_norm)
-        return facts[id(module)]
+    def __init__(self, passes: Sequence[Pass], index: int, memo: dict[tuple[int, int], bool]):
+        self.passes, self.index, self.memo = passes, index, memo
 
-    visit(model)
-    return facts
+    def matched_inside(self, module: nn.Module) -> bool:
+        key = (self.index, id(module))
+        if key not in self.memo:
+            self.memo[key] = any(
+                p.match_module(module, _EarlierPasses(self.passes, i, self.memo))
+                for i, p in enumerate(self.passes[: self.index])
+            ) or any(self.matched_inside(child) for child in module.children())
+        return self.memo[key]
+
+
+def _walk(model: nn.Module, passes: Sequence[Pass]) -> tuple[list[Step], set[int]]:
+    """Top-down, the first pass matching a module claims it; claimed subtrees are opaque."""
+    memo: dict[tuple[int, int], bool] = {}
+    scopes = [_EarlierPasses(passes, i, memo) for i in range(len(passes))]
+    steps: list[Step] = []
+    claimed: set[int] = set()
+
+    def visit(module: nn.Module, path: str) -> None:
+        if id(module) in claimed:
+            return
+        for each, scope in zip(passes, scopes):
+            structure = each.match_module(module, scope)
+            if structure:
+                claimed.add(id(module))
+                family = each.family_of(module)
+                steps.append(Step(path, each, family, structure, param_count(module)))
+                return
+        for name, child in module.named_children():
+            visit(child, _join(path, name))
+
+    visit(model, "")
+    return steps, claimed
 
 
 def plan(model: nn.Module, rules: Sequence[Rule] | None = None) -> Plan:
-    """Which rule fuses which block, without changing anything."""
-    rules = list(block_rules() if rules is None else rules)
+    """Which pass fuses which block, without changing anything.
+
+    `rules` replaces the registered block rules; the passes after them run either way.
+    """
+    passes = registered_passes(rules)
     check_norm_statistics(model)
     check_finite(model)
-    facts = _subtree_facts(model, rules)
-    entries: list[PlanEntry] = []
-    opaque: set[int] = set()
-
-    def walk(module: nn.Module, path: str) -> None:
-        if id(module) in opaque:
-            return
-        for rule in rules:
-            structure = rule.match(module)
-            if structure:
-                opaque.add(id(module))
-                entries.append(
-                    PlanEntry(
-                        path, rule.name, rule.family, structure, param_count(module), _rule=rule
-                    )
-                )
-                return
-        matched_inside, has_norm = facts[id(module)]
-        method = None if matched_inside or not has_norm else deploy_method.deploy_method(module)
-        if method:
-            opaque.add(id(module))
-            entries.append(
-                PlanEntry(
-                    path,
-                    deploy_method.NAME,
-                    type(module).__name__,
-                    f"{method}()",
-                    param_count(module),
-                    _method=method,
-                )
-            )
-            return
-        for name, child in module.named_children():
-            walk(child, _join(path, name))
-
-    walk(model, "")
-    modules = dict(model.named_modules())
-    for pair in convbn.find_pairs(model, opaque):
-        conv = modules[pair.conv_path]
-        entries.append(
-            PlanEntry(
-                pair.conv_path,
-                convbn.NAME,
-                "conv-BN",
-                f"{type(conv).__name__} -> {type(modules[pair.norm_path]).__name__}"
-                f" ({pair.found_by})",
-                param_count(conv) + param_count(modules[pair.norm_path]),
-                norm_path=pair.norm_path,
-            )
-        )
-    return Plan(entries)
-
-
-def _run(model: nn.Module, entry: PlanEntry, x: torch.Tensor) -> Any:
-    if entry.norm_path is not None:
-        return model.get_submodule(entry.norm_path)(model.get_submodule(entry.path)(x))
-    return model.get_submodule(entry.path)(x)
+    steps, claimed = _walk(model, passes)
+    for each in passes:
+        found = each.find(model, claimed)
+        steps += found
+        claimed = claimed | {id(model.get_submodule(p)) for s in found for p in s.chain}
+    return Plan(steps)
 
 
 def _floating_dtype(module: nn.Module) -> torch.dtype | None:
@@ -219,99 +266,66 @@ def _floating_dtype(module: nn.Module) -> torch.dtype | None:
     return None
 
 
-def _fuse(model: nn.Module, entry: PlanEntry, releaser: pages.PageReleaser) -> None:
-    """Fuse one entry; the rules compute in float64, the block keeps the dtype it had.
+def _step_tensors(model: nn.Module, step: Step) -> list[torch.Tensor]:
+    return [t for path in step.chain for t in pages.tensors_of(model.get_submodule(path))]
+
+
+def _fuse(
+    model: nn.Module, step: Step, releaser: pages.PageReleaser
+) -> tuple[tuple[int, ...] | None, int]:
+    """Fuse one step: (kernel shape, params after). The block keeps the dtype it had.
 
     The train tensors' pages are given back as soon as the block is fused, before what is left
     in float64 (biases, a deploy method's weights) is rounded.
     """
-    module = model.get_submodule(entry.path)
+    module = model.get_submodule(step.path)
     dtype = _floating_dtype(module)
-    consumed = _block_tensors(model, entry)
-    _fuse_in_float64(model, entry, module)
-    releaser.release(consumed, keep=_block_tensors(model, entry))
+    consumed = _step_tensors(model, step)
+    kernel_shape = step.by.fuse_step(model, step)
+    params_after = param_count(module)
+    releaser.release(consumed, keep=_step_tensors(model, step))
     del consumed
     if dtype is not None and dtype != torch.float64:
         module.to(dtype)
+    return kernel_shape, params_after
 
 
-def _fuse_in_float64(model: nn.Module, entry: PlanEntry, module: nn.Module) -> None:
-    if entry.norm_path is not None:
-        entry.kernel_shape = convbn.fuse_pair(model, convbn.Pair(entry.path, entry.norm_path, ""))
-        entry.params_after = param_count(module)
-    elif entry._method is not None:
-        deploy_method.call_deploy_method(module, entry._method)
-        entry.params_after = param_count(module)
-    else:
-        fused = entry._rule.fuse(module)
-        entry.kernel_shape = fused.kernel_shape
-        entry.params_after = param_count(module)
-
-
-PROBE_SIDE = 32
-
-
-def _probe_shape(seen: Sequence[int] | None) -> tuple[int, ...] | None:
-    """The shape a block is probed with: what it saw, one sample, at most 32x32 in space.
-
-    A wrong fold shows at any size larger than the kernel (borders included), and the full-size
-    probes of every block would cost about as much as the verification passes themselves.
-    """
-    if seen is None:
-        return None
-    shape = list(seen)
-    if shape:
-        shape[0] = 1
-    if len(shape) == 4:
-        shape[2:] = [min(side, PROBE_SIDE) for side in shape[2:]]
-    return tuple(shape)
-
-
-def _block_tensors(model: nn.Module, entry: PlanEntry) -> list[torch.Tensor]:
-    paths = [entry.path] if entry.norm_path is None else [entry.path, entry.norm_path]
-    return [t for path in paths for t in pages.tensors_of(model.get_submodule(path))]
-
-
-def apply(
+def _apply_step(
     model: nn.Module,
-    the_plan: Plan,
-    *,
-    probe_shapes: Mapping[str, Sequence[int]] | None = None,
-    seed: int = 0,
-) -> Plan:
-    """Fuse every planned block in place.
+    step: Step,
+    releaser: pages.PageReleaser,
+    observer: BlockObserver | None,
+) -> Outcome:
+    block_error = observer(model, step) if observer is not None else None
+    try:
+        kernel_shape, params_after = _fuse(model, step, releaser)
+    except NotFusable as exc:
+        return Outcome(step, "skipped", reason=str(exc))
+    except CorruptCheckpoint as exc:
+        raise CorruptCheckpoint(f"corrupt checkpoint at {step.path}: {exc}") from None
+    error = block_error() if block_error is not None else None
+    return Outcome(step, "fused", None, params_after, kernel_shape, error)
 
-    With `probe_shapes` (input shape per module path, as seen on the reference pass), each block
-    is run on a seeded random input before and after it is fused, and its own error is recorded,
-    so a failing verification can name the blocks at fault. The pages of memory-mapped train
-    tensors a block no longer holds are given back as it is fused (see `pages`).
+
+def apply(model: nn.Module, plan: Plan, *, observer: BlockObserver | None = None) -> Applied:
+    """Fuse every planned step in place and return how each went.
+
+    `observer` (e.g. `verification.BlockProbes`) is called with each step before it is fused;
+    the function it returns, if any, is called after, for the block's own error. The pages of
+    memory-mapped train tensors a block no longer holds are given back as it is fused (see
+    `pages`).
     """
     model.eval()
-    generator = torch.Generator().manual_seed(seed)
+    outcomes: list[Outcome] = []
+    warnings: list[dict[str, str]] = []
     with torch.no_grad(), pages.PageReleaser() as releaser:
-        for entry in the_plan.entries:
-            shape = _probe_shape((probe_shapes or {}).get(entry.path))
-            probe = before = None
-            if shape is not None:
-                dtype = next(model.get_submodule(entry.path).parameters()).dtype
-                probe = torch.randn(shape, generator=generator, dtype=dtype)
-                before = _run(model, entry, probe)
-            try:
-                _fuse(model, entry, releaser)
-            except NotFusable as exc:
-                entry.status, entry.reason = "skipped", str(exc)
-                the_plan.warnings.append(
-                    {"path": entry.path, "message": f"{entry.rule} not applied: {exc}"}
-                )
-                continue
-            except CorruptCheckpoint as exc:
-                raise CorruptCheckpoint(f"corrupt checkpoint at {entry.path}: {exc}") from None
-            entry.status = "fused"
-            if probe is not None:
-                errors = compare_outputs(_run(model, entry, probe), before)
-                entry.block_error = max(errors.values(), default=0.0)
-    the_plan.warnings += leftover_norm_warnings(model)
-    return the_plan
+        for step in plan.entries:
+            outcome = _apply_step(model, step, releaser, observer)
+            if outcome.status == "skipped":
+                message = f"{step.rule} not applied: {outcome.reason}"
+                warnings.append({"path": step.path, "message": message})
+            outcomes.append(outcome)
+    return Applied(plan, outcomes, warnings + leftover_norm_warnings(model))
 
 
 def leftover_norm_warnings(model: nn.Module) -> list[dict[str, str]]:
@@ -324,11 +338,6 @@ def leftover_norm_warnings(model: nn.Module) -> list[dict[str, str]]:
     return warnings
 
 
-def convert_model(
-    model: nn.Module,
-    *,
-    rules: Sequence[Rule] | None = None,
-    probe_shapes: Mapping[str, Sequence[int]] | None = None,
-) -> Plan:
-    """Plan and apply in one go; returns the plan with every entry's outcome."""
-    return apply(model, plan(model, rules), probe_shapes=probe_shapes)
+def convert_model(model: nn.Module, *, rules: Sequence[Rule] | None = None) -> Applied:
+    """Plan and apply in one go; returns every step's outcome."""
+    return apply(model, plan(model, rules))

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import shlex
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,20 +17,13 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from repconv import __version__, arch, checkpoint, engine, pages
+from repconv import __version__, arch, checkpoint, dtypes, engine
 from repconv import verification as V
-from repconv.engine import Plan
+from repconv.engine import Applied, Plan
 from repconv.errors import BadInput, VerificationFailed
 from repconv.options import recorded_options
 from repconv.rules.base import Rule, param_count
 from repconv.zoo import registry as zoo
-
-DTYPES = {
-    "float64": torch.float64,
-    "float32": torch.float32,
-    "float16": torch.float16,
-    "bfloat16": torch.bfloat16,
-}
 
 
 @dataclass
@@ -38,7 +31,7 @@ class Result:
     """A conversion: the deploy model, its plan, its verification, and the tensors to write."""
 
     model: nn.Module
-    plan: Plan
+    plan: Applied  # the plan with each step's outcome
     verification: V.Verification | None
     state_dict: dict[str, Tensor]
     params_before: int
@@ -57,85 +50,6 @@ class Result:
             "plan": self.plan.to_dict(),
             "verification": None if self.verification is None else self.verification.to_dict(),
         }
-
-
-def _dtype_of_keys(model: nn.Module) -> dict[str, torch.dtype]:
-    return {k: v.dtype for k, v in model.state_dict(keep_vars=True).items()}
-
-
-def _output_dtypes(
-    original: Mapping[str, torch.dtype], the_plan: Plan
-) -> Callable[[str], torch.dtype]:
-    """Which dtype each deploy key is written in: its own, or that of the block it came from."""
-    floating = [d for d in original.values() if d.is_floating_point]
-    fallback = max(set(floating), key=floating.count) if floating else torch.float32
-    by_block: dict[str, torch.dtype] = {}
-    for entry in the_plan.entries:
-        prefix = f"{entry.path}." if entry.path else ""
-        for key, dtype in original.items():
-            if key.startswith(prefix) and dtype.is_floating_point:
-                by_block[entry.path] = dtype
-                break
-
-    def dtype_for(key: str) -> torch.dtype:
-        if key in original:
-            return original[key]
-        owners = [p for p in by_block if not p or key.startswith(f"{p}.")]
-        return by_block[max(owners, key=len)] if owners else fallback
-
-    return dtype_for
-
-
-def _holds_exactly(wide: torch.dtype, narrow: torch.dtype) -> bool:
-    """Every `narrow` value is a `wide` value (finer steps, a range at least as large)."""
-    w, n = torch.finfo(wide), torch.finfo(narrow)
-    return w.eps <= n.eps and w.max >= n.max and w.smallest_normal <= n.smallest_normal
-
-
-def _check_holds_weights(verify_dtype: torch.dtype, dtypes) -> None:
-    """The weights are held in the verification dtype while they are fused: never round them."""
-    lost = sorted(
-        {str(d).removeprefix("torch.") for d in dtypes if d.is_floating_point}
-        - {
-            str(d).removeprefix("torch.")
-            for d in DTYPES.values()
-            if _holds_exactly(verify_dtype, d)
-        }
-    )
-    if lost:
-        name = str(verify_dtype).removeprefix("torch.")
-        raise BadInput(
-            f"--verify-dtype {name} cannot hold the checkpoint's {', '.join(lost)} weights "
-            "exactly, and they are fused while held in it; use float64 (the default) or the "
-            "checkpoint's own dtype"
-        )
-
-
-def _cast_in_place(model: nn.Module, dtype_for: Callable[[str], torch.dtype], hold=None) -> None:
-    """Round every floating tensor to the dtype it is written in; hold it in `hold` if given.
-
-    With `hold=float64` the model computes with exactly the values the file will contain. Each
-    replaced tensor's pages go back as soon as its copy exists, so a memory-mapped model is never
-    resident in both dtypes at once.
-    """
-    with pages.PageReleaser() as releaser:
-        for module_path, module in model.named_modules():
-            for store in (module._parameters, module._buffers):
-                for name, tensor in store.items():
-                    if tensor is None or not tensor.is_floating_point():
-                        continue
-                    key = f"{module_path}.{name}" if module_path else name
-                    value = tensor.detach().to(dtype_for(key))
-                    if hold is not None:
-                        value = value.to(hold)
-                    if value is tensor or value.data_ptr() == tensor.data_ptr():
-                        continue  # already in that dtype
-                    replaced = tensor.detach()
-                    if isinstance(tensor, nn.Parameter):
-                        tensor.data = value
-                    else:
-                        store[name] = value
-                    releaser.release([replaced])
 
 
 def convert(
@@ -157,64 +71,67 @@ def convert(
     default) and the returned `state_dict` is in the model's own dtypes. No copy of the model
     is made: reference outputs are taken before the rewrite.
     """
-    if isinstance(verify_dtype, str):
-        verify_dtype = DTYPES[verify_dtype]
+    verify_dtype = dtypes.named(verify_dtype)
     if samples < 1:
         raise BadInput("--samples must be at least 1")
     model.eval()
-    original = _dtype_of_keys(model)
+    original = dtypes.of_keys(model)
     if verify:
-        _check_holds_weights(verify_dtype, original.values())
+        dtypes.check_holds_weights(verify_dtype, original.values())
     params_before = param_count(model)
-    the_plan = engine.plan(model, rules)
-    dtype_for = _output_dtypes(original, the_plan)
-    verification = None
+    plan = engine.plan(model, rules)
+    dtype_for = dtypes.output_dtypes(original, plan)
+    reference = None
     if verify:
-        shape = list(input_shape) if input_shape else list(arch.default_input_shape(model))
-        _cast_in_place(model, lambda _key: verify_dtype)
-        inputs = V.make_inputs(shape, samples, seed, verify_dtype)
-        paths = [e.path for e in the_plan.entries]
-        try:
-            with V.reporting_out_of_memory(shape), V.recording_input_shapes(model, paths) as shapes:
-                references = V.run(model, inputs)
-        except RuntimeError as exc:
-            raise BadInput(
-                f"the model cannot run on inputs of shape {shape}: {_first_line(exc)} "
-                "(set --input-shape)"
-            ) from None
-        engine.apply(model, the_plan, probe_shapes=shapes, seed=seed)
-        exact = None
-        if verify_dtype == torch.float64:
-            exact = V.measure(V.run(model, inputs), references)
-        _cast_in_place(model, dtype_for, hold=verify_dtype)
-        written = V.measure(V.run(model, inputs), references)
-        out_dtypes = {dtype_for(k) for k, v in model.state_dict().items() if v.is_floating_point()}
-        verification = V.Verification(
-            input_shape=shape,
-            samples=samples,
-            seed=seed,
-            dtype=str(verify_dtype).removeprefix("torch."),
-            exact=exact,
-            written=written,
-            exact_limit=exact_limit,
-            **V.written_tolerances(out_dtypes, atol, rtol),
-        )
-        limit_for_blocks = exact_limit if exact is not None else verification.written_rtol
-        verification.suspects = [
-            {"path": e.path, "rule": e.rule, "block_error": e.block_error}
-            for e in sorted(the_plan.entries, key=lambda e: -(e.block_error or 0.0))
-            if e.block_error is not None and not e.block_error <= limit_for_blocks
-        ]
-    else:
-        engine.apply(model, the_plan)
-    _cast_in_place(model, dtype_for)
+        reference = _reference(model, plan, input_shape, samples, seed, verify_dtype)
+    probes = reference.block_probes() if reference is not None else None
+    applied = engine.apply(model, plan, observer=probes)
+    verification = None
+    if reference is not None:
+        verification = _figures(model, reference, applied, dtype_for, exact_limit, atol, rtol)
+    dtypes.cast_in_place(model, dtype_for)
     state = {k: v.contiguous() for k, v in model.state_dict().items()}
-    return Result(model, the_plan, verification, state, params_before, param_count(model))
+    return Result(model, applied, verification, state, params_before, param_count(model))
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
+def _reference(
+    model: nn.Module,
+    plan: Plan,
+    input_shape: Sequence[int] | None,
+    samples: int,
+    seed: int,
+    dtype: torch.dtype,
+) -> V.Reference:
+    """Hold the model in the verification dtype and take its outputs before anything is fused."""
+    shape = list(input_shape) if input_shape else list(arch.default_input_shape(model))
+    dtypes.hold_all_in(model, dtype)
+    return V.take_reference(model, shape, samples, seed, dtype, [s.path for s in plan.entries])
+
+
+def _figures(
+    model: nn.Module,
+    reference: V.Reference,
+    applied: Applied,
+    dtype_for: dtypes.DtypeFor,
+    exact_limit: float,
+    atol: float | None,
+    rtol: float | None,
+) -> V.Verification:
+    """The exact figure (the fused weights unrounded; float64 only), then the written one (the
+    weights rounded as the file holds them, computed in the verification dtype)."""
+    exact = reference.figures(model) if reference.dtype == torch.float64 else None
+    dtypes.cast_in_place(model, dtype_for, hold=reference.dtype)
+    written = reference.figures(model)
+    return V.judge(
+        reference,
+        exact,
+        written,
+        dtypes.written_dtypes(model, dtype_for),
+        applied.entries,
+        exact_limit=exact_limit,
+        atol=atol,
+        rtol=rtol,
+    )
 
 
 def _load_model(
@@ -309,7 +226,7 @@ def convert_file(
 
 
 def _deploy_structure(model: nn.Module) -> None:
-    engine.apply(model, engine.plan(model))
+    engine.convert_model(model)
 
 
 def recorded_architecture(
@@ -411,17 +328,16 @@ def verify_files(
     if samples < 1:
         raise BadInput("--samples must be at least 1")
     # As `convert` does by default: the whole model in float64, references before the rewrite.
-    _cast_in_place(model, lambda _key: torch.float64)
-    inputs = V.make_inputs(shape, samples, seed, torch.float64)
-    references = _reference_outputs(model, inputs, shape)
-    the_plan = engine.apply(model, engine.plan(model))
+    dtypes.hold_all_in(model, torch.float64)
+    reference = V.take_reference(model, shape, samples, seed, torch.float64)
+    applied = engine.convert_model(model)
     tensors = V.compare_tensors(model.state_dict(), state)
     written = None
     if tensors.fits:
         _load_in_float64(model, state)
         with V.reporting_out_of_memory(shape):
-            written = V.measure(V.run(model, inputs), references)
-    dtypes = {t.dtype for t in state.values() if t.is_floating_point()}
+            written = reference.figures(model)
+    file_dtypes = {t.dtype for t in state.values() if t.is_floating_point()}
     verification = V.Verification(
         input_shape=shape,
         samples=samples,
@@ -431,20 +347,9 @@ def verify_files(
         written=written,
         exact_limit=V.EXACT_LIMIT,
         tensors=tensors,
-        **V.written_tolerances(dtypes, atol, rtol),
+        **V.written_tolerances(file_dtypes, atol, rtol),
     )
-    return verification, _verify_notes(meta, loaded.sha256, the_plan, what)
-
-
-def _reference_outputs(model: nn.Module, inputs: Sequence[Tensor], shape: Sequence[int]) -> list:
-    try:
-        with V.reporting_out_of_memory(shape):
-            return V.run(model, inputs)
-    except RuntimeError as exc:
-        raise BadInput(
-            f"the model cannot run on inputs of shape {list(shape)}: {_first_line(exc)} "
-            "(set --input-shape)"
-        ) from None
+    return verification, _verify_notes(meta, loaded.sha256, applied, what)
 
 
 def _load_in_float64(model: nn.Module, state: Mapping[str, Tensor]) -> None:
@@ -454,19 +359,19 @@ def _load_in_float64(model: nn.Module, state: Mapping[str, Tensor]) -> None:
 
 
 def _verify_notes(
-    meta: Mapping[str, str], source_sha: str, the_plan: Plan, what: str
+    meta: Mapping[str, str], source_sha: str, applied: Applied, what: str
 ) -> dict[str, str]:
     notes = {}
     recorded = meta.get("source_sha256")
     if recorded and recorded != source_sha:
         notes["source"] = "the deploy file records a different source checkpoint (sha256 differs)"
-    plan_note = _recorded_plan_note(meta.get("plan"), the_plan, what)
+    plan_note = _recorded_plan_note(meta.get("plan"), applied.plan, what)
     if plan_note:
         notes["plan"] = plan_note
     return notes
 
 
-def _recorded_plan_note(text: str | None, the_plan: Plan, what: str) -> str | None:
+def _recorded_plan_note(text: str | None, plan: Plan, what: str) -> str | None:
     """A note when the blocks (path, rule) the file records are not the recomputed ones."""
     if not text:
         return None
@@ -475,7 +380,7 @@ def _recorded_plan_note(text: str | None, the_plan: Plan, what: str) -> str | No
     except (ValueError, TypeError, KeyError):
         # Only a note depends on it; the tensors themselves are checked either way.
         return f"{what}'s recorded plan is not readable"
-    recomputed = {(e.path, e.rule) for e in the_plan.entries}
+    recomputed = {(s.path, s.rule) for s in plan.entries}
     if recorded == recomputed:
         return None
     parts = []
@@ -499,7 +404,7 @@ def inspect_file(
     arch_kwargs: Mapping[str, Any] | None = None,
     key: str | None = None,
     trust_pickle: bool = False,
-) -> tuple[Plan, int, int]:
+) -> tuple[Applied, int, int]:
     """What converting a checkpoint would do (fused in memory only, nothing written).
 
     Returns the plan with every entry's outcome and the parameter counts before and after.
@@ -507,8 +412,8 @@ def inspect_file(
     loaded = checkpoint.read_checkpoint(input_path, key=key, trust_pickle=trust_pickle)
     model = _load_model(loaded, arch_spec, dict(arch_kwargs or {}))
     before = param_count(model)
-    the_plan = engine.apply(model, engine.plan(model))
-    return the_plan, before, param_count(model)
+    applied = engine.convert_model(model)
+    return applied, before, param_count(model)
 
 
 def bench_file(

@@ -1,5 +1,9 @@
 """Verification: does the deploy model compute what the train model computed?
 
+Verification owns everything that judges a conversion: the reference pass over the train model,
+the per-block probes run while the engine fuses (`BlockProbes`), the error figures, and the blocks
+suspected when a figure fails.
+
 Outputs are compared per tensor as max|deploy - ref| / max|ref|. Two figures, both by default
 with activations in float64 so that rounding in the passes neither hides a bug nor fails a correct
 conversion: `exact` runs the fused weights before they are rounded (it judges the math alone) and
@@ -13,16 +17,18 @@ one unit in the last place of the file's dtype (a `TensorCheck`).
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
 
-from repconv.compare import flatten_outputs
 from repconv.errors import BadInput
+
+if TYPE_CHECKING:
+    from repconv.engine import Outcome, Step
 
 try:
     import resource
@@ -208,9 +214,173 @@ def recording_input_shapes(model: nn.Module, paths: Sequence[str]) -> Iterator[d
             handle.remove()
 
 
-def run(model: nn.Module, inputs: Sequence[Tensor]) -> list[Any]:
+def run_model(model: nn.Module, inputs: Sequence[Tensor]) -> list[Any]:
+    """The model's output on each input, without autograd."""
     with torch.no_grad():
         return [model(x) for x in inputs]
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def reference_outputs(model: nn.Module, inputs: Sequence[Tensor], shape: Sequence[int]) -> list:
+    """The train model's outputs; a model that cannot run on `shape` is the user's input error."""
+    try:
+        with reporting_out_of_memory(shape):
+            return run_model(model, inputs)
+    except RuntimeError as exc:
+        raise BadInput(
+            f"the model cannot run on inputs of shape {list(shape)}: {_first_line(exc)} "
+            "(set --input-shape)"
+        ) from None
+
+
+# ---- the reference pass and the per-block probes ------------------------------------------
+
+
+@dataclass
+class Reference:
+    """The train model's outputs on the verification inputs, taken before anything is fused."""
+
+    shape: list[int]
+    samples: int
+    seed: int
+    dtype: torch.dtype
+    inputs: list[Tensor]
+    outputs: list[Any]
+    block_shapes: dict[str, list] = field(default_factory=dict)
+
+    def figures(self, model: nn.Module) -> dict[str, Figure]:
+        """How far the model's outputs now are from the reference ones."""
+        return measure(run_model(model, self.inputs), self.outputs)
+
+    def block_probes(self) -> BlockProbes:
+        """Probes for the engine, shaped by what each block saw on the reference pass."""
+        return BlockProbes(self.block_shapes, seed=self.seed)
+
+
+def take_reference(
+    model: nn.Module,
+    shape: Sequence[int],
+    samples: int,
+    seed: int,
+    dtype: torch.dtype,
+    block_paths: Sequence[str] = (),
+) -> Reference:
+    """Run the train model once on seeded inputs, recording what each listed block is fed."""
+    inputs = make_inputs(shape, samples, seed, dtype)
+    with recording_input_shapes(model, block_paths) as block_shapes:
+        outputs = reference_outputs(model, inputs, shape)
+    return Reference(list(shape), samples, seed, dtype, inputs, outputs, block_shapes)
+
+
+PROBE_SIDE = 32
+
+
+def probe_shape(seen: Sequence[int] | None) -> tuple[int, ...] | None:
+    """The shape a block is probed with: what it saw, one sample, at most 32x32 in space.
+
+    A wrong fold shows at any size larger than the kernel (borders included), and the full-size
+    probes of every block would cost about as much as the verification passes themselves.
+    """
+    if seen is None:
+        return None
+    shape = list(seen)
+    if shape:
+        shape[0] = 1
+    if len(shape) == 4:
+        shape[2:] = [min(side, PROBE_SIDE) for side in shape[2:]]
+    return tuple(shape)
+
+
+def run_chain(model: nn.Module, paths: Sequence[str], x: Tensor) -> Any:
+    """Run the modules at `paths` one after the other (a step's modules, in data-flow order)."""
+    for path in paths:
+        x = model.get_submodule(path)(x)
+    return x
+
+
+class BlockProbes:
+    """The engine's per-block observer: each block's own error, so a failure can name blocks.
+
+    Called with a step before it is fused, it runs the step's modules on one seeded random
+    input (shaped like what the block saw, see `probe_shape`) and returns a function that runs
+    them again after fusing and gives the block's relative error. Blocks never seen on the
+    reference pass are not probed.
+    """
+
+    def __init__(self, shapes: Mapping[str, Sequence[int]], seed: int = 0):
+        self.shapes = shapes
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def __call__(self, model: nn.Module, step: Step) -> Callable[[], float] | None:
+        shape = probe_shape(self.shapes.get(step.path))
+        if shape is None:
+            return None
+        dtype = next(model.get_submodule(step.path).parameters()).dtype
+        probe = torch.randn(shape, generator=self.generator, dtype=dtype)
+        with torch.no_grad():
+            before = run_chain(model, step.chain, probe)
+
+        def block_error() -> float:
+            with torch.no_grad():
+                after = run_chain(model, step.chain, probe)
+            return max(compare_outputs(after, before).values(), default=0.0)
+
+        return block_error
+
+
+def suspects(outcomes: Sequence[Outcome], limit: float) -> list[dict[str, Any]]:
+    """The blocks whose own error exceeds `limit`, worst first."""
+    return [
+        {"path": o.path, "rule": o.rule, "block_error": o.block_error}
+        for o in sorted(outcomes, key=lambda o: -(o.block_error or 0.0))
+        if o.block_error is not None and not o.block_error <= limit
+    ]
+
+
+# ---- comparing outputs --------------------------------------------------------------------
+
+
+def flatten_outputs(output: Any, name: str = "output") -> list[tuple[str, Tensor]]:
+    """(name, tensor) for every tensor in a nested output, in a stable order."""
+    if isinstance(output, Tensor):
+        return [(name, output)]
+    if isinstance(output, Mapping):
+        items = []
+        for key in output:
+            items += flatten_outputs(output[key], f"{name}[{key!r}]")
+        return items
+    if isinstance(output, (tuple, list)):
+        items = []
+        for i, value in enumerate(output):
+            items += flatten_outputs(value, f"{name}[{i}]")
+        return items
+    return []
+
+
+def relative_error(actual: Tensor, reference: Tensor) -> float:
+    """max |actual - reference| / max |reference|, computed in float64 (inf on shape mismatch)."""
+    if actual.shape != reference.shape:
+        return float("inf")
+    if reference.numel() == 0:
+        return 0.0
+    ref = reference.detach().to(torch.float64)
+    diff = (actual.detach().to(torch.float64) - ref).abs().max()
+    scale = ref.abs().max()
+    if not torch.isfinite(diff):
+        return float("inf")
+    return float(diff / scale) if scale > 0 else float(diff)
+
+
+def compare_outputs(actual: Any, reference: Any) -> dict[str, float]:
+    """Relative error per output tensor (one probe); a structural mismatch is infinite."""
+    got, want = flatten_outputs(actual), flatten_outputs(reference)
+    if [n for n, _ in got] != [n for n, _ in want]:
+        return {"output structure": float("inf")}
+    return {name: relative_error(a, r) for (name, a), (_, r) in zip(got, want)}
 
 
 @dataclass
@@ -500,3 +670,33 @@ class Verification:
         elif self.tensors is None and self.exact_passed and not self.written_passed:
             parts.append("every block is exact, so the loss is rounding to the output dtype")
         return "verification failed: " + "; ".join(parts)
+
+
+def judge(
+    reference: Reference,
+    exact: dict[str, Figure] | None,
+    written: dict[str, Figure],
+    written_dtypes: set[torch.dtype],
+    outcomes: Sequence[Outcome],
+    *,
+    exact_limit: float,
+    atol: float | None,
+    rtol: float | None,
+) -> Verification:
+    """A conversion's verification: its figures against their limits, and the blocks suspected.
+
+    Blocks are judged by the exact limit when the exact figure was taken, else by the written one.
+    """
+    verification = Verification(
+        input_shape=reference.shape,
+        samples=reference.samples,
+        seed=reference.seed,
+        dtype=str(reference.dtype).removeprefix("torch."),
+        exact=exact,
+        written=written,
+        exact_limit=exact_limit,
+        **written_tolerances(written_dtypes, atol, rtol),
+    )
+    limit = exact_limit if exact is not None else verification.written_rtol
+    verification.suspects = suspects(outcomes, limit)
+    return verification

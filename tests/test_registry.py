@@ -10,6 +10,8 @@ from torch import nn
 
 from repconv import engine
 from repconv.rules import registry
+from repconv.rules.base import Pass, Step
+from repconv.zoo.blocks import RepVGGBlock
 
 
 def test_entry_point_rules_are_loaded_and_ordered_after_builtins(tmp_path, monkeypatch):
@@ -70,3 +72,74 @@ def test_entry_point_rules_are_loaded_and_ordered_after_builtins(tmp_path, monke
         assert torch.allclose(model(x), reference, rtol=0, atol=1e-12)
     finally:
         sys.modules.pop("sum_plugin", None)
+
+
+class _ScaleBeforeConv(Pass):
+    """A data-flow pass for the test: folds the x2 a `_Doubled` applies into its conv.
+
+    It only takes modules no earlier pass claimed, and records which ids it was told are claimed.
+    """
+
+    name = "scale_into_conv"
+    family = "test"
+    summary = "scale -> conv"
+    kind = "pairs"
+
+    def __init__(self):
+        self.offered_claimed = None
+
+    def find(self, model, claimed):
+        self.offered_claimed = set(claimed)
+        steps = []
+        for path, module in model.named_modules():
+            if id(module) in claimed or not isinstance(getattr(module, "scaled", None), nn.Conv2d):
+                continue
+            steps.append(Step(f"{path}.scaled" if path else "scaled", self, "test", "x2", 0))
+        return steps
+
+    def fuse_step(self, model, step):
+        conv = model.get_submodule(step.path)
+        conv.weight.data.mul_(2.0)
+        model.get_submodule(step.path.rpartition(".")[0]).doubled = False
+        return tuple(conv.weight.shape)
+
+
+class _Doubled(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.scaled = nn.Conv2d(4, 4, 3, padding=1, bias=False)
+        self.doubled = True
+
+    def forward(self, x):
+        return self.scaled(2.0 * x if self.doubled else x)
+
+
+def test_a_new_pass_is_one_object_in_the_registry(monkeypatch):
+    extra = _ScaleBeforeConv()
+    monkeypatch.setattr(registry, "_LATER_PASSES", [*registry._LATER_PASSES, extra])
+    assert [row["name"] for row in registry.describe()][-2:] == ["conv_bn", "scale_into_conv"]
+    model = nn.Sequential(RepVGGBlock(4, 4), _Doubled()).double().eval()
+    x = torch.randn(1, 4, 6, 6, dtype=torch.float64)
+    with torch.no_grad():
+        reference = model(x)
+        applied = engine.convert_model(model)
+        assert torch.allclose(model(x), reference, rtol=0, atol=1e-12)
+    # It runs after the walk, offered the modules the block rules claimed, and fuses its step.
+    assert id(model[0]) in extra.offered_claimed
+    assert [(o.path, o.rule, o.status) for o in applied.entries] == [
+        ("0", "repvgg", "fused"),
+        ("1.scaled", "scale_into_conv", "fused"),
+    ]
+    assert applied.entries[1].kernel_shape == (4, 4, 3, 3)
+
+
+def test_apply_returns_outcomes_and_leaves_the_plan_as_planned():
+    model = nn.Sequential(RepVGGBlock(4, 4), nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4)).eval()
+    plan = engine.plan(model)
+    planned = plan.to_dict()
+    applied = engine.apply(model, plan)
+    assert plan.to_dict() == planned
+    assert [b["status"] for b in planned["blocks"]] == ["planned", "planned"]
+    assert [o.status for o in applied.entries] == ["fused", "fused"]
+    assert applied.plan is plan and [o.step for o in applied.entries] == plan.entries
+    assert list(applied.to_dict()["blocks"][0]) == list(planned["blocks"][0])  # same keys, order

@@ -9,12 +9,13 @@ from torch import nn
 
 from repconv import engine
 from repconv.errors import CorruptCheckpoint
+from repconv.verification import BlockProbes
 from repconv.zoo.blocks import ACBlock, ConvBN, DiverseBranchBlock, RepVGGBlock
 
 F64_LIMIT = 1e-12
 
 
-def convert_and_compare(train: nn.Module, deploy: nn.Module, x: torch.Tensor) -> engine.Plan:
+def convert_and_compare(train: nn.Module, deploy: nn.Module, x: torch.Tensor) -> engine.Applied:
     """Convert `train` in place; check exactness and that it loads strictly into `deploy`."""
     with torch.no_grad():
         reference = train(x)
@@ -159,9 +160,9 @@ def test_nan_running_var_is_corrupt_and_names_the_module():
 
 def test_probe_records_each_blocks_own_error():
     model = randomized(nn.Sequential(RepVGGBlock(4, 4), DiverseBranchBlock(4, 4, 3, padding=1)))
-    plan = engine.plan(model)
-    engine.apply(model, plan, probe_shapes={"0": [1, 4, 8, 8], "1": [1, 4, 8, 8]})
-    assert [e.block_error is not None and e.block_error < F64_LIMIT for e in plan.entries] == [
+    probes = BlockProbes({"0": [1, 4, 8, 8], "1": [1, 4, 8, 8]})
+    applied = engine.apply(model, engine.plan(model), observer=probes)
+    assert [e.block_error is not None and e.block_error < F64_LIMIT for e in applied.entries] == [
         True,
         True,
     ]

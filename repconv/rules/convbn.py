@@ -11,13 +11,22 @@ from __future__ import annotations
 
 import itertools
 from collections import Counter
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 
 import torch.fx as fx
 from torch import nn
 
 from repconv import kernels as K
-from repconv.rules.base import is_foldable_norm, is_norm_like, is_plain_conv, norm_stats
+from repconv.rules.base import (
+    Pass,
+    Step,
+    is_foldable_norm,
+    is_norm_like,
+    is_plain_conv,
+    norm_stats,
+    param_count,
+)
 
 NAME = "conv_bn"
 SUMMARY = "Conv1d/2d/3d -> BatchNorm (or Linear -> BatchNorm1d) whose output feeds only the norm"
@@ -47,7 +56,7 @@ def _fits(conv: nn.Module, norm: nn.Module) -> bool:
 class _Tracer(fx.Tracer):
     """Treats convs, norms and already-claimed blocks as opaque leaves."""
 
-    def __init__(self, opaque: set[int]):
+    def __init__(self, opaque: AbstractSet[int]):
         super().__init__()
         self.opaque = opaque
 
@@ -90,7 +99,7 @@ def _pairs_in_sequential(seq: nn.Sequential, prefix: str) -> list[Pair]:
     return found
 
 
-def find_pairs(model: nn.Module, opaque: set[int]) -> list[Pair]:
+def find_pairs(model: nn.Module, opaque: AbstractSet[int]) -> list[Pair]:
     """Every foldable conv -> norm pair outside the `opaque` modules (by id)."""
     uses = Counter(id(m) for _, m in model.named_modules(remove_duplicate=False))
     pairs = _search(model, "", opaque)
@@ -102,7 +111,7 @@ def find_pairs(model: nn.Module, opaque: set[int]) -> list[Pair]:
     ]
 
 
-def _search(module: nn.Module, prefix: str, opaque: set[int]) -> list[Pair]:
+def _search(module: nn.Module, prefix: str, opaque: AbstractSet[int]) -> list[Pair]:
     if id(module) in opaque or not any(is_norm_like(m) for m in module.modules()):
         return []
     try:
@@ -131,3 +140,29 @@ def fuse_pair(model: nn.Module, pair: Pair) -> tuple[int, ...]:
     parent_path, _, name = pair.norm_path.rpartition(".")
     setattr(model.get_submodule(parent_path), name, nn.Identity())
     return tuple(fused.kernel.shape)
+
+
+class ConvBnPass(Pass):
+    """The data-flow pass: every foldable conv -> norm pair outside the claimed blocks."""
+
+    name = NAME
+    family = "conv-BN"
+    summary = SUMMARY
+    deploy_form = DEPLOY_FORM
+    kind = "pairs"
+
+    def find(self, model: nn.Module, claimed: AbstractSet[int]) -> list[Step]:
+        modules = dict(model.named_modules())
+        steps = []
+        for pair in find_pairs(model, claimed):
+            conv, norm = modules[pair.conv_path], modules[pair.norm_path]
+            structure = f"{type(conv).__name__} -> {type(norm).__name__} ({pair.found_by})"
+            params = param_count(conv) + param_count(norm)
+            steps.append(Step(pair.conv_path, self, self.family, structure, params, pair.norm_path))
+        return steps
+
+    def fuse_step(self, model: nn.Module, step: Step) -> tuple[int, ...]:
+        return fuse_pair(model, Pair(step.path, step.norm_path, ""))
+
+
+PASS = ConvBnPass()

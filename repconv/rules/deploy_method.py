@@ -4,8 +4,9 @@ Many libraries ship re-parameterizable blocks with a method that folds them in p
 `reparameterize`, YOLO's `fuse_convs`, ...). Calling it leaves exactly the deploy form that library
 expects; verification then judges the result like any other rule's.
 
-The engine offers a module to this rule only when no structural rule matched it or anything inside
-it, and when it still holds a batch norm (so a block already in deploy form is left alone).
+It is a pass of the walk, tried after the block rules: it takes a module only when no pass before
+it matches the module or anything inside it, and when it still holds a batch norm (so a block
+already in deploy form is left alone).
 """
 
 from __future__ import annotations
@@ -13,6 +14,9 @@ from __future__ import annotations
 import inspect
 
 from torch import nn
+
+from repconv.errors import NotFusable
+from repconv.rules.base import Pass, Scope, Step, is_norm_like
 
 NAME = "deploy_method"
 SUMMARY = "a block's own deploy method, for blocks no structural rule matches"
@@ -52,3 +56,36 @@ def deploy_method(module: nn.Module) -> str | None:
 
 def call_deploy_method(module: nn.Module, name: str) -> None:
     getattr(module, name)()
+
+
+def holds_norm(module: nn.Module) -> bool:
+    return any(is_norm_like(m) for m in module.modules())
+
+
+class DeployMethodPass(Pass):
+    """The fallback: a block's own deploy method, called in place."""
+
+    name = NAME
+    family = "any"
+    summary = SUMMARY
+    deploy_form = DEPLOY_FORM
+    kind = "fallback"
+
+    def match_module(self, module: nn.Module, scope: Scope) -> str | None:
+        if scope.matched_inside(module) or not holds_norm(module):
+            return None
+        method = deploy_method(module)
+        return f"{method}()" if method else None
+
+    def family_of(self, module: nn.Module) -> str:
+        return type(module).__name__
+
+    def fuse_step(self, model: nn.Module, step: Step) -> None:
+        module = model.get_submodule(step.path)
+        method = deploy_method(module)
+        if method is None:
+            raise NotFusable(f"{type(module).__name__} has no deploy method any more")
+        call_deploy_method(module, method)
+
+
+PASS = DeployMethodPass()

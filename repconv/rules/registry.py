@@ -1,4 +1,4 @@
-"""The registry of block rules, in the fixed order the engine tries them.
+"""The registry of passes, in the fixed order the engine runs them (see `rules.base.Pass`).
 
 At each module, top-down, the first block rule whose `match` accepts it wins and its subtree is not
 searched further; a module no block rule matches, with nothing matched inside it, that still holds
@@ -6,24 +6,39 @@ a batch norm and has a deploy method of its own is handed to the deploy-method f
 conv -> BN fold runs over whatever is left, found by data flow. Third-party rules are
 added with `register_rule` or through the `repconv.rules` entry-point group (each entry point names
 a Rule object or a zero-argument callable returning one or a list of them).
+
+A new built-in pass is one module plus one line here: in `_BUILTIN` for a block rule, in
+`_LATER_PASSES` for a pass that runs after the block rules.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from importlib.metadata import entry_points
 
 from repconv.rules import acb, convbn, dbb, deploy_method, repvgg
-from repconv.rules.base import Rule
+from repconv.rules.base import Pass, Rule
 
 ENTRY_POINT_GROUP = "repconv.rules"
 
 _BUILTIN: list[Rule] = [repvgg.RULE, dbb.RULE, acb.RULE]
+# After the block rules (and any registered ones), in this order.
+_LATER_PASSES: list[Pass] = [deploy_method.PASS, convbn.PASS]
 _registered: list[Rule] = []
 _entry_points_loaded = False
 
 
 def register_rule(rule: Rule, *, before: str | None = None) -> Rule:
-    """Add a block rule; it is tried after the built-in ones unless `before` names a rule."""
+    """Add a block rule; it is tried after the built-in ones unless `before` names a rule.
+
+    `rule.match(module)` must be cheap and side-effect free and return None or a short
+    description of the structure found. `rule.fuse(module)` runs in float64 (the `kernels`
+    helpers compute in it; what is left in float64 is rounded to the block's dtype by the engine),
+    rewrites the block in place into the deploy form its own code expects (train-time children
+    removed, the fused conv installed, `deploy` flags set), returns `Fused`, and raises
+    NotFusable before changing anything when the block cannot be folded exactly. See
+    `repconv.rules.base.Pass` for the whole contract.
+    """
     if not isinstance(rule, Rule):
         raise TypeError(f"expected a repconv Rule, got {type(rule).__name__}")
     if any(r.name == rule.name for r in block_rules()):
@@ -69,31 +84,21 @@ def block_rules() -> list[Rule]:
     return [*_BUILTIN, *_registered]
 
 
+def passes(rules: Sequence[Rule] | None = None) -> list[Pass]:
+    """Every pass in the order the engine runs them: the block rules (or `rules`), then the rest."""
+    return [*(block_rules() if rules is None else rules), *_LATER_PASSES]
+
+
 def describe() -> list[dict[str, str]]:
     """Every rule and pass, in the order they apply, for `repconv rules`."""
-    rows = [
+    return [
         {
             "order": str(i),
-            "name": r.name,
-            "family": r.family,
-            "kind": "block",
-            "matches": r.summary,
-            "deploy_form": r.deploy_form,
+            "name": p.name,
+            "family": p.family,
+            "kind": p.kind,
+            "matches": p.summary,
+            "deploy_form": p.deploy_form,
         }
-        for i, r in enumerate(block_rules(), start=1)
+        for i, p in enumerate(passes(), start=1)
     ]
-    for kind, module, family in (
-        ("fallback", deploy_method, "any"),
-        ("pairs", convbn, "conv-BN"),
-    ):
-        rows.append(
-            {
-                "order": str(len(rows) + 1),
-                "name": module.NAME,
-                "family": family,
-                "kind": kind,
-                "matches": module.SUMMARY,
-                "deploy_form": module.DEPLOY_FORM,
-            }
-        )
-    return rows
