@@ -77,3 +77,27 @@ def test_a_job_travels_as_json_with_its_options():
     assert (again.arch, again.input_shape) == ("demo_mixed", [3, 8, 8])
     with pytest.raises(AttributeError):
         again.no_such_thing  # noqa: B018
+
+
+@pytest.mark.parametrize(
+    ("line", "words"),
+    [
+        ('samples = "two"', "c.toml: samples: expected an integer, got 'two'"),
+        ("no_verify = 1", "c.toml: no_verify: expected true or false, got 1"),
+        ('verify_dtype = "int8"', "c.toml: verify_dtype: expected one of float64, float32"),
+    ],
+)
+def test_a_command_config_is_checked_as_a_batch_config_is(tmp_path, line, words):
+    """--config values are checked by the same options object before any file is read."""
+    from click.testing import CliRunner
+
+    from repconv.cli import main
+
+    config = tmp_path / "c.toml"
+    config.write_text(f'arch = "demo_mixed"\n{line}\n')
+    out = tmp_path / "deploy.safetensors"
+    args = ["convert", str(tmp_path / "missing.pth"), str(out), "--config", str(config)]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 2, result.output
+    assert words in " ".join(result.output.split())
+    assert not out.exists()
