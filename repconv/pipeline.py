@@ -384,14 +384,12 @@ def verify_files(
     tensors loaded into it must compute what the train model computed (the written figure).
     Without `arch_spec`, the architecture recorded in the deploy file is used if it is a
     built-in zoo name (any spec with `trust_metadata`), else a trusted pickled train model.
-    Of the options, the model's (arch, arch_kwargs, key, trust_pickle) and the check's
-    (input_shape, samples, seed, atol, rtol) apply.
+    Options used: the model's and the check's (`ConvertOptions` groups "model", "check").
     """
     options = ConvertOptions.merged(options, keywords)
-    arch_spec, arch_kwargs = options.arch, options.arch_kwargs
-    key, trust_pickle = options.key, options.trust_pickle
+    arch_spec, arch_kwargs, key = options.arch, options.arch_kwargs, options.key
     input_shape, samples, seed = options.input_shape, options.samples, options.seed
-    atol, rtol = options.atol, options.rtol
+    trust_pickle, atol, rtol = options.trust_pickle, options.atol, options.rtol
     state, meta = checkpoint.read_deploy(deploy_path)
     what = Path(deploy_path).name
     loaded = checkpoint.read_checkpoint(train_path, key=key, trust_pickle=trust_pickle)
