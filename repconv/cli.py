@@ -23,11 +23,15 @@ from repconv.errors import RepconvError
 from repconv.interrupts import EXIT_INTERRUPTED, EXIT_TERMINATED, Terminated, sigterm_raises
 from repconv.options import (
     MAX_BATCH_SIZE,
-    MAX_SAMPLES,
-    VERIFY_DTYPES,
+    ConvertOptions,
+    Group,
+    option_fields,
     parse_kwargs,
+    setting_of,
     shape_problem,
     split_shape,
+    written_checks,
+    written_name,
 )
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
@@ -64,7 +68,11 @@ def _finite(_ctx, _param, value: float | None) -> float | None:
 
 
 def _load_config(ctx: click.Context, _param, value: str | None) -> str | None:
-    """Options from a TOML file become defaults; flags on the command line still win."""
+    """Options from a TOML file become defaults; flags on the command line still win.
+
+    Conversion options are checked as a batch config's are; other commands' own options are
+    left to click.
+    """
     if not value:
         return value
     path = Path(value)
@@ -82,82 +90,102 @@ def _load_config(ctx: click.Context, _param, value: str | None) -> str | None:
         name = key.replace("-", "_")
         if name not in anywhere | mine or name == "config":
             raise click.BadParameter(f"{value}: unknown option {key!r}")
-        if name not in mine:
-            continue  # an option of another command; one config can serve them all
-        if name == "arch_kwargs" and isinstance(val, dict):
-            val = json.dumps(val)
-        if name == "input_shape" and isinstance(val, list):
-            val = ",".join(str(v) for v in val)
-        defaults[name] = val
+        val = _checked_config_value(value, key, val)
+        if name in mine:  # else an option of another command; one config can serve them all
+            defaults[name] = val
     ctx.default_map = {**(ctx.default_map or {}), **defaults}
     return value
 
 
+def _checked_config_value(config: str, key: str, value: Any) -> Any:
+    """A conversion option's value from a --config file, checked and written as on the
+    command line (click converts defaults from there)."""
+    check = written_checks().get(key.replace("-", "_"))
+    if check is None:
+        return value
+    try:
+        value = check(value)
+    except ValueError as exc:
+        raise click.BadParameter(f"{config}: {key}: {exc}, got {value!r}") from None
+    if isinstance(value, dict):
+        return json.dumps(value)
+    if isinstance(value, list):
+        return ",".join(str(v) for v in value)
+    return value
+
+
+def _converted_option(f) -> Callable:
+    """The click option of one `ConvertOptions` field, from its setting."""
+    setting, default = setting_of(f), f.default
+    flag = "--" + written_name(f).replace("_", "-")
+    if setting.kind == "flag":
+        return click.option(flag, is_flag=True, help=setting.help)
+    how: dict[str, Any] = {"metavar": setting.metavar, "help": setting.help}
+    if default is not None:
+        how.update(default=default, show_default=True)
+    if setting.kind == "integer":
+        bounded = setting.minimum is not None or setting.maximum is not None
+        how["type"] = click.IntRange(setting.minimum, setting.maximum) if bounded else int
+    elif setting.kind == "number":
+        how.update(type=click.FloatRange(min=setting.minimum), callback=_finite)
+    elif setting.kind == "choice":
+        how["type"] = click.Choice(list(setting.choices))
+    elif setting.kind == "shape":
+        how["callback"] = _shape
+    return click.option(flag, **how)
+
+
+def _stack(fn: Callable, options: list[Callable]) -> Callable:
+    """Apply click options so that --help lists them in the given order."""
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
+def _json_option(help: str = "Print a JSON document (for CI).") -> Callable:
+    return click.option("--json", "as_json", is_flag=True, help=help)
+
+
+_verbose_option = click.option("-v", "--verbose", is_flag=True, help="Show tracebacks on errors.")
+_input_shape_option = _converted_option(
+    next(f for f in option_fields("check") if f.name == "input_shape")
+)
+
+
+def _conversion_options(*groups: Group) -> Callable[[Callable], Callable]:
+    """The options of `ConvertOptions` in `groups`, in declared order."""
+    return lambda fn: _stack(fn, [_converted_option(f) for f in option_fields(*groups)])
+
+
 def _common_model_options(fn: Callable) -> Callable:
-    options = [
-        click.option(
-            "--arch",
-            "arch",
-            metavar="SPEC",
-            help="Model builder: a built-in name, package.module:callable or file.py:callable.",
-        ),
-        click.option("--arch-kwargs", metavar="JSON", help="Keyword arguments for the builder."),
-        click.option("--key", metavar="KEY", help="Nested key of the state dict (auto-detected)."),
-        click.option(
-            "--trust-pickle",
-            is_flag=True,
-            help="Allow a checkpoint that pickles a whole model (runs code from the file).",
-        ),
-        click.option(
-            "--config",
-            type=click.Path(dir_okay=False),
-            is_eager=True,
-            expose_value=False,
-            callback=_load_config,
-            help="TOML file holding any of these options.",
-        ),
-        click.option("--json", "as_json", is_flag=True, help="Print a JSON document (for CI)."),
-        click.option("-v", "--verbose", is_flag=True, help="Show tracebacks on errors."),
-    ]
-    for option in reversed(options):
-        fn = option(fn)
-    return fn
+    """What every command reading a train checkpoint takes: the model's options, --config,
+    --json and -v."""
+    config = click.option(
+        "--config",
+        type=click.Path(dir_okay=False),
+        is_eager=True,
+        expose_value=False,
+        callback=_load_config,
+        help="TOML file holding any of these options.",
+    )
+    fn = _stack(fn, [config, _json_option(), _verbose_option])
+    return _conversion_options("model")(fn)
 
 
-def _check_options(fn: Callable) -> Callable:
-    options = [
-        click.option(
-            "--input-shape",
-            callback=_shape,
-            metavar="C,H,W",
-            help="Input shape without batch (default: the model's own, else C,224,224).",
-        ),
-        click.option(
-            "--samples",
-            type=click.IntRange(min=1, max=MAX_SAMPLES),
-            default=2,
-            show_default=True,
-            help="Number of random inputs compared.",
-        ),
-        click.option(
-            "--seed", type=int, default=0, show_default=True, help="Seed of the random inputs."
-        ),
-        click.option(
-            "--atol",
-            type=click.FloatRange(min=0),
-            callback=_finite,
-            help="Absolute limit (written).",
-        ),
-        click.option(
-            "--rtol",
-            type=click.FloatRange(min=0),
-            callback=_finite,
-            help="Relative limit (written); default 1e-4 float32, 1e-2 float16.",
-        ),
-    ]
-    for option in reversed(options):
-        fn = option(fn)
-    return fn
+def _taken_options(opts: dict[str, Any]) -> ConvertOptions:
+    """The `ConvertOptions` a command's parameters set, removed from `opts`.
+
+    --arch-kwargs is parsed here, so its BadInput is reported as the command's error.
+    """
+    values = {}
+    for f in option_fields():
+        name = written_name(f)
+        if name in opts:
+            value = opts.pop(name)
+            values[f.name] = (not value) if setting_of(f).negated_as else value
+    text = values.get("arch_kwargs")
+    values["arch_kwargs"] = parse_kwargs(text) if text else None
+    return ConvertOptions(**values)
 
 
 def _run(as_json: bool, verbose: bool, body: Callable[[], int]) -> None:
@@ -223,25 +251,7 @@ def main() -> None:
 @click.argument("input_path", metavar="INPUT", type=click.Path(path_type=Path))
 @click.argument("output_path", metavar="OUTPUT", type=click.Path(path_type=Path))
 @_common_model_options
-@_check_options
-@click.option("--no-verify", is_flag=True, help="Skip verification (not recommended).")
-@click.option(
-    "--verify-dtype",
-    type=click.Choice(list(VERIFY_DTYPES)),
-    default="float64",
-    show_default=True,
-    help="Dtype of the verification passes; the model's own dtype saves memory.",
-)
-@click.option(
-    "--exact-limit",
-    type=click.FloatRange(min=0),
-    callback=_finite,
-    default=1e-6,
-    show_default=True,
-    help="Limit for the exact (float64 math) error.",
-)
-@click.option("--strict", is_flag=True, help="Exit 2 if any norm is left unfolded.")
-@click.option("--force", is_flag=True, help="Write the output even if verification fails.")
+@_conversion_options("check", "convert")
 @click.option("--dry-run", is_flag=True, help="Convert and verify, write nothing.")
 def convert(input_path: Path, output_path: Path, **opts: Any) -> None:
     """Convert a train checkpoint INPUT into a verified deploy checkpoint OUTPUT.
@@ -254,25 +264,10 @@ def convert(input_path: Path, output_path: Path, **opts: Any) -> None:
     def body() -> int:
         from repconv import pipeline
 
+        options = _taken_options(opts)
         with _status("converting...", as_json):
             result = pipeline.convert_file(
-                input_path,
-                output_path,
-                arch_spec=opts["arch"],
-                arch_kwargs=parse_kwargs(opts["arch_kwargs"]),
-                key=opts["key"],
-                trust_pickle=opts["trust_pickle"],
-                strict=opts["strict"],
-                force=opts["force"],
-                dry_run=opts["dry_run"],
-                input_shape=opts["input_shape"],
-                samples=opts["samples"],
-                seed=opts["seed"],
-                verify=not opts["no_verify"],
-                verify_dtype=opts["verify_dtype"],
-                exact_limit=opts["exact_limit"],
-                atol=opts["atol"],
-                rtol=opts["rtol"],
+                input_path, output_path, options, dry_run=opts["dry_run"]
             )
         code = EXIT_OK if result.passed else EXIT_FAILED
         written = None if opts["dry_run"] else str(output_path)
@@ -299,7 +294,7 @@ def convert(input_path: Path, output_path: Path, **opts: Any) -> None:
 @click.argument("train_path", metavar="TRAIN", type=click.Path(path_type=Path))
 @click.argument("deploy_path", metavar="DEPLOY", type=click.Path(path_type=Path))
 @_common_model_options
-@_check_options
+@_conversion_options("check")
 @click.option(
     "--trust-metadata",
     is_flag=True,
@@ -321,21 +316,10 @@ def verify(train_path: Path, deploy_path: Path, **opts: Any) -> None:
     def body() -> int:
         from repconv import pipeline
 
-        kwargs = parse_kwargs(opts["arch_kwargs"]) if opts["arch_kwargs"] else None
+        options = _taken_options(opts)
         with _status("verifying...", as_json):
             verification, notes = pipeline.verify_files(
-                train_path,
-                deploy_path,
-                arch_spec=opts["arch"],
-                arch_kwargs=kwargs,
-                key=opts["key"],
-                trust_pickle=opts["trust_pickle"],
-                input_shape=opts["input_shape"],
-                samples=opts["samples"],
-                seed=opts["seed"],
-                atol=opts["atol"],
-                rtol=opts["rtol"],
-                trust_metadata=opts["trust_metadata"],
+                train_path, deploy_path, options, trust_metadata=opts["trust_metadata"]
             )
         code = EXIT_OK if verification.passed else EXIT_FAILED
         if as_json:
@@ -367,13 +351,7 @@ def inspect(input_path: Path, **opts: Any) -> None:
     def body() -> int:
         from repconv import pipeline
 
-        plan, before, after = pipeline.inspect_file(
-            input_path,
-            arch_spec=opts["arch"],
-            arch_kwargs=parse_kwargs(opts["arch_kwargs"]),
-            key=opts["key"],
-            trust_pickle=opts["trust_pickle"],
-        )
+        plan, before, after = pipeline.inspect_file(input_path, _taken_options(opts))
         if as_json:
             report.emit_json(
                 {"ok": True, "params_before": before, "params_after": after, **plan.to_dict()}
@@ -389,7 +367,7 @@ def inspect(input_path: Path, **opts: Any) -> None:
 
 
 @main.command()
-@click.option("--json", "as_json", is_flag=True, help="Print a JSON document.")
+@_json_option("Print a JSON document.")
 def rules(as_json: bool) -> None:
     """List the fusion rules in the order they are applied."""
     from repconv.rules import describe
@@ -398,15 +376,7 @@ def rules(as_json: bool) -> None:
     if as_json:
         report.emit_json({"rules": rows})
         return
-    report.table(
-        report.console(),
-        "Rules (first match wins, top-down)",
-        ["#", "name", "family", "kind", "matches", "deploy form"],
-        [
-            [r["order"], r["name"], r["family"], r["kind"], r["matches"], r["deploy_form"]]
-            for r in rows
-        ],
-    )
+    report.rules_table(report.console(), rows)
 
 
 def _int_list(_ctx, _param, value: str) -> tuple[int, ...]:
@@ -430,12 +400,7 @@ def _int_list(_ctx, _param, value: str) -> tuple[int, ...]:
     type=click.Path(path_type=Path),
     help="Deploy checkpoint to time (default: CKPT converted in memory).",
 )
-@click.option(
-    "--input-shape",
-    callback=_shape,
-    metavar="C,H,W",
-    help="Input shape without batch (default: the model's own, else C,224,224).",
-)
+@_input_shape_option
 @click.option(
     "--batch-sizes",
     default="1,8",
@@ -471,43 +436,16 @@ def bench(input_path: Path, **opts: Any) -> None:
         with _status("benchmarking...", as_json):
             result = pipeline.bench_file(
                 input_path,
-                arch_spec=opts["arch"],
-                arch_kwargs=parse_kwargs(opts["arch_kwargs"]),
-                key=opts["key"],
-                trust_pickle=opts["trust_pickle"],
+                _taken_options(opts),
                 deploy_path=opts["deploy_path"],
-                input_shape=opts["input_shape"],
                 batch_sizes=opts["batch_sizes"],
                 runs=opts["runs"],
                 warmup=opts["warmup"],
             )
         if as_json:
             report.emit_json({"ok": True, **result.to_dict()})
-            return EXIT_OK
-        out = report.console()
-        report.table(
-            out,
-            f"Latency, input {'x'.join(map(str, result.input_shape))}, {result.threads} "
-            f"thread(s), median of {result.runs} runs (spread = max - min)",
-            ["batch", "train ms", "spread", "deploy ms", "spread", "speed-up"],
-            [
-                [
-                    r.batch,
-                    r.train_ms,
-                    r.train_spread_ms,
-                    r.deploy_ms,
-                    r.deploy_spread_ms,
-                    f"{r.speedup:.2f}x",
-                ]
-                for r in result.rows
-            ],
-        )
-        out.print(
-            f"params {report.millions(result.train_params)} -> "
-            f"{report.millions(result.deploy_params)}; MACs "
-            f"{result.train_macs / 1e9:.3f}G -> {result.deploy_macs / 1e9:.3f}G",
-            markup=False,
-        )
+        else:
+            report.bench_report(report.console(), result)
         return EXIT_OK
 
     _run(as_json, verbose, body)
@@ -549,8 +487,8 @@ Examples:
     help="Also write the summary to FILE: Markdown for .md, else JSON.",
 )
 @click.option("--dry-run", is_flag=True, help="List the entries the config expands to; run none.")
-@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON (for CI).")
-@click.option("-v", "--verbose", is_flag=True, help="Show tracebacks on errors.")
+@_json_option("Print the report as JSON (for CI).")
+@_verbose_option
 def batch(config_path: Path, **opts: Any) -> None:
     """Convert every checkpoint a CONFIG file lists, each in its own worker process.
 
@@ -606,25 +544,13 @@ def batch(config_path: Path, **opts: Any) -> None:
 
 
 def _show_entries(config, as_json: bool) -> int:
-    rows = [
-        {
-            "name": job.name,
-            "input": config.display_path(job.input),
-            "output": config.display_path(job.output),
-            "line": job.line,
-            "arch": job.arch,
-        }
-        for job in config.jobs
-    ]
+    from repconv.batch import summary
+
+    rows = summary.entry_rows(config)
     if as_json:
         report.emit_json({"ok": True, "entries": rows})
-        return EXIT_OK
-    report.table(
-        report.console(),
-        f"{config.path}: {len(rows)} entries (dry run, nothing converted)",
-        ["name", "input", "output", "arch", "line"],
-        [[r["name"], r["input"], r["output"], r["arch"], r["line"]] for r in rows],
-    )
+    else:
+        summary.print_entries(report.console(), config, rows)
     return EXIT_OK
 
 
@@ -641,7 +567,7 @@ def zoo() -> None:
 
 
 @zoo.command("list")
-@click.option("--json", "as_json", is_flag=True, help="Print a JSON document.")
+@_json_option("Print a JSON document.")
 def zoo_list(as_json: bool) -> None:
     """Name, family and train/deploy parameter counts of every built-in model."""
     from repconv.zoo import registry
@@ -663,21 +589,7 @@ def zoo_list(as_json: bool) -> None:
     if as_json:
         report.emit_json({"models": rows})
         return
-    report.table(
-        report.console(),
-        "Built-in models",
-        ["name", "family", "train params", "deploy params", "description"],
-        [
-            [
-                r["name"],
-                r["family"],
-                report.millions(r["train_params"]),
-                report.millions(r["deploy_params"]),
-                r["description"],
-            ]
-            for r in rows
-        ],
-    )
+    report.zoo_table(report.console(), rows)
 
 
 @zoo.command("save")
@@ -685,7 +597,7 @@ def zoo_list(as_json: bool) -> None:
 @click.argument("output_path", metavar="OUT", type=click.Path(path_type=Path))
 @click.option("--randomize-bn", is_flag=True, help="Random BN statistics and affine parameters.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of weights and BN.")
-@click.option("-v", "--verbose", is_flag=True, help="Show tracebacks on errors.")
+@_verbose_option
 def zoo_save(name: str, output_path: Path, randomize_bn: bool, seed: int, verbose: bool) -> None:
     """Write a train checkpoint (state dict, .pth or .safetensors) of zoo model NAME."""
     from repconv.zoo.checkpoints import save_train_checkpoint
@@ -707,7 +619,7 @@ def zoo_save(name: str, output_path: Path, randomize_bn: bool, seed: int, verbos
     show_default=True,
     help="Folder for the demo's checkpoints.",
 )
-@click.option("-v", "--verbose", is_flag=True, help="Show tracebacks on errors.")
+@_verbose_option
 def demo(out_dir: Path, verbose: bool) -> None:
     """Build a small net with one block of each family, save, convert, verify, report."""
     from repconv.demo import run_demo

@@ -1,32 +1,25 @@
-"""Conversion options as plain data (no torch): names, defaults, and the canonical record.
+"""Conversion options as plain data (no torch): one frozen dataclass names them all.
 
-The record is written into every deploy file's metadata, so `repconv batch --resume` can tell
-whether an existing output was made from the same settings without loading torch.
+`ConvertOptions` is the single source of every option's name, type, default and bounds. The
+command line's flags, the TOML configs (single commands and batch), batch jobs and the record
+written into each deploy file's metadata are all derived from its fields. The record lets
+`repconv batch --resume` tell whether an existing output was made from the same settings
+without loading torch.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
 import re
-from collections.abc import Mapping, Sequence
-from typing import Any
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
 
 from repconv.errors import BadInput
 
 VERIFY_DTYPES = ("float64", "float32", "float16", "bfloat16")
-
-# The keyword defaults of pipeline.convert (a test keeps the two equal).
-CONVERT_DEFAULTS: dict[str, Any] = {
-    "input_shape": None,
-    "samples": 2,
-    "seed": 0,
-    "verify": True,
-    "verify_dtype": "float64",
-    "exact_limit": 1e-6,
-    "atol": None,
-    "rtol": None,
-}
-
 
 # Bounds that no real input reaches; what fits in memory is checked when inputs are made.
 MAX_SAMPLES = 64
@@ -74,29 +67,250 @@ def parse_kwargs(text: str | None) -> dict[str, Any]:
     return value
 
 
-def recorded_options(
-    arch_spec: str | None,
-    arch_kwargs: Mapping[str, Any] | None,
-    *,
-    key: str | None = None,
-    strict: bool = False,
-    force: bool = False,
-    **options: Any,
-) -> dict[str, Any]:
-    """Every option that shapes a deploy file, defaults filled in, as JSON-ready values."""
-    unknown = set(options) - set(CONVERT_DEFAULTS)
-    if unknown:
-        raise TypeError(f"unknown conversion option(s): {', '.join(sorted(unknown))}")
-    merged = {**CONVERT_DEFAULTS, **options}
-    shape = merged["input_shape"]
-    record = {
-        **merged,
-        "arch": arch_spec,
-        "arch_kwargs": dict(arch_kwargs or {}),
-        "key": key,
-        "strict": strict,
-        "force": force,
-        "input_shape": list(shape) if shape else None,
-        "verify_dtype": str(merged["verify_dtype"]).removeprefix("torch."),
-    }
+# Checks of values read from TOML: each returns the value to use, or raises ValueError(why).
+
+
+def check_text(value: Any) -> str:
+    if not isinstance(value, str) or not value:
+        raise ValueError("expected a non-empty string")
+    return value
+
+
+def check_flag(value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError("expected true or false")
+    return value
+
+
+def integer_check(minimum: int | None = None, maximum: int | None = None) -> Callable[[Any], int]:
+    def check(value: Any) -> int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError("expected an integer")
+        if maximum is not None and not minimum <= value <= maximum:
+            raise ValueError(f"expected an integer from {minimum} to {maximum}")
+        if minimum is not None and value < minimum:
+            raise ValueError(f"expected an integer >= {minimum}")
+        return value
+
+    return check
+
+
+def number_check(minimum: float = 0, positive: bool = False) -> Callable[[Any], float]:
+    """A finite number >= `minimum` (> 0 if `positive`)."""
+
+    def check(value: Any) -> float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError("expected a number")
+        if not math.isfinite(value):
+            raise ValueError("expected a finite number")
+        if positive and value <= 0:
+            raise ValueError("expected a positive number")
+        if value < minimum:
+            raise ValueError(f"expected >= {minimum:g}")
+        return float(value)
+
+    return check
+
+
+def check_kwargs(value: Any) -> dict[str, Any]:
+    """A TOML table, or a string holding a JSON object."""
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"not valid JSON ({exc.msg})") from None
+    if not isinstance(value, dict):
+        raise ValueError("expected a table, e.g. { num_classes = 10 }")
+    return value
+
+
+def check_shape(value: Any) -> list[int]:
+    """A list of sizes, or a string such as "3,224,224"."""
+    if isinstance(value, str):
+        value = split_shape(value)  # its ValueError says what is expected
+    if not isinstance(value, list) or any(
+        isinstance(v, bool) or not isinstance(v, int) for v in value
+    ):
+        raise ValueError("expected positive integers like [3, 224, 224]")
+    problem = shape_problem(value)
+    if problem:
+        raise ValueError(problem)
+    return value
+
+
+def choice_check(choices: Sequence[str]) -> Callable[[Any], str]:
+    def check(value: Any) -> str:
+        if value not in choices:
+            raise ValueError(f"expected one of {', '.join(choices)}")
+        return value
+
+    return check
+
+
+Kind = Literal["text", "flag", "integer", "number", "shape", "kwargs", "choice"]
+# Which commands take an option: every one that loads a checkpoint ("model"), the ones that
+# compare outputs ("check"), and `convert` alone ("convert").
+Group = Literal["model", "check", "convert"]
+
+
+@dataclass(frozen=True)
+class Setting:
+    """How one option is written (command line, TOML) and which values it takes."""
+
+    kind: Kind
+    help: str
+    group: Group
+    minimum: float | None = None
+    maximum: int | None = None
+    choices: tuple[str, ...] = ()
+    metavar: str | None = None
+    negated_as: str | None = None  # written as its opposite: `verify` is `--no-verify`
+    recorded: bool = True  # part of the `options` record in a deploy file's metadata
+
+    def check(self, value: Any) -> Any:
+        """A value read from TOML, checked: the value to use, or ValueError(why)."""
+        if self.kind == "integer":
+            return integer_check(self.minimum, self.maximum)(value)
+        if self.kind == "number":
+            return number_check(self.minimum or 0)(value)
+        if self.kind == "choice":
+            return choice_check(self.choices)(value)
+        simple = {"text": check_text, "flag": check_flag, "shape": check_shape}
+        return simple.get(self.kind, check_kwargs)(value)
+
+
+def _option(default: Any, kind: Kind, group: Group, help: str, **how: Any) -> Any:
+    return field(
+        default=default,
+        hash=kind not in ("kwargs", "shape"),  # a dict or a list has no hash
+        metadata={"setting": Setting(kind, help, group, **how)},
+    )
+
+
+EXACT_LIMIT = 1e-6
+
+
+@dataclass(frozen=True)
+class ConvertOptions:
+    """Every option of a conversion: the one place naming them, with types, defaults, bounds.
+
+    `arch_kwargs=None` means "not given" (`verify` then uses the ones a deploy file records).
+    `verify_dtype` is kept as a name ("float64"; a torch dtype is accepted and named).
+    """
+
+    arch: str | None = _option(
+        None,
+        "text",
+        "model",
+        "Model builder: a built-in name, package.module:callable or file.py:callable.",
+        metavar="SPEC",
+    )
+    arch_kwargs: Mapping[str, Any] | None = _option(
+        None, "kwargs", "model", "Keyword arguments for the builder.", metavar="JSON"
+    )
+    key: str | None = _option(
+        None, "text", "model", "Nested key of the state dict (auto-detected).", metavar="KEY"
+    )
+    trust_pickle: bool = _option(
+        False,
+        "flag",
+        "model",
+        "Allow a checkpoint that pickles a whole model (runs code from the file).",
+        recorded=False,  # how the file may be read, not what it becomes
+    )
+    input_shape: Sequence[int] | None = _option(
+        None,
+        "shape",
+        "check",
+        "Input shape without batch (default: the model's own, else C,224,224).",
+        metavar="C,H,W",
+    )
+    samples: int = _option(
+        2, "integer", "check", "Number of random inputs compared.", minimum=1, maximum=MAX_SAMPLES
+    )
+    seed: int = _option(0, "integer", "check", "Seed of the random inputs.")
+    atol: float | None = _option(None, "number", "check", "Absolute limit (written).", minimum=0)
+    rtol: float | None = _option(
+        None,
+        "number",
+        "check",
+        "Relative limit (written); default 1e-4 float32, 1e-2 float16.",
+        minimum=0,
+    )
+    verify: bool = _option(
+        True, "flag", "convert", "Skip verification (not recommended).", negated_as="no_verify"
+    )
+    verify_dtype: str = _option(
+        "float64",
+        "choice",
+        "convert",
+        "Dtype of the verification passes; the model's own dtype saves memory.",
+        choices=VERIFY_DTYPES,
+    )
+    exact_limit: float = _option(
+        EXACT_LIMIT, "number", "convert", "Limit for the exact (float64 math) error.", minimum=0
+    )
+    strict: bool = _option(False, "flag", "convert", "Exit 2 if any norm is left unfolded.")
+    force: bool = _option(False, "flag", "convert", "Write the output even if verification fails.")
+
+    def __post_init__(self) -> None:
+        # Frozen: the one normalization goes through object.__setattr__, at construction.
+        object.__setattr__(self, "verify_dtype", str(self.verify_dtype).removeprefix("torch."))
+
+    @classmethod
+    def merged(cls, options: ConvertOptions | None, keywords: Mapping[str, Any]) -> ConvertOptions:
+        """`options` (or the defaults) with keyword arguments on top; `arch_spec` is `arch`.
+
+        TypeError names a keyword that is not an option, as a function's signature would.
+        """
+        changes = dict(keywords)
+        if "arch_spec" in changes:
+            changes["arch"] = changes.pop("arch_spec")
+        unknown = sorted(set(changes) - {f.name for f in dataclasses.fields(cls)})
+        if unknown:
+            raise TypeError(f"unknown conversion option(s): {', '.join(unknown)}")
+        return dataclasses.replace(options or cls(), **changes)
+
+    @classmethod
+    def from_written(cls, values: Mapping[str, Any]) -> ConvertOptions:
+        """Options from values keyed by their written names (`no_verify`), already checked."""
+        changes = {}
+        for f in dataclasses.fields(cls):
+            name = written_name(f)
+            if name in values:
+                value = values[name]
+                changes[f.name] = (not value) if setting_of(f).negated_as else value
+        return cls(**changes)
+
+
+def setting_of(f: dataclasses.Field) -> Setting:
+    return f.metadata["setting"]
+
+
+def written_name(f: dataclasses.Field) -> str:
+    """The option's name in TOML (and, with dashes, on the command line)."""
+    return setting_of(f).negated_as or f.name
+
+
+def option_fields(*groups: Group) -> list[dataclasses.Field]:
+    """The fields of `ConvertOptions` in `groups` (all when none given), in declared order."""
+    found = dataclasses.fields(ConvertOptions)
+    return [f for f in found if not groups or setting_of(f).group in groups]
+
+
+def written_checks() -> dict[str, Callable[[Any], Any]]:
+    """Each option's check of a TOML value, by written name."""
+    return {written_name(f): setting_of(f).check for f in option_fields()}
+
+
+def recorded_options(options: ConvertOptions) -> dict[str, Any]:
+    """Every option that shapes a deploy file, as JSON-ready values.
+
+    `batch --resume` compares this with the record in files written earlier, so the same
+    settings must always give the same record.
+    """
+    record = {f.name: getattr(options, f.name) for f in option_fields() if setting_of(f).recorded}
+    shape = record["input_shape"]
+    record["input_shape"] = list(shape) if shape else None
+    record["arch_kwargs"] = dict(record["arch_kwargs"] or {})
     return json.loads(json.dumps(record))  # what reading it back from metadata gives

@@ -21,7 +21,7 @@ from repconv import __version__, arch, checkpoint, dtypes, engine
 from repconv import verification as V
 from repconv.engine import Applied, Plan
 from repconv.errors import BadInput, VerificationFailed
-from repconv.options import recorded_options
+from repconv.options import ConvertOptions, recorded_options
 from repconv.rules.base import Rule, param_count
 from repconv.zoo import registry as zoo
 
@@ -54,24 +54,23 @@ class Result:
 
 def convert(
     model: nn.Module,
+    options: ConvertOptions | None = None,
     *,
-    input_shape: Sequence[int] | None = None,
-    samples: int = 2,
-    seed: int = 0,
-    verify: bool = True,
-    verify_dtype: torch.dtype | str = "float64",
-    exact_limit: float = V.EXACT_LIMIT,
-    atol: float | None = None,
-    rtol: float | None = None,
     rules: Sequence[Rule] | None = None,
+    **keywords: Any,
 ) -> Result:
     """Convert `model` in place into its deploy form and verify it against itself before.
 
+    The check is set by `options` (a `ConvertOptions`) and/or keyword arguments naming its
+    fields: input_shape, samples, seed, verify, verify_dtype, exact_limit, atol, rtol.
     The model's floating tensors are held in `verify_dtype` during the check (float64 by
     default) and the returned `state_dict` is in the model's own dtypes. No copy of the model
     is made: reference outputs are taken before the rewrite.
     """
-    verify_dtype = dtypes.named(verify_dtype)
+    options = ConvertOptions.merged(options, keywords)
+    input_shape, samples, seed = options.input_shape, options.samples, options.seed
+    verify, verify_dtype = options.verify, dtypes.named(options.verify_dtype)
+    exact_limit, atol, rtol = options.exact_limit, options.atol, options.rtol
     if samples < 1:
         raise BadInput("--samples must be at least 1")
     model.eval()
@@ -177,28 +176,26 @@ def metadata_for(
 def convert_file(
     input_path: str | Path,
     output_path: str | Path,
+    options: ConvertOptions | None = None,
     *,
-    arch_spec: str | None = None,
-    arch_kwargs: Mapping[str, Any] | None = None,
-    key: str | None = None,
-    trust_pickle: bool = False,
-    strict: bool = False,
-    force: bool = False,
     dry_run: bool = False,
-    **options: Any,
+    **keywords: Any,
 ) -> Result:
     """Read a train checkpoint, convert and verify it, write the deploy checkpoint atomically.
 
-    Nothing is written when verification fails (unless `force`), when `strict` and a norm could
-    not be folded, or on `dry_run`.
+    `options` and/or keyword arguments naming `ConvertOptions` fields (`arch_spec=` for
+    `arch`) say how. Nothing is written when verification fails (unless `force`), when `strict`
+    and a norm could not be folded, or on `dry_run`.
     """
-    kwargs = dict(arch_kwargs or {})
+    options = ConvertOptions.merged(options, keywords)
+    arch_spec, kwargs, key = options.arch, dict(options.arch_kwargs or {}), options.key
+    trust_pickle, strict, force = options.trust_pickle, options.strict, options.force
     input_path, output_path = Path(input_path), Path(output_path)
     out = checkpoint.check_output_path(output_path, inputs=[input_path])
     loaded = checkpoint.read_checkpoint(input_path, key=key, trust_pickle=trust_pickle)
     model = _load_model(loaded, arch_spec, kwargs)
     loaded.state_dict = None  # the model holds what it needs; let fused-away tensors go
-    result = convert(model, **options)
+    result = convert(model, options)
     result.source = {
         "path": str(input_path),
         "sha256": loaded.sha256,
@@ -217,9 +214,7 @@ def convert_file(
         failure.result = result
         raise failure
     if not dry_run:
-        recorded = recorded_options(
-            arch_spec, kwargs, key=key, strict=strict, force=force, **options
-        )
+        recorded = recorded_options(options)
         meta = metadata_for(result, arch_spec, kwargs, loaded.sha256, recorded)
         checkpoint.write_checkpoint(out, result.state_dict, meta, tensors_digest=True)
     return result
@@ -293,17 +288,10 @@ def load_deploy(
 def verify_files(
     train_path: str | Path,
     deploy_path: str | Path,
+    options: ConvertOptions | None = None,
     *,
-    arch_spec: str | None = None,
-    arch_kwargs: Mapping[str, Any] | None = None,
-    key: str | None = None,
-    trust_pickle: bool = False,
-    input_shape: Sequence[int] | None = None,
-    samples: int = 2,
-    seed: int = 0,
-    atol: float | None = None,
-    rtol: float | None = None,
     trust_metadata: bool = False,
+    **keywords: Any,
 ) -> tuple[V.Verification, dict[str, str]]:
     """Compare a deploy checkpoint against the train checkpoint it came from.
 
@@ -312,7 +300,12 @@ def verify_files(
     tensors loaded into it must compute what the train model computed (the written figure).
     Without `arch_spec`, the architecture recorded in the deploy file is used if it is a
     built-in zoo name (any spec with `trust_metadata`), else a trusted pickled train model.
+    Options used: the model's and the check's (`ConvertOptions` groups "model", "check").
     """
+    options = ConvertOptions.merged(options, keywords)
+    arch_spec, arch_kwargs, key = options.arch, options.arch_kwargs, options.key
+    input_shape, samples, seed = options.input_shape, options.samples, options.seed
+    trust_pickle, atol, rtol = options.trust_pickle, options.atol, options.rtol
     state, meta = checkpoint.read_deploy(deploy_path)
     what = Path(deploy_path).name
     loaded = checkpoint.read_checkpoint(train_path, key=key, trust_pickle=trust_pickle)
@@ -398,17 +391,16 @@ def _recorded_plan_note(text: str | None, plan: Plan, what: str) -> str | None:
 
 
 def inspect_file(
-    input_path: str | Path,
-    *,
-    arch_spec: str | None = None,
-    arch_kwargs: Mapping[str, Any] | None = None,
-    key: str | None = None,
-    trust_pickle: bool = False,
+    input_path: str | Path, options: ConvertOptions | None = None, **keywords: Any
 ) -> tuple[Applied, int, int]:
     """What converting a checkpoint would do (fused in memory only, nothing written).
 
     Returns the plan with every entry's outcome and the parameter counts before and after.
+    Of the options, the model's (arch, arch_kwargs, key, trust_pickle) apply.
     """
+    options = ConvertOptions.merged(options, keywords)
+    arch_spec, arch_kwargs = options.arch, options.arch_kwargs
+    key, trust_pickle = options.key, options.trust_pickle
     loaded = checkpoint.read_checkpoint(input_path, key=key, trust_pickle=trust_pickle)
     model = _load_model(loaded, arch_spec, dict(arch_kwargs or {}))
     before = param_count(model)
@@ -418,21 +410,22 @@ def inspect_file(
 
 def bench_file(
     input_path: str | Path,
+    options: ConvertOptions | None = None,
     *,
-    arch_spec: str | None = None,
-    arch_kwargs: Mapping[str, Any] | None = None,
-    key: str | None = None,
-    trust_pickle: bool = False,
     deploy_path: str | Path | None = None,
-    input_shape: Sequence[int] | None = None,
     batch_sizes: Sequence[int] = (1, 8),
     runs: int = 10,
     warmup: int = 3,
+    **keywords: Any,
 ):
     """Train model (eval) against deploy model: latency per batch size, params and MACs.
 
     The deploy model is `deploy_path` if given, else the train checkpoint converted in memory.
+    Of the options, the model's (arch, arch_kwargs, key, trust_pickle) and input_shape apply.
     """
+    options = ConvertOptions.merged(options, keywords)
+    arch_spec, arch_kwargs = options.arch, options.arch_kwargs
+    key, trust_pickle, input_shape = options.key, options.trust_pickle, options.input_shape
     from repconv import bench
 
     kwargs = dict(arch_kwargs or {})

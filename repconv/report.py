@@ -11,6 +11,7 @@ from rich.console import Console
 from rich.table import Table
 
 if TYPE_CHECKING:  # rendering needs no torch; only its inputs come from torch code
+    from repconv.bench import BenchResult
     from repconv.engine import Plan
     from repconv.verification import Verification
 
@@ -102,6 +103,64 @@ def summary_line(out: Console, plan: Plan, before: int, after: int) -> None:
     counts = plan.fused_by_rule()
     fused = ", ".join(f"{n} {rule}" for rule, n in sorted(counts.items())) or "nothing"
     out.print(f"fused: {fused}; params {millions(before)} -> {millions(after)}", markup=False)
+
+
+def rules_table(out: Console, rows: Sequence[dict[str, Any]]) -> None:
+    """`repconv rules`: the rules in the order they are tried."""
+    table(
+        out,
+        "Rules (first match wins, top-down)",
+        ["#", "name", "family", "kind", "matches", "deploy form"],
+        [
+            [r["order"], r["name"], r["family"], r["kind"], r["matches"], r["deploy_form"]]
+            for r in rows
+        ],
+    )
+
+
+def zoo_table(out: Console, rows: Sequence[dict[str, Any]]) -> None:
+    """`repconv zoo list`: the built-in models and their parameter counts."""
+    table(
+        out,
+        "Built-in models",
+        ["name", "family", "train params", "deploy params", "description"],
+        [
+            [
+                r["name"],
+                r["family"],
+                millions(r["train_params"]),
+                millions(r["deploy_params"]),
+                r["description"],
+            ]
+            for r in rows
+        ],
+    )
+
+
+def bench_report(out: Console, result: BenchResult) -> None:
+    """`repconv bench`: latency per batch size, then parameters and MACs of both models."""
+    table(
+        out,
+        f"Latency, input {'x'.join(map(str, result.input_shape))}, {result.threads} "
+        f"thread(s), median of {result.runs} runs (spread = max - min)",
+        ["batch", "train ms", "spread", "deploy ms", "spread", "speed-up"],
+        [
+            [
+                r.batch,
+                r.train_ms,
+                r.train_spread_ms,
+                r.deploy_ms,
+                r.deploy_spread_ms,
+                f"{r.speedup:.2f}x",
+            ]
+            for r in result.rows
+        ],
+    )
+    out.print(
+        f"params {millions(result.train_params)} -> {millions(result.deploy_params)}; MACs "
+        f"{result.train_macs / 1e9:.3f}G -> {result.deploy_macs / 1e9:.3f}G",
+        markup=False,
+    )
 
 
 def emit_json(document: dict[str, Any]) -> None:

@@ -26,6 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from repconv.errors import BadInput
+from repconv.options import EXACT_LIMIT as EXACT_LIMIT  # its one definition is there
 
 if TYPE_CHECKING:
     from repconv.engine import Outcome, Step
@@ -35,7 +36,6 @@ try:
 except ImportError:  # not on Windows
     resource = None
 
-EXACT_LIMIT = 1e-6
 # Rounding the fused weights to the output dtype costs about 1e-6 (float32) or 1e-3 (float16)
 # relative error on a small net; these limits leave room for depth without hiding a lost branch.
 WRITTEN_LIMITS = {

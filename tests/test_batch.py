@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import inspect
 import json
 import os
 import socket
@@ -16,13 +15,12 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from repconv import load_deploy, pipeline
+from repconv import load_deploy
 from repconv.batch import Job, load_config, summary
 from repconv.batch.task import _crash_reason, _run_worker, up_to_date
 from repconv.checkpoint import file_sha256, read_checkpoint, read_deploy, write_checkpoint
 from repconv.cli import main
 from repconv.files import TENSORS_DIGEST_KEY, read_safetensors_metadata
-from repconv.options import CONVERT_DEFAULTS
 from repconv.zoo import registry
 from repconv.zoo.checkpoints import save_train_checkpoint
 
@@ -565,16 +563,6 @@ def test_orchestration_does_not_import_torch():
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert done.stdout.strip() == "False", done.stderr
-
-
-def test_recorded_defaults_are_the_defaults_of_convert():
-    parameters = inspect.signature(pipeline.convert).parameters
-    defaults = {
-        name: p.default
-        for name, p in parameters.items()
-        if p.kind is inspect.Parameter.KEYWORD_ONLY and name != "rules"
-    }
-    assert defaults == CONVERT_DEFAULTS
 
 
 def test_biggest_checkpoints_are_submitted_first_and_rows_keep_config_order(tmp_path):

@@ -11,10 +11,9 @@ from __future__ import annotations
 import difflib
 import glob
 import json
-import math
 import re
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -26,13 +25,14 @@ except ModuleNotFoundError:  # Python 3.10
 from repconv.errors import BadInput
 from repconv.files import OUTPUT_SUFFIXES
 from repconv.options import (
-    CONVERT_DEFAULTS,
-    MAX_SAMPLES,
-    VERIFY_DTYPES,
-    shape_problem,
-    split_shape,
+    ConvertOptions,
+    check_text,
+    integer_check,
+    number_check,
+    written_checks,
 )
 
+_OPTION_NAMES = frozenset(f.name for f in fields(ConvertOptions))
 PLACEHOLDERS = ("stem", "name", "dir")
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(i?B)?\s*$", re.IGNORECASE)
 
@@ -52,35 +52,25 @@ class Job:
     input: str
     output: str
     line: int
-    arch: str | None = None
-    arch_kwargs: dict[str, Any] = field(default_factory=dict)
-    key: str | None = None
-    trust_pickle: bool = False
-    strict: bool = False
-    force: bool = False
-    input_shape: list[int] | None = None
-    samples: int = 2
-    seed: int = 0
-    verify: bool = True
-    verify_dtype: str = "float64"
-    exact_limit: float = 1e-6
-    atol: float | None = None
-    rtol: float | None = None
+    options: ConvertOptions = field(default_factory=ConvertOptions)
     timeout: float | None = None
     memory_limit: int | None = None
     threads: int | None = None
     resume: bool = False
 
-    def convert_options(self) -> dict[str, Any]:
-        """The keyword arguments of `pipeline.convert` this job sets."""
-        return {name: getattr(self, name) for name in CONVERT_DEFAULTS}
+    def __getattr__(self, name: str) -> Any:
+        # Called only for names a Job lacks: `job.arch`, `job.samples`... read its options.
+        if name in _OPTION_NAMES:
+            return getattr(self.options, name)
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
 
     @classmethod
     def from_json(cls, text: str) -> Job:
-        return cls(**json.loads(text))
+        data = json.loads(text)
+        return cls(**{**data, "options": ConvertOptions(**data["options"])})
 
 
 @dataclass
@@ -97,75 +87,7 @@ class BatchConfig:
             return str(path)
 
 
-# Validators take the TOML value and return the job's value, or raise ValueError(why).
-
-
-def _text(value: Any) -> str:
-    if not isinstance(value, str) or not value:
-        raise ValueError("expected a non-empty string")
-    return value
-
-
-def _flag(value: Any) -> bool:
-    if not isinstance(value, bool):
-        raise ValueError("expected true or false")
-    return value
-
-
-def _integer(minimum: int | None = None, maximum: int | None = None) -> Callable[[Any], int]:
-    def check(value: Any) -> int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ValueError("expected an integer")
-        if maximum is not None and not minimum <= value <= maximum:
-            raise ValueError(f"expected an integer from {minimum} to {maximum}")
-        if minimum is not None and value < minimum:
-            raise ValueError(f"expected an integer >= {minimum}")
-        return value
-
-    return check
-
-
-def _number(positive: bool = False) -> Callable[[Any], float]:
-    def check(value: Any) -> float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ValueError("expected a number")
-        if not math.isfinite(value):
-            raise ValueError("expected a finite number")
-        if value < 0 or (positive and value == 0):
-            raise ValueError("expected a positive number" if positive else "expected >= 0")
-        return float(value)
-
-    return check
-
-
-def _kwargs(value: Any) -> dict[str, Any]:
-    if isinstance(value, str):
-        try:
-            value = json.loads(value)
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"not valid JSON ({exc.msg})") from None
-    if not isinstance(value, dict):
-        raise ValueError("expected a table, e.g. { num_classes = 10 }")
-    return value
-
-
-def _shape(value: Any) -> list[int]:
-    if isinstance(value, str):
-        value = split_shape(value)  # its ValueError says what is expected
-    if not isinstance(value, list) or any(
-        isinstance(v, bool) or not isinstance(v, int) for v in value
-    ):
-        raise ValueError("expected positive integers like [3, 224, 224]")
-    problem = shape_problem(value)
-    if problem:
-        raise ValueError(problem)
-    return value
-
-
-def _verify_dtype(value: Any) -> str:
-    if value not in VERIFY_DTYPES:
-        raise ValueError(f"expected one of {', '.join(VERIFY_DTYPES)}")
-    return value
+# Checks take the TOML value and return the job's value, or raise ValueError(why).
 
 
 def _bytes(value: Any) -> int:
@@ -181,27 +103,16 @@ def _bytes(value: Any) -> int:
 
 # The convert options (as `repconv convert` names them, with underscores), then batch's own.
 OPTIONS: dict[str, Callable[[Any], Any]] = {
-    "arch": _text,
-    "arch_kwargs": _kwargs,
-    "key": _text,
-    "trust_pickle": _flag,
-    "strict": _flag,
-    "force": _flag,
-    "input_shape": _shape,
-    "samples": _integer(1, MAX_SAMPLES),
-    "seed": _integer(),
-    "no_verify": _flag,
-    "verify_dtype": _verify_dtype,
-    "exact_limit": _number(),
-    "atol": _number(),
-    "rtol": _number(),
-    "input": _text,
-    "output": _text,
-    "name": _text,
-    "timeout": _number(positive=True),
+    **written_checks(),
+    "input": check_text,
+    "output": check_text,
+    "name": check_text,
+    "timeout": number_check(positive=True),
     "memory_limit": _bytes,
-    "threads": _integer(1),
+    "threads": integer_check(1),
 }
+# Batch's own options that say how an entry runs (the others say what it converts).
+_RUN_OPTIONS = ("timeout", "memory_limit", "threads")
 _NOT_IN_BATCH = {
     "dry_run": "run `repconv batch --dry-run` instead",
     "json": "use `repconv batch --json` or --report",
@@ -276,112 +187,148 @@ def _output_for(pattern: str, source: Path, base: Path) -> Path:
 def load_config(path: str | Path) -> BatchConfig:
     """Read, check and expand a batch config; raise ConfigError naming the line at fault."""
     path = Path(path)
+    text = _read_text(path)
+    source = _ConfigSource(path, _parse_toml(path, text), _locate(text))
+    defaults, models = source.tables()
+    common = source.checked(defaults, "defaults", None)
+    if not models:
+        raise source.fail(1, "no [[model]] entries")
+    if "input" in common:
+        raise source.fail(
+            source.line_of("defaults", None, "input"), "input belongs in a [[model]] entry"
+        )
+    jobs: list[Job] = []
+    for index, table in enumerate(models):
+        jobs += _entry_jobs(source, common, table, index)
+    _refuse_clashes(jobs, source.fail)
+    _unique_names(jobs, source.base)
+    return BatchConfig(path, jobs)
+
+
+def _read_text(path: Path) -> str:
     try:
-        text = path.read_text()
+        return path.read_text()
     except FileNotFoundError:
         raise ConfigError(f"{path}: no such file") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{path}: cannot read: {exc}") from None
+
+
+def _parse_toml(path: Path, text: str) -> dict[str, Any]:
     try:
-        data = tomllib.loads(text)
+        return tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         where = re.search(r"\(at line (\d+), column (\d+)\)", str(exc))
         line = where.group(1) if where else "1"
         raise ConfigError(f"{path}:{line}: not valid TOML: {str(exc).split(' (at ')[0]}") from None
-    line_of = _locate(text)
 
-    def fail(line: int, message: str) -> ConfigError:
-        return ConfigError(f"{path}:{line}: {message}")
 
-    for top in data:
-        if top not in ("defaults", "model"):
-            raise fail(
-                line_of("", None, top),
-                f"unknown table or key {top!r}; a batch config has [defaults] and [[model]]",
+@dataclass
+class _ConfigSource:
+    """A parsed config file, and how to name the line of any of its keys in an error."""
+
+    path: Path
+    data: dict[str, Any]
+    line_of: Callable[..., int]
+
+    @property
+    def base(self) -> Path:
+        """The folder relative paths in the config are relative to."""
+        return self.path.parent.resolve()
+
+    def fail(self, line: int, message: str) -> ConfigError:
+        return ConfigError(f"{self.path}:{line}: {message}")
+
+    def tables(self) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+        """The [defaults] table and the [[model]] tables; anything else at the top is refused."""
+        for top in self.data:
+            if top not in ("defaults", "model"):
+                raise self.fail(
+                    self.line_of("", None, top),
+                    f"unknown table or key {top!r}; a batch config has [defaults] and [[model]]",
+                )
+        defaults = self.data.get("defaults", {})
+        models = self.data.get("model", [])
+        if not isinstance(defaults, dict):
+            raise self.fail(
+                self.line_of("", None, "defaults"), "defaults must be a table: [defaults]"
             )
-    defaults = data.get("defaults", {})
-    models = data.get("model", [])
-    if not isinstance(defaults, dict):
-        raise fail(line_of("", None, "defaults"), "defaults must be a table: [defaults]")
-    if not isinstance(models, list) or not all(isinstance(m, dict) for m in models):
-        raise fail(line_of("", None, "model"), "models are tables: [[model]]")
+        if not isinstance(models, list) or not all(isinstance(m, dict) for m in models):
+            raise self.fail(self.line_of("", None, "model"), "models are tables: [[model]]")
+        return defaults, models
 
-    def checked(table: Mapping[str, Any], where: str, index: int | None) -> dict[str, Any]:
-        values = {}
-        for key, value in table.items():
-            name = key.replace("-", "_")
-            line = line_of(where, index, key)
-            if name in _NOT_IN_BATCH:
-                raise fail(line, f"{key!r} is not a batch option: {_NOT_IN_BATCH[name]}")
-            if name not in OPTIONS:
-                close = difflib.get_close_matches(name, list(OPTIONS), n=1)
-                hint = f" (did you mean {close[0]!r}?)" if close else ""
-                raise fail(line, f"unknown option {key!r}{hint}")
-            try:
-                values[name] = OPTIONS[name](value)
-            except ValueError as exc:
-                raise fail(line, f"{key}: {exc}, got {value!r}") from None
-        return values
+    def checked(self, table: Mapping[str, Any], where: str, index: int | None) -> dict[str, Any]:
+        """A table's options by their underscored names, each value checked."""
+        return {
+            key.replace("-", "_"): self._checked_value(key, value, self.line_of(where, index, key))
+            for key, value in table.items()
+        }
 
-    base = path.parent.resolve()
-    common = checked(defaults, "defaults", None)
-    if not models:
-        raise fail(1, "no [[model]] entries")
-    if "input" in common:
-        raise fail(line_of("defaults", None, "input"), "input belongs in a [[model]] entry")
-    jobs: list[Job] = []
-    for index, table in enumerate(models):
-        options = {**common, **checked(table, "model", index)}
-        line = line_of("model", index)
-        if "input" not in options:
-            raise fail(line, "[[model]] entry without input")
-        if "output" not in options:
-            raise fail(line, "[[model]] entry without output (or a default output pattern)")
-        sources = _expand_input(options.pop("input"), base)
-        if not sources:
-            raise fail(line_of("model", index, "input"), "input matches no file")
-        pattern = options.pop("output")
-        output_line = (
-            line_of("model", index, "output")
-            if "output" in table
-            else line_of("defaults", None, "output")
+    def _checked_value(self, key: str, value: Any, line: int) -> Any:
+        name = key.replace("-", "_")
+        if name in _NOT_IN_BATCH:
+            raise self.fail(line, f"{key!r} is not a batch option: {_NOT_IN_BATCH[name]}")
+        if name not in OPTIONS:
+            close = difflib.get_close_matches(name, list(OPTIONS), n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise self.fail(line, f"unknown option {key!r}{hint}")
+        try:
+            return OPTIONS[name](value)
+        except ValueError as exc:
+            raise self.fail(line, f"{key}: {exc}, got {value!r}") from None
+
+
+def _entry_jobs(
+    source: _ConfigSource, common: Mapping[str, Any], table: Mapping[str, Any], index: int
+) -> list[Job]:
+    """The jobs of one [[model]] entry: one per file its input names."""
+    settings = {**common, **source.checked(table, "model", index)}
+    line = source.line_of("model", index)
+    if "input" not in settings:
+        raise source.fail(line, "[[model]] entry without input")
+    if "output" not in settings:
+        raise source.fail(line, "[[model]] entry without output (or a default output pattern)")
+    inputs = _expand_input(settings.pop("input"), source.base)
+    if not inputs:
+        raise source.fail(source.line_of("model", index, "input"), "input matches no file")
+    pattern = settings.pop("output")
+    output_line = (
+        source.line_of("model", index, "output")
+        if "output" in table
+        else source.line_of("defaults", None, "output")
+    )
+    if len(inputs) > 1 and not any(f"{{{p}}}" in pattern for p in PLACEHOLDERS):
+        raise source.fail(
+            output_line,
+            f"input matches {len(inputs)} files but output {pattern!r} names one file; "
+            "use a pattern such as 'deploy/{stem}.safetensors'",
         )
-        if len(sources) > 1 and not any(f"{{{p}}}" in pattern for p in PLACEHOLDERS):
-            raise fail(
-                output_line,
-                f"input matches {len(sources)} files but output {pattern!r} names one file; "
-                "use a pattern such as 'deploy/{stem}.safetensors'",
-            )
-        verify = not options.pop("no_verify", False)
-        name_pattern = options.pop("name", None)
-        for source in sources:
-            try:
-                output = _output_for(pattern, source, base)
-            except ValueError as exc:
-                raise fail(output_line, f"output: {exc}") from None
-            if output.suffix.lower() not in OUTPUT_SUFFIXES:
-                raise fail(
-                    output_line,
-                    f"output {output.name}: unknown extension {output.suffix!r}; "
-                    f"use {', '.join(OUTPUT_SUFFIXES)}",
-                )
-            try:
-                name = _name_for(name_pattern, source)
-            except ValueError as exc:
-                raise fail(line_of("model", index, "name"), f"name: {exc}") from None
-            jobs.append(
-                Job(
-                    name=name,
-                    input=str(source.resolve()),
-                    output=str(output),
-                    line=line,
-                    verify=verify,
-                    **options,
-                )
-            )
-    _refuse_clashes(jobs, fail)
-    _unique_names(jobs, base)
-    return BatchConfig(path, jobs)
+    name_pattern = settings.pop("name", None)
+    running = {key: settings.pop(key) for key in _RUN_OPTIONS if key in settings}
+    options = ConvertOptions.from_written(settings)
+    jobs = []
+    for path in inputs:
+        output = _checked_output(source, pattern, path, output_line)
+        try:
+            name = _name_for(name_pattern, path)
+        except ValueError as exc:
+            raise source.fail(source.line_of("model", index, "name"), f"name: {exc}") from None
+        jobs.append(Job(name, str(path.resolve()), str(output), line, options, **running))
+    return jobs
+
+
+def _checked_output(source: _ConfigSource, pattern: str, path: Path, line: int) -> Path:
+    try:
+        output = _output_for(pattern, path, source.base)
+    except ValueError as exc:
+        raise source.fail(line, f"output: {exc}") from None
+    if output.suffix.lower() not in OUTPUT_SUFFIXES:
+        raise source.fail(
+            line,
+            f"output {output.name}: unknown extension {output.suffix!r}; "
+            f"use {', '.join(OUTPUT_SUFFIXES)}",
+        )
+    return output
 
 
 def _refuse_clashes(jobs: list[Job], fail: Callable[[int, str], ConfigError]) -> None:

@@ -126,3 +126,26 @@ def as_markdown(doc: dict[str, Any]) -> str:
         lines += ["", "## Failures", ""]
         lines += [f"- **{escape(e['name'])}**: {escape(e['reason'] or '')}" for e in failures]
     return "\n".join(lines) + "\n"
+
+
+def entry_rows(config: BatchConfig) -> list[dict[str, Any]]:
+    """`batch --dry-run`: the entries the config expands to, paths as the report shows them."""
+    return [
+        {
+            "name": job.name,
+            "input": config.display_path(job.input),
+            "output": config.display_path(job.output),
+            "line": job.line,
+            "arch": job.options.arch,
+        }
+        for job in config.jobs
+    ]
+
+
+def print_entries(out: Console, config: BatchConfig, rows: Sequence[dict[str, Any]]) -> None:
+    report.table(
+        out,
+        f"{config.path}: {len(rows)} entries (dry run, nothing converted)",
+        ["name", "input", "output", "arch", "line"],
+        [[r["name"], r["input"], r["output"], r["arch"], r["line"]] for r in rows],
+    )

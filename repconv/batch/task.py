@@ -50,14 +50,7 @@ def up_to_date(job: Job) -> dict[str, Any] | None:
         recorded = json.loads(meta.get("options") or "null")
     except (ValueError, OSError):
         return None
-    wanted = recorded_options(
-        job.arch,
-        job.arch_kwargs,
-        key=job.key,
-        strict=job.strict,
-        force=job.force,
-        **job.convert_options(),
-    )
+    wanted = recorded_options(job.options)
     if recorded != wanted:
         return None
     try:

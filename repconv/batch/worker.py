@@ -127,17 +127,7 @@ def convert_job(job) -> dict[str, Any]:
     _limit_memory(job.memory_limit)
     result = None
     try:
-        result = pipeline.convert_file(
-            job.input,
-            job.output,
-            arch_spec=job.arch,
-            arch_kwargs=job.arch_kwargs,
-            key=job.key,
-            trust_pickle=job.trust_pickle,
-            strict=job.strict,
-            force=job.force,
-            **job.convert_options(),
-        )
+        result = pipeline.convert_file(job.input, job.output, job.options)
         outcome["status"] = "converted"
     except Exception as exc:  # every failure is this entry's, not the batch's
         if isinstance(exc, VerificationFailed):
