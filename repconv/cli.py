@@ -710,7 +710,7 @@ def zoo_save(name: str, output_path: Path, randomize_bn: bool, seed: int, verbos
 @click.option("-v", "--verbose", is_flag=True, help="Show tracebacks on errors.")
 def demo(out_dir: Path, verbose: bool) -> None:
     """Build a small net with one block of each family, save, convert, verify, report."""
-    from repconv.demo import run_demo
+    from repconv.showcase import run_demo
 
     _run(False, verbose, lambda: run_demo(out_dir, report.console()))
 
