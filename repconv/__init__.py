@@ -54,20 +54,20 @@ def register_rule(rule: Rule, *, before: str | None = None) -> Rule:
       (shown by `repconv inspect`). Recognise blocks by structure (child names, types, shapes),
       not by class, so copies of a block in other codebases convert too.
     - `fuse(module)` rewrites that block in place into its deploy form, which the block's own
-      forward must then run with the same outputs (repconv checks: each block is run on a
-      random input before and after, and the whole model is verified).
-    - fuse runs in float64: during verification the model's tensors are held in float64, and the
-      kernels must be computed in float64 (`repconv.kernels`: fold_bn, pad_to, add ... do) and
-      rounded once, to the block's dtype or left in float64; the engine then rounds the block
-      back to the dtype it had. Never round an intermediate.
+      forward must then run with the same outputs (when verifying, repconv runs each block on a
+      random input before and after it is fused, and the whole model against its reference).
+    - fuse runs in float64: compute the fused kernel and bias in float64 whatever the block's
+      dtype (`repconv.kernels`: fold_bn, pad_to, add ... do) and round each weight once, to the
+      block's dtype or left in float64; the engine then rounds the block back to the dtype it
+      had before. Never round an intermediate.
     - What a rule must leave behind: a stock conv with a bias at `block.<attribute>` holding
       the fused kernel, the train-time children deleted, and a boolean `deploy` flag set to
       True if the block has one (`repconv.rules.base.install_fused` does all three). It returns
       `Fused(attribute, kernel_shape, removed)`: the new conv's attribute, its kernel shape and
       the names of the children it removed.
     - When the structure is right but the block cannot be folded exactly (e.g. an identity
-      branch with stride 2), raise `repconv.errors.NotFusable` with the reason: the block is
-      left as it was and reported as skipped.
+      branch with stride 2), raise `repconv.errors.NotFusable` with the reason before changing
+      anything: the block is then left as it is and reported as skipped.
     """
     from repconv.rules import register_rule as register
 
