@@ -3,7 +3,7 @@ PIP := $(PYTHON) -m pip
 # One stamp per interpreter: a fresh virtual environment always installs.
 STAMP := .installed-$(shell $(PYTHON) -c 'import hashlib, sys; print(hashlib.sha1(sys.prefix.encode()).hexdigest()[:12])').stamp
 
-.PHONY: install test lint demo batch-demo bench clean
+.PHONY: install test test-fast lint demo batch-demo bench clean
 
 install: $(STAMP)
 
@@ -15,6 +15,10 @@ $(STAMP): pyproject.toml
 
 test: install
 	$(PYTHON) -m pytest
+
+# The suite without the tests marked slow (large zoo nets, subprocess and signal tests).
+test-fast: install
+	$(PYTHON) -m pytest -m "not slow"
 
 lint: install
 	$(PYTHON) -m ruff check repconv tests benchmarks

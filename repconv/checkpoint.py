@@ -151,58 +151,65 @@ def read_checkpoint(
     _check_readable(path, INPUT_SUFFIXES)
     sha = _sha256_of_intact(path)
     if path.suffix.lower() == ".safetensors":
-        state = _read_safetensors(path)[0]
-        if key is not None:
-            raise BadInput(f"--key does not apply to {path.name}: safetensors files are flat")
-        state, stripped = _strip_prefixes(state)
-        return LoadedCheckpoint(path, sha, state, None, None, stripped)
-    obj = _load_pickle(path, trust_pickle)
-    module, source_key = None, None
-    if isinstance(obj, nn.Module):
-        module, state = obj, None
-    elif key is not None:
-        if not isinstance(obj, Mapping) or key not in obj:
-            available = ", ".join(map(str, obj)) if isinstance(obj, Mapping) else "none"
-            raise BadInput(f"{path.name} has no key {key!r} (top-level keys: {available})")
-        value, source_key = obj[key], key
-        if isinstance(value, nn.Module):
-            module, state = value, None
-        elif _is_state_dict(value):
-            state = _tensors_only(value)
-        else:
-            raise BadInput(f"{path.name}[{key!r}] is not a state dict")
-    elif _is_state_dict(obj) and all(isinstance(v, Tensor) for v in obj.values()):
-        state = _tensors_only(obj)
-    elif isinstance(obj, Mapping):
-        state = None
-        for candidate in NESTED_KEYS:
-            value = obj.get(candidate)
-            if isinstance(value, nn.Module) or _is_state_dict(value):
-                source_key = candidate
-                if isinstance(value, nn.Module):
-                    module = value
-                else:
-                    state = _tensors_only(value)
-                break
-        if state is None and module is None:
-            if _is_state_dict(obj):
-                state = _tensors_only(obj)
-            else:
-                keys = ", ".join(map(str, list(obj)[:10])) or "none"
-                raise BadInput(
-                    f"{path.name} holds no state dict at the top level or under "
-                    f"{', '.join(NESTED_KEYS)} (top-level keys: {keys}); choose one with --key"
-                )
+        return _read_train_safetensors(path, sha, key)
+    source_key, found = _find_weights(path, _load_pickle(path, trust_pickle), key)
+    if isinstance(found, nn.Module):
+        module, state = found, dict(found.state_dict())
     else:
-        raise BadInput(f"{path.name} holds a {type(obj).__name__}, not a state dict")
-    if module is not None:
-        state = {k: v for k, v in module.state_dict().items()}
-    else:
-        state = _own_copies_of_integers(state)
+        module, state = None, _own_copies_of_integers(_tensors_only(found))
     if not state:
         raise BadInput(f"{path.name} holds no tensors")
     state, stripped = _strip_prefixes(state)
     return LoadedCheckpoint(path, sha, state, module, source_key, stripped)
+
+
+def _read_train_safetensors(path: Path, sha: str, key: str | None) -> LoadedCheckpoint:
+    state = _read_safetensors(path)[0]
+    if key is not None:
+        raise BadInput(f"--key does not apply to {path.name}: safetensors files are flat")
+    state, stripped = _strip_prefixes(state)
+    return LoadedCheckpoint(path, sha, state, None, None, stripped)
+
+
+def _find_weights(path: Path, obj: Any, key: str | None) -> tuple[str | None, Any]:
+    """(the key the weights were found under, a module or a state dict) in a loaded pickle."""
+    if isinstance(obj, nn.Module):
+        # A whole pickled module is its own weights: there is no key to choose.
+        return None, obj
+    if key is not None:
+        return key, _entry_under_key(path, obj, key)
+    return _locate_weights(path, obj)
+
+
+def _entry_under_key(path: Path, obj: Any, key: str) -> Any:
+    """The module or state dict the user named with --key."""
+    if not isinstance(obj, Mapping) or key not in obj:
+        available = ", ".join(map(str, obj)) if isinstance(obj, Mapping) else "none"
+        raise BadInput(f"{path.name} has no key {key!r} (top-level keys: {available})")
+    value = obj[key]
+    if not (isinstance(value, nn.Module) or _is_state_dict(value)):
+        raise BadInput(f"{path.name}[{key!r}] is not a state dict")
+    return value
+
+
+def _locate_weights(path: Path, obj: Any) -> tuple[str | None, Any]:
+    """Without --key: a flat state dict, else the first usual nesting key that holds weights,
+    else the tensors among the top level's other values."""
+    if _is_state_dict(obj) and all(isinstance(v, Tensor) for v in obj.values()):
+        return None, obj
+    if not isinstance(obj, Mapping):
+        raise BadInput(f"{path.name} holds a {type(obj).__name__}, not a state dict")
+    for candidate in NESTED_KEYS:
+        value = obj.get(candidate)
+        if isinstance(value, nn.Module) or _is_state_dict(value):
+            return candidate, value
+    if _is_state_dict(obj):
+        return None, obj
+    keys = ", ".join(map(str, list(obj)[:10])) or "none"
+    raise BadInput(
+        f"{path.name} holds no state dict at the top level or under "
+        f"{', '.join(NESTED_KEYS)} (top-level keys: {keys}); choose one with --key"
+    )
 
 
 def _sha256_of_intact(path: Path) -> str:

@@ -622,7 +622,7 @@ def zoo_save(name: str, output_path: Path, randomize_bn: bool, seed: int, verbos
 @_verbose_option
 def demo(out_dir: Path, verbose: bool) -> None:
     """Build a small net with one block of each family, save, convert, verify, report."""
-    from repconv.demo import run_demo
+    from repconv.showcase import run_demo
 
     _run(False, verbose, lambda: run_demo(out_dir, report.console()))
 

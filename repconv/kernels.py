@@ -205,22 +205,11 @@ def add(branches: Iterable[Branch], *, dtype: torch.dtype = MATH_DTYPE) -> Branc
     branches = list(branches)
     if not branches:
         raise ValueError("nothing to add")
+    _check_same_channels(branches)
     first = branches[0].kernel
-    channels, dims = first.shape[:2], first.dim()
-    for b in branches:
-        if b.kernel.shape[:2] != channels or b.kernel.dim() != dims:
-            raise ValueError(
-                f"kernel shapes differ: {tuple(first.shape)} vs {tuple(b.kernel.shape)}"
-            )
-    size = tuple(max(b.kernel.shape[d] for b in branches) for d in range(2, dims))
-    regions = []
-    for b in branches:
-        region = [slice(None), slice(None)]
-        for have, want in zip(b.spatial, size):
-            if (want - have) % 2:
-                raise ValueError(f"cannot centre a {b.spatial} kernel inside {size}")
-            region.append(slice((want - have) // 2, (want + have) // 2))
-        regions.append(tuple(region))
+    channels = first.shape[:2]
+    size = tuple(max(b.kernel.shape[d] for b in branches) for d in range(2, first.dim()))
+    regions = [_centred_region(b.spatial, size) for b in branches]
     # Largest first (ties in the order given): the sum starts from a full-size branch.
     order = sorted(range(len(branches)), key=lambda i: -math.prod(branches[i].spatial))
     bias = torch.zeros(channels[0], dtype=MATH_DTYPE, device=first.device)
@@ -233,23 +222,57 @@ def add(branches: Iterable[Branch], *, dtype: torch.dtype = MATH_DTYPE) -> Branc
     # fault per 4 KiB written, more than the arithmetic itself.
     work = torch.empty((min(step, channels[0]), *row_shape), dtype=MATH_DTYPE, device=first.device)
     scratch = torch.empty(work.numel(), dtype=MATH_DTYPE, device=first.device)
+    ordered = [(branches[i], regions[i]) for i in order]
     for lo in range(0, channels[0], step):
         rows = slice(lo, lo + step)
         total = work[: min(step, channels[0] - lo)]
-        started = False
-        for i in order:
-            b = branches[i]
-            part = b.kernel[rows]
-            scale = None if b.scale is None else b.scale[rows]
-            if not started and b.spatial == size:
-                _load_scaled(total, part, scale)
-                started = True
-                continue
-            if not started:
-                total.zero_()
-                started = True
-            if scale is not None or part.dtype != MATH_DTYPE:
-                part = _load_scaled(scratch[: part.numel()].view(part.shape), part, scale)
-            total[regions[i]] += part
+        _sum_rows(total, scratch, ordered, rows, size)
         result[rows] = total
     return Branch(result, bias)
+
+
+def _check_same_channels(branches: list[Branch]) -> None:
+    first = branches[0].kernel
+    for b in branches:
+        if b.kernel.shape[:2] != first.shape[:2] or b.kernel.dim() != first.dim():
+            raise ValueError(
+                f"kernel shapes differ: {tuple(first.shape)} vs {tuple(b.kernel.shape)}"
+            )
+
+
+def _centred_region(have: tuple[int, ...], size: tuple[int, ...]) -> tuple[slice, ...]:
+    """Where a kernel of spatial size `have` sits, centred, in one of spatial size `size`."""
+    region = [slice(None), slice(None)]
+    for kept, want in zip(have, size):
+        if (want - kept) % 2:
+            raise ValueError(f"cannot centre a {have} kernel inside {size}")
+        region.append(slice((want - kept) // 2, (want + kept) // 2))
+    return tuple(region)
+
+
+def _sum_rows(
+    total: Tensor,
+    scratch: Tensor,
+    ordered: list[tuple[Branch, tuple[slice, ...]]],
+    rows: slice,
+    size: tuple[int, ...],
+) -> None:
+    """total = the scaled, centred sum of the branches' output channels `rows`, in float64.
+
+    `ordered` is largest kernel first, so the first full-size branch is loaded straight into
+    `total`; the others are widened and scaled in `scratch`, then added into their region.
+    """
+    started = False
+    for b, region in ordered:
+        part = b.kernel[rows]
+        scale = None if b.scale is None else b.scale[rows]
+        if not started and b.spatial == size:
+            _load_scaled(total, part, scale)
+            started = True
+            continue
+        if not started:
+            total.zero_()
+            started = True
+        if scale is not None or part.dtype != MATH_DTYPE:
+            part = _load_scaled(scratch[: part.numel()].view(part.shape), part, scale)
+        total[region] += part

@@ -180,6 +180,7 @@ def test_pth_output(runner, train_ckpt, tmp_path):
     DemoNet(deploy=True).load_state_dict(torch.load(out, weights_only=True), strict=True)
 
 
+@pytest.mark.slow
 def test_byte_identical_across_processes(train_ckpt, tmp_path):
     """Two separate processes (different hash seeds) write the same bytes."""
     import os

@@ -124,6 +124,7 @@ def assert_terminated(code: int, stderr: str) -> None:
 # convert
 
 
+@pytest.mark.slow
 def test_sigterm_while_writing_removes_the_temp_file(ckpts, tmp_path):
     out, paused = tmp_path / "out", tmp_path / "paused"
     out.mkdir()
@@ -249,6 +250,7 @@ def test_a_spawned_worker_dies_with_its_parent(ckpts, tmp_path):
     assert leftovers(tmp_path) == []
 
 
+@pytest.mark.slow
 def test_an_interrupted_batch_leaves_the_next_one_working(ckpts, tmp_path):
     """Library use: Ctrl-C stops the workers and the fork server; a later batch starts anew."""
     from repconv.batch import run_batch
