@@ -31,13 +31,7 @@ _entry_points_loaded = False
 def register_rule(rule: Rule, *, before: str | None = None) -> Rule:
     """Add a block rule; it is tried after the built-in ones unless `before` names a rule.
 
-    `rule.match(module)` must be cheap and side-effect free and return None or a short
-    description of the structure found. `rule.fuse(module)` runs in float64 (the `kernels`
-    helpers compute in it; what is left in float64 is rounded to the block's dtype by the engine),
-    rewrites the block in place into the deploy form its own code expects (train-time children
-    removed, the fused conv installed, `deploy` flags set), returns `Fused`, and raises
-    NotFusable before changing anything when the block cannot be folded exactly. See
-    `repconv.rules.base.Pass` for the whole contract.
+    The contract a rule must keep is written once, on the public `repconv.register_rule`.
     """
     if not isinstance(rule, Rule):
         raise TypeError(f"expected a repconv Rule, got {type(rule).__name__}")
