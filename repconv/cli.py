@@ -19,7 +19,7 @@ except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib
 
 from repconv import __version__, files, report
-from repconv.errors import RepconvError
+from repconv.errors import RepconvError, block_of
 from repconv.interrupts import EXIT_INTERRUPTED, EXIT_TERMINATED, Terminated, sigterm_raises
 from repconv.options import (
     MAX_BATCH_SIZE,
@@ -34,7 +34,7 @@ from repconv.options import (
     written_name,
 )
 
-EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
+EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_INTERNAL = 0, 1, 2, 3
 
 CONVERT_EXAMPLES = """
 \b
@@ -204,12 +204,8 @@ def _run(as_json: bool, verbose: bool, body: Callable[[], int]) -> None:
         code, message, trace = EXIT_INTERRUPTED, "interrupted", traceback.format_exc()
     except Terminated:
         code, message, trace = EXIT_TERMINATED, "terminated", traceback.format_exc()
-    except Exception as exc:  # any failure becomes one line, traceback on -v
-        code, message, trace = (
-            EXIT_BAD_INPUT,
-            f"{type(exc).__name__}: {exc}",
-            traceback.format_exc(),
-        )
+    except Exception as exc:  # a bug of ours or of a library: one line, traceback on -v
+        code, message, trace = EXIT_INTERNAL, _internal_error(exc), traceback.format_exc()
         if not verbose:
             message += " (re-run with -v for the traceback)"
     else:
@@ -220,6 +216,14 @@ def _run(as_json: bool, verbose: bool, body: Callable[[], int]) -> None:
         report.emit_json({"ok": False, "exit_code": code, "error": message})
     err.print(f"error: {message}", markup=False)
     sys.exit(code)
+
+
+def _internal_error(exc: Exception) -> str:
+    """`internal error: <type>: <first line> (in block <path>)` for an unexpected exception."""
+    lines = str(exc).strip().splitlines()
+    message = f"internal error: {type(exc).__name__}: {lines[0] if lines else ''}".rstrip(": ")
+    block = block_of(exc)
+    return f"{message} (in block {block})" if block else message
 
 
 def _status(message: str, as_json: bool):

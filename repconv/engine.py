@@ -2,14 +2,16 @@
 
 Planning is side-effect free, so `inspect` and the verifier can look at a plan before anything
 changes. The passes (`rules.registry.passes`) run in a documented order (see `rules.base.Pass`):
-block rules first, top-down, then the deploy-method fallback, then conv -> BN pairs over what is
-left. Applying a plan rewrites the model in place (no copies) and returns each step's `Outcome`;
-the plan itself is not changed. The engine judges nothing: an observer from `verification` may
-watch each block as it is fused.
+block rules first, top-down, then the deploy-method fallback (children first), then conv -> BN
+pairs over what is left; what a deploy method leaves is offered to the conv -> BN pass right after
+that step (`Pass.reopens`). Applying a plan rewrites the model in place (no copies) and returns
+each step's `Outcome`; the plan itself is not changed. The engine judges nothing: an observer from
+`verification` may watch each block as it is fused (a deploy method is checked by its own pass).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -19,7 +21,7 @@ import torch
 from torch import nn
 
 from repconv import pages
-from repconv.errors import CorruptCheckpoint, NotFusable
+from repconv.errors import CorruptCheckpoint, NotFusable, RepconvError, note_block
 from repconv.rules.base import Pass, Rule, Step, is_norm_like, norm_problem, param_count
 from repconv.rules.registry import passes as registered_passes
 
@@ -61,6 +63,9 @@ class Plan:
     """What will be done: one step per block (or conv -> norm pair), in the order of fusing."""
 
     entries: list[Step]
+    # The passes the plan was made with: a step whose pass `reopens` its block hands what it
+    # leaves to the find-stage passes after that one.
+    passes: list[Pass] = field(default_factory=list, repr=False)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -256,7 +261,7 @@ def plan(model: nn.Module, rules: Sequence[Rule] | None = None) -> Plan:
         found = each.find(model, claimed)
         steps += found
         claimed = claimed | {id(model.get_submodule(p)) for s in found for p in s.chain}
-    return Plan(steps)
+    return Plan(steps, list(passes))
 
 
 def _floating_dtype(module: nn.Module) -> torch.dtype | None:
@@ -278,10 +283,10 @@ def _fuse(
     The train tensors' pages are given back as soon as the block is fused, before what is left
     in float64 (biases, a deploy method's weights) is rounded.
     """
-    module = model.get_submodule(step.path)
-    dtype = _floating_dtype(module)
+    dtype = _floating_dtype(model.get_submodule(step.path))
     consumed = _step_tensors(model, step)
     kernel_shape = step.by.fuse_step(model, step)
+    module = model.get_submodule(step.path)  # a pass may have put a new module in its place
     params_after = param_count(module)
     releaser.release(consumed, keep=_step_tensors(model, step))
     del consumed
@@ -303,6 +308,10 @@ def _apply_step(
         return Outcome(step, "skipped", reason=str(exc))
     except CorruptCheckpoint as exc:
         raise CorruptCheckpoint(f"corrupt checkpoint at {step.path}: {exc}") from None
+    except Exception as exc:
+        if not isinstance(exc, RepconvError):
+            note_block(exc, step.path)  # an internal error: say which block it happened in
+        raise
     error = block_error() if block_error is not None else None
     return Outcome(step, "fused", None, params_after, kernel_shape, error)
 
@@ -320,12 +329,47 @@ def apply(model: nn.Module, plan: Plan, *, observer: BlockObserver | None = None
     warnings: list[dict[str, str]] = []
     with torch.no_grad(), pages.PageReleaser() as releaser:
         for step in plan.entries:
-            outcome = _apply_step(model, step, releaser, observer)
-            if outcome.status == "skipped":
-                message = f"{step.rule} not applied: {outcome.reason}"
-                warnings.append({"path": step.path, "message": message})
-            outcomes.append(outcome)
+            for outcome in [
+                _apply_step(model, step, releaser, observer),
+                *_follow_up(model, plan, step, releaser, observer),
+            ]:
+                if outcome.status == "skipped":
+                    message = f"{outcome.rule} not applied: {outcome.reason}"
+                    warnings.append({"path": outcome.path, "message": message})
+                outcomes.append(outcome)
     return Applied(plan, outcomes, warnings + leftover_norm_warnings(model))
+
+
+def _follow_up(
+    model: nn.Module,
+    plan: Plan,
+    step: Step,
+    releaser: pages.PageReleaser,
+    observer: BlockObserver | None,
+) -> list[Outcome]:
+    """After a step whose pass reopens its block: the later find-stage passes over what it left.
+
+    Every other planned step inside the block has run by now (block rules first, deploy
+    methods children first); the modules at their paths stay opaque, as in the plan.
+    """
+    if not step.by.reopens or step.by not in plan.passes:
+        return []
+    block = model.get_submodule(step.path)
+    prefix = f"{step.path}." if step.path else ""
+    inner = [s.path for s in plan.entries if s.path.startswith(prefix) and s.path != step.path]
+    modules = dict(model.named_modules())
+    opaque = {id(modules[p]) for p in inner if p in modules}
+    outcomes = []
+    for later in plan.passes[plan.passes.index(step.by) + 1 :]:
+        for found in later.find(block, opaque):
+            moved = dataclasses.replace(
+                found,
+                path=_join(step.path, found.path),
+                norm_path=None if found.norm_path is None else _join(step.path, found.norm_path),
+            )
+            outcomes.append(_apply_step(model, moved, releaser, observer))
+            opaque |= {id(model.get_submodule(p)) for p in moved.chain}
+    return outcomes
 
 
 def leftover_norm_warnings(model: nn.Module) -> list[dict[str, str]]:

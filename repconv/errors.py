@@ -1,6 +1,9 @@
-"""Error types. The CLI maps them to exit codes: BadInput -> 2, VerificationFailed -> 1."""
+"""Error types. The CLI maps them to exit codes: BadInput -> 2, VerificationFailed -> 1, and any
+other exception (a bug, ours or a library's) -> 3, naming the block it happened in."""
 
 from __future__ import annotations
+
+import contextlib
 
 
 class RepconvError(Exception):
@@ -26,3 +29,16 @@ class VerificationFailed(RepconvError):
 
     exit_code = 1
     result = None  # the conversion that failed (a pipeline.Result), when there is one
+
+
+def note_block(exc: BaseException, path: str) -> None:
+    """Record on an unexpected exception the block it was raised in (shown by the CLI)."""
+    if getattr(exc, "repconv_block", None) is None:
+        # exceptions with __slots__ take no attribute: the message goes without the block
+        with contextlib.suppress(AttributeError):
+            exc.repconv_block = path or "<root>"  # type: ignore[attr-defined]
+
+
+def block_of(exc: BaseException) -> str | None:
+    """The block an unexpected exception was raised in, when the engine recorded it."""
+    return getattr(exc, "repconv_block", None)

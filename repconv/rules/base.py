@@ -98,6 +98,10 @@ class Pass:
     summary: str
     deploy_form: str = ""
     kind: ClassVar[PassKind] = "block"
+    # Whether what a step leaves in its block (fused or skipped) is offered, right after the
+    # step, to the find-stage passes after this one (the deploy-method pass: the conv -> BN pairs
+    # a method left, or those of a block whose method was undone).
+    reopens: ClassVar[bool] = False
 
     def match_module(self, module: nn.Module, scope: Scope) -> str | None:
         return None

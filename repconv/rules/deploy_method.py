@@ -1,37 +1,78 @@
 """Fallback: a block none of the structural rules knows, but which carries its own deploy method.
 
-Many libraries ship re-parameterizable blocks with a method that folds them in place (MobileOne's
-`reparameterize`, YOLO's `fuse_convs`, ...). Calling it leaves exactly the deploy form that library
-expects; verification then judges the result like any other rule's.
+Many libraries ship re-parameterizable blocks with a method that folds them (MobileOne's
+`reparameterize`, YOLO's `fuse_convs`, RepViT's `fuse`, ...). This pass calls it the way the
+library's own model-level tooling does, and trusts none of it:
 
-It is a pass of the walk, tried after the block rules: it takes a module only when no pass before
-it matches the module or anything inside it, and when it still holds a batch norm (so a block
-already in deploy form is left alone).
+- children first: the steps come deepest-first (post-order), so a parent's method finds its
+  children already fused, as the libraries' model-level passes (`fuse_model`, `replace_batchnorm`)
+  leave them. A method on the root or on a container is just the last step of its subtree;
+- a method that returns a module other than the block (RepViT, LeViT, EfficientViT) has that
+  module put in the block's place, as `replace_batchnorm` / timm's `reparameterize_model` do;
+- a class with `forward_fuse` whose plain `forward` no longer runs once the method removed its
+  train children (ultralytics `Conv`/`RepConv`) gets `forward = forward_fuse` on that instance,
+  as the library's model-level `fuse()` does;
+- the method runs with torch's default dtype set to the block's (float32 for half blocks, the
+  only other default torch allows), so tensors it builds without a dtype match the block;
+- the block is probed before and after on a seeded input (built from its first conv's
+  `in_channels`, see `probe_input`); a method that raises, or moves the block's output by more
+  than `limit_for(dtype)`, is undone: the block is put back as a snapshot taken before the call
+  and the step is skipped (NotFusable) with the method and the error in the warning. A block the
+  probe cannot run (its input is not a conv's) is judged by the whole-model verification only.
+
+Whatever a method leaves (fused or undone) is offered to the passes after this one (conv -> BN
+pairs): the engine does that for passes with `reopens = True`.
 """
 
 from __future__ import annotations
 
+import copy
 import inspect
+from collections.abc import Iterator
+from collections.abc import Set as AbstractSet
+from contextlib import contextmanager
+from typing import Any
 
+import torch
 from torch import nn
+from torch.nn.modules.conv import _ConvNd
 
-from repconv.errors import NotFusable
-from repconv.rules.base import Pass, Scope, Step, is_norm_like
+from repconv.errors import NotFusable, RepconvError
+from repconv.rules.base import Pass, Step, is_norm_like, param_count
 
 NAME = "deploy_method"
-SUMMARY = "a block's own deploy method, for blocks no structural rule matches"
-DEPLOY_FORM = "whatever the block's method leaves behind"
+SUMMARY = "a block's own deploy method, for blocks no structural rule matches (children first)"
+DEPLOY_FORM = "whatever the block's method leaves behind (or returns)"
 
-# Order of preference when a block has several of these.
+# Order of preference when a block has several of these: the names that mean "the whole
+# re-parameterization of this block" first, then the narrower or more generic ones.
 METHOD_NAMES = (
-    "switch_to_deploy",
-    "reparameterize",
-    "convert_to_deploy",
+    "switch_to_deploy",  # RepVGG, ACNet, DBB, YOLOv6, RepGhost
+    "reparameterize",  # MobileOne, FastViT
+    "convert_to_deploy",  # RepGhost (model level)
     "reparameterize_model",
-    "fuse_convs",
+    "merge_kernel",  # RepLKNet
+    "merge_dilated_branches",  # UniRepLKNet
+    "fuse_repvgg_block",  # yolov7
+    "fuse_block_residual_branches",  # super-gradients
+    "full_fusion",  # super-gradients
+    "structural_reparam",
+    "local_inject",  # RepMLP
+    "fuse_convs",  # ultralytics RepConv, yolov9 RepConvN
     "fuse_reparam",
-    "fuse",
+    "fuse",  # RepViT, LeViT, EfficientViT, RepNeXt (returns a module)
 )
+
+# A method's fold is exact up to rounding in the block's dtype: 1e-6 relative for float64 (the
+# exact limit of verification), room for the rounding of narrower dtypes.
+_LIMITS = {torch.float64: 1e-6, torch.float32: 1e-4}
+_HALF_LIMIT = 1e-2
+# Spatial sizes tried for a block's probe input, smallest first.
+PROBE_SIDES = (16, 64)
+
+
+def limit_for(dtype: torch.dtype) -> float:
+    return _LIMITS.get(dtype, _HALF_LIMIT)
 
 
 def deploy_method(module: nn.Module) -> str | None:
@@ -54,38 +95,194 @@ def deploy_method(module: nn.Module) -> str | None:
     return None
 
 
-def call_deploy_method(module: nn.Module, name: str) -> None:
-    getattr(module, name)()
-
-
 def holds_norm(module: nn.Module) -> bool:
     return any(is_norm_like(m) for m in module.modules())
 
 
+# ---- running a method safely ------------------------------------------------------------------
+
+
+def _floating_dtype(module: nn.Module) -> torch.dtype:
+    for tensor in [*module.parameters(), *module.buffers()]:
+        if tensor.is_floating_point():
+            return tensor.dtype
+    return torch.get_default_dtype()
+
+
+@contextmanager
+def default_dtype(dtype: torch.dtype) -> Iterator[None]:
+    """torch's default dtype set to `dtype` (float32 for half dtypes), restored after."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype if dtype in (torch.float32, torch.float64) else torch.float32)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
+
+
+def probe_input(block: nn.Module) -> tuple[torch.Tensor, Any] | None:
+    """A seeded input the block runs on, with its output; None when it runs on none of them.
+
+    Shaped (1, in_channels, side, ...) after the block's first conv, in the block's dtype.
+    """
+    conv = next((m for m in block.modules() if isinstance(m, _ConvNd)), None)
+    if conv is None:
+        return None
+    dims = len(conv.kernel_size)
+    for side in PROBE_SIDES:
+        generator = torch.Generator().manual_seed(0)
+        shape = (1, conv.in_channels, *[side] * dims)
+        x = torch.randn(shape, generator=generator, dtype=_floating_dtype(block))
+        try:
+            with torch.no_grad():
+                return x, block(x)
+        except Exception:  # not this size (or not a conv input at all)
+            continue
+    return None
+
+
+def _tensors(output: Any) -> list[torch.Tensor]:
+    if isinstance(output, torch.Tensor):
+        return [output]
+    if isinstance(output, dict):
+        return [t for v in output.values() for t in _tensors(v)]
+    if isinstance(output, (list, tuple)):
+        return [t for v in output for t in _tensors(v)]
+    return []
+
+
+def output_error(after: Any, before: Any) -> float:
+    """Relative error (max |diff| / max |before|, float64) over every output tensor."""
+    got, want = _tensors(after), _tensors(before)
+    if len(got) != len(want):
+        return float("inf")
+    worst = 0.0
+    for a, b in zip(got, want):
+        if a.shape != b.shape:
+            return float("inf")
+        if b.numel() == 0:
+            continue
+        ref = b.detach().double()
+        diff = float((a.detach().double() - ref).abs().max())
+        scale = float(ref.abs().max())
+        error = diff / scale if scale > 0 else diff
+        worst = max(worst, error if error == error else float("inf"))
+    return worst
+
+
+def _uses_forward_fuse(
+    block: nn.Module, probe: tuple[torch.Tensor, Any] | None, removed: bool
+) -> None:
+    """Switch an instance to its class's `forward_fuse` when its plain forward no longer runs."""
+    if not callable(getattr(type(block), "forward_fuse", None)) or "forward" in vars(block):
+        return
+    if probe is not None:
+        try:
+            with torch.no_grad():
+                block(probe[0])
+            return
+        except Exception:  # what forward uses is gone: the library would switch now
+            pass
+    elif not removed:
+        return
+    block.forward = block.forward_fuse
+
+
+def call_method(block: nn.Module, name: str) -> tuple[nn.Module, set[str]]:
+    """Call the block's method as its library does; the module that now stands for the block."""
+    children = set(block._modules)
+    with default_dtype(_floating_dtype(block)):
+        returned = getattr(block, name)()
+    result = returned if isinstance(returned, nn.Module) and returned is not block else block
+    result.eval()
+    return result, children - set(result._modules)
+
+
+def put(model: nn.Module, path: str, module: nn.Module) -> None:
+    """Install `module` at `path`; at the root, the model itself takes the module's state."""
+    if not path:
+        if module is not model:
+            model.__class__ = module.__class__
+            object.__setattr__(model, "__dict__", module.__dict__)
+        return
+    parent_path, _, name = path.rpartition(".")
+    setattr(model.get_submodule(parent_path), name, module)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}".rstrip(": ")
+
+
+def run_checked(model: nn.Module, path: str, name: str) -> None:
+    """Run the block's method at `path`, keep the result only if it computes what the block did.
+
+    Anything else (the method raised, or the output moved beyond the limit) puts the snapshot
+    back and raises NotFusable naming the method and why.
+    """
+    block = model.get_submodule(path)
+    snapshot = copy.deepcopy(block)
+    probe = probe_input(block)
+    limit = limit_for(_floating_dtype(block))
+    try:
+        result, removed = call_method(block, name)
+        _uses_forward_fuse(result, probe, bool(removed))
+        error = 0.0
+        if probe is not None:
+            with torch.no_grad():
+                error = output_error(result(probe[0]), probe[1])
+    except (KeyboardInterrupt, RepconvError):
+        put(model, path, snapshot)
+        raise
+    except Exception as exc:  # a library method may fail in any way: never crash on it
+        put(model, path, snapshot)
+        raise NotFusable(f"{name}() failed, block left as it was: {_first_line(exc)}") from None
+    if not error <= limit:
+        put(model, path, snapshot)
+        raise NotFusable(
+            f"{name}() changed the block's output by {error:.3g} (relative, limit {limit:g}); "
+            "undone, block left as it was"
+        )
+    put(model, path, result)
+
+
 class DeployMethodPass(Pass):
-    """The fallback: a block's own deploy method, called in place."""
+    """The fallback: a block's own deploy method, children first, checked and undone if wrong."""
 
     name = NAME
     family = "any"
     summary = SUMMARY
     deploy_form = DEPLOY_FORM
     kind = "fallback"
-
-    def match_module(self, module: nn.Module, scope: Scope) -> str | None:
-        if scope.matched_inside(module) or not holds_norm(module):
-            return None
-        method = deploy_method(module)
-        return f"{method}()" if method else None
+    reopens = True
 
     def family_of(self, module: nn.Module) -> str:
         return type(module).__name__
 
+    def find(self, model: nn.Module, claimed: AbstractSet[int]) -> list[Step]:
+        """Every unclaimed module with a deploy method and a norm inside, children first."""
+        steps: list[Step] = []
+        seen: set[int] = set()
+
+        def visit(module: nn.Module, path: str) -> None:
+            if id(module) in claimed or id(module) in seen:
+                return
+            seen.add(id(module))
+            for child_name, child in module.named_children():
+                visit(child, f"{path}.{child_name}" if path else child_name)
+            method = deploy_method(module) if holds_norm(module) else None
+            if method:
+                family = self.family_of(module)
+                steps.append(Step(path, self, family, f"{method}()", param_count(module)))
+
+        visit(model, "")
+        return steps
+
     def fuse_step(self, model: nn.Module, step: Step) -> None:
-        module = model.get_submodule(step.path)
-        method = deploy_method(module)
+        method = deploy_method(model.get_submodule(step.path))
         if method is None:
-            raise NotFusable(f"{type(module).__name__} has no deploy method any more")
-        call_deploy_method(module, method)
+            raise NotFusable(f"{step.family} has no deploy method any more")
+        run_checked(model, step.path, method)
 
 
 PASS = DeployMethodPass()

@@ -1,9 +1,10 @@
 """The registry of passes, in the fixed order the engine runs them (see `rules.base.Pass`).
 
 At each module, top-down, the first block rule whose `match` accepts it wins and its subtree is not
-searched further; a module no block rule matches, with nothing matched inside it, that still holds
-a batch norm and has a deploy method of its own is handed to the deploy-method fallback. Last, the
-conv -> BN fold runs over whatever is left, found by data flow. Third-party rules are
+searched further. Then every module outside the matched blocks that still holds a batch norm and
+has a deploy method of its own is handed to the deploy-method fallback, children first (what each
+method leaves goes on to the conv -> BN pass at once). Last, the conv -> BN fold runs over whatever
+is left, found by data flow. Third-party rules are
 added with `register_rule` or through the `repconv.rules` entry-point group (each entry point names
 a Rule object or a zero-argument callable returning one or a list of them).
 

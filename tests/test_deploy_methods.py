@@ -1,0 +1,181 @@
+"""A block's own deploy method, called the way its library does, and never trusted blindly.
+
+The blocks are test copies of library behaviours (tests/method_blocks.py). Each model is converted
+through `repconv.convert` (or the CLI) and verified against itself before.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+from torch import nn
+
+import repconv
+from repconv.cli import main
+from repconv.rules import convbn
+from repconv.rules.deploy_method import METHOD_NAMES, deploy_method
+from repconv.verification import worst
+from tests import method_blocks as B
+from tests.helpers import randomized
+
+BLOCKS_FILE = Path(B.__file__)
+SHAPE = (3, 12, 12)
+
+
+def converted(model: nn.Module):
+    result = repconv.convert(randomized(model), input_shape=SHAPE)
+    assert result.passed, result.verification.failure_message()
+    return result
+
+
+def outcomes(result) -> list[tuple[str, str, str]]:
+    return [(o.path, o.rule, o.status) for o in result.plan.entries]
+
+
+def norms_left(model: nn.Module) -> list[str]:
+    return [p for p, m in model.named_modules() if isinstance(m, nn.BatchNorm2d)]
+
+
+def test_a_returned_module_takes_the_blocks_place():
+    model = nn.Sequential(B.ReturnsConv(3, 4), nn.ReLU(), B.ReturnsConv(4, 4))
+    result = converted(model)
+    assert outcomes(result) == [("0", "deploy_method", "fused"), ("2", "deploy_method", "fused")]
+    assert type(model[0]) is nn.Conv2d and type(model[2]) is nn.Conv2d
+    assert norms_left(model) == [] and result.plan.warnings == []
+    assert worst(result.verification.exact) < 1e-12
+
+
+def test_fuse_convs_switches_to_forward_fuse():
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), B.FuseConvsRepConv(4), B.FuseConvsRepConv(4, False))
+    result = converted(model)
+    assert outcomes(result) == [("1", "deploy_method", "fused"), ("2", "deploy_method", "fused")]
+    for block in (model[1], model[2]):
+        assert block.forward == block.forward_fuse
+        assert not hasattr(block, "conv1") and isinstance(block.conv, nn.Conv2d)
+    assert norms_left(model) == []
+
+
+def test_method_building_default_dtype_tensors_runs_in_the_blocks_dtype():
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), B.DefaultDtypeBlock(4))
+    result = converted(model)  # randomized() makes it float64
+    assert outcomes(result) == [("1", "deploy_method", "fused")]
+    assert model[1].merged.weight.dtype == torch.float64
+    assert worst(result.verification.exact) < 1e-12
+    assert torch.get_default_dtype() == torch.float32  # restored
+
+
+def test_root_method_runs_and_the_other_pairs_are_still_folded():
+    model = B.RootMethodNet()
+    result = converted(model)
+    assert ("", "deploy_method", "fused") in outcomes(result)
+    pairs = {o.path for o in result.plan.entries if o.rule == "conv_bn" and o.status == "fused"}
+    assert pairs == {"stem.0", "head.0"}
+    assert norms_left(model) == [] and result.plan.warnings == []
+
+
+def test_children_methods_run_before_their_parents():
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), B.NeedsFusedChildren(4))
+    result = converted(model)
+    assert outcomes(result) == [
+        ("1.dense", "deploy_method", "fused"),
+        ("1.point", "deploy_method", "fused"),
+        ("1", "deploy_method", "fused"),
+    ]
+    assert isinstance(model[1].reparam, nn.Conv2d) and norms_left(model) == []
+
+
+def test_a_method_that_raises_is_undone_and_the_block_goes_on_to_conv_bn():
+    model = B.raising_net()
+    result = converted(model)
+    by_path = {o.path: o for o in result.plan.entries}
+    assert by_path["1"].status == "skipped"
+    assert "switch_to_deploy() failed" in by_path["1"].reason
+    assert "boom from the library" in by_path["1"].reason
+    assert by_path["1.body.0"].rule == "conv_bn" and by_path["1.body.0"].status == "fused"
+    assert isinstance(model[1].body[1], nn.Identity)
+    assert any("switch_to_deploy()" in w["message"] for w in result.plan.warnings)
+
+
+def test_a_method_wrong_for_grouped_convs_is_undone():
+    model = B.grouped_yolov7_net()
+    result = converted(model)
+    by_path = {o.path: o for o in result.plan.entries}
+    assert by_path["1"].status == "skipped"
+    assert "fuse_repvgg_block() changed the block's output" in by_path["1"].reason
+    assert not hasattr(model[1], "fused")  # left as it was ...
+    assert by_path["1.dense.0"].status == "fused"  # ... and its conv-BN pair still folded
+    assert norms_left(model) == ["1.idbn"]  # no pass can fold an identity norm here
+
+
+def test_the_same_method_is_kept_where_it_is_right():
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), B.DiagonalIdentityRepConv(4, groups=1))
+    result = converted(model)
+    assert outcomes(result) == [("1", "deploy_method", "fused")]
+    assert norms_left(model) == []
+
+
+def test_new_method_names_are_known_in_order():
+    for name in (
+        "fuse_repvgg_block",
+        "merge_kernel",
+        "merge_dilated_branches",
+        "fuse_block_residual_branches",
+        "full_fusion",
+        "structural_reparam",
+        "local_inject",
+    ):
+        assert name in METHOD_NAMES
+    assert METHOD_NAMES.index("switch_to_deploy") < METHOD_NAMES.index("fuse")
+
+    class Both(nn.Module):
+        def fuse(self):
+            pass
+
+        def merge_kernel(self):
+            pass
+
+    assert deploy_method(Both()) == "merge_kernel"
+
+
+# ---- through the CLI ----------------------------------------------------------------------------
+
+
+def checkpoint_of(tmp_path: Path, name: str) -> Path:
+    model = randomized(getattr(B, name)(), dtype=torch.float32)
+    path = tmp_path / f"{name}.pth"
+    torch.save(model.state_dict(), path)
+    return path
+
+
+def cli_convert(tmp_path: Path, name: str, *args: str):
+    source = checkpoint_of(tmp_path, name)
+    out = tmp_path / "deploy.safetensors"
+    spec = f"{BLOCKS_FILE}:{name}"
+    command = ["convert", str(source), str(out), "--arch", spec, "--input-shape", "3,12,12"]
+    return CliRunner().invoke(main, [*command, *args]), out
+
+
+@pytest.mark.parametrize("name", ["raising_net", "grouped_yolov7_net"])
+def test_cli_exits_0_and_writes_a_verified_file_when_a_method_is_undone(tmp_path, name):
+    result, out = cli_convert(tmp_path, name)
+    assert result.exit_code == 0, result.output
+    assert out.exists()
+    assert "not applied" in result.output
+
+
+def test_cli_exit_code_3_on_an_internal_error(tmp_path, monkeypatch):
+    def broken(model, step):
+        raise RuntimeError("injected failure\nsecond line")
+
+    monkeypatch.setattr(convbn.PASS, "fuse_step", broken)
+    result, out = cli_convert(tmp_path, "plain_net")
+    assert result.exit_code == 3, result.output
+    lines = result.stderr.strip().splitlines()
+    assert lines == [
+        "error: internal error: RuntimeError: injected failure (in block 0) "
+        "(re-run with -v for the traceback)"
+    ]
+    assert not out.exists()
