@@ -48,6 +48,20 @@ def test_a_returned_module_takes_the_blocks_place():
     assert worst(result.verification.exact) < 1e-12
 
 
+def test_a_root_that_returns_a_module_becomes_that_module():
+    model = B.ReturnsConv(3, 4)
+    result = converted(model)
+    assert outcomes(result) == [("", "deploy_method", "fused")]
+    assert type(model) is nn.Conv2d and norms_left(model) == []
+
+
+def test_a_float32_model_without_verification_is_still_checked_block_by_block():
+    model = randomized(B.grouped_yolov7_net(), dtype=torch.float32)
+    result = repconv.convert(model, verify=False)
+    assert [(o.path, o.status) for o in result.plan.entries if o.path == "1"] == [("1", "skipped")]
+    assert not hasattr(model[1], "fused")
+
+
 def test_fuse_convs_switches_to_forward_fuse():
     model = nn.Sequential(nn.Conv2d(3, 4, 1), B.FuseConvsRepConv(4), B.FuseConvsRepConv(4, False))
     result = converted(model)
