@@ -179,7 +179,13 @@ def build_loaded(
     factory = resolve(spec)
     model = _build_on_meta(factory, kwargs, spec, prepare)
     if model is not None:
-        check_fit(model, state_dict, what)
+        try:
+            check_fit(model, state_dict, what)
+        except BadInput:
+            # `prepare` may take another path on meta than on real values (a deploy method
+            # that cannot run without them); the normal build below decides, and says why.
+            model = None
+    if model is not None:
         model.load_state_dict(state_dict, strict=True, assign=True)
         if _has_meta_tensors(model):
             model = None

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -300,7 +300,10 @@ def _apply_step(
     step: Step,
     releaser: pages.PageReleaser,
     observer: BlockObserver | None,
+    skip: Mapping[tuple[str, str], str],
 ) -> Outcome:
+    if (step.path, step.rule) in skip:
+        return Outcome(step, "skipped", reason=skip[step.path, step.rule])
     block_error = observer(model, step) if observer is not None else None
     try:
         kernel_shape, params_after = _fuse(model, step, releaser)
@@ -316,22 +319,32 @@ def _apply_step(
     return Outcome(step, "fused", None, params_after, kernel_shape, error)
 
 
-def apply(model: nn.Module, plan: Plan, *, observer: BlockObserver | None = None) -> Applied:
+def apply(
+    model: nn.Module,
+    plan: Plan,
+    *,
+    observer: BlockObserver | None = None,
+    skip: Mapping[tuple[str, str], str] | None = None,
+) -> Applied:
     """Fuse every planned step in place and return how each went.
 
     `observer` (e.g. `verification.BlockProbes`) is called with each step before it is fused;
-    the function it returns, if any, is called after, for the block's own error. The pages of
+    the function it returns, if any, is called after, for the block's own error. Steps keyed
+    in `skip` by (path, rule) are left unfused with that reason, as if their pass had refused
+    them: rebuilding a deploy structure replays what its conversion did, undone methods
+    included, on a model too empty (on the meta device) to check a method again. The pages of
     memory-mapped train tensors a block no longer holds are given back as it is fused (see
     `pages`).
     """
+    skip = skip or {}
     model.eval()
     outcomes: list[Outcome] = []
     warnings: list[dict[str, str]] = []
     with torch.no_grad(), pages.PageReleaser() as releaser:
         for step in plan.entries:
             for outcome in [
-                _apply_step(model, step, releaser, observer),
-                *_follow_up(model, plan, step, releaser, observer),
+                _apply_step(model, step, releaser, observer, skip),
+                *_follow_up(model, plan, step, releaser, observer, skip),
             ]:
                 if outcome.status == "skipped":
                     message = f"{outcome.rule} not applied: {outcome.reason}"
@@ -346,6 +359,7 @@ def _follow_up(
     step: Step,
     releaser: pages.PageReleaser,
     observer: BlockObserver | None,
+    skip: Mapping[tuple[str, str], str],
 ) -> list[Outcome]:
     """After a step whose pass reopens its block: the later find-stage passes over what it left.
 
@@ -367,7 +381,7 @@ def _follow_up(
                 path=_join(step.path, found.path),
                 norm_path=None if found.norm_path is None else _join(step.path, found.norm_path),
             )
-            outcomes.append(_apply_step(model, moved, releaser, observer))
+            outcomes.append(_apply_step(model, moved, releaser, observer, skip))
             opaque |= {id(model.get_submodule(p)) for p in moved.chain}
     return outcomes
 

@@ -220,8 +220,18 @@ def convert_file(
     return result
 
 
-def _deploy_structure(model: nn.Module) -> None:
-    engine.convert_model(model)
+def _deploy_structure(model: nn.Module, recorded_plan: Mapping[str, Any] | None = None) -> None:
+    """Rewrite a train-form model into the deploy structure its conversion produced.
+
+    The conversion's recorded plan says which steps were skipped (a deploy method that failed
+    its check and was undone, say); those are skipped again rather than judged again.
+    """
+    skipped = {
+        (block["path"], block["rule"]): block.get("reason") or "skipped when converted"
+        for block in (recorded_plan or {}).get("blocks", [])
+        if isinstance(block, Mapping) and block.get("status") == "skipped"
+    }
+    engine.apply(model, engine.plan(model), skip=skipped)
 
 
 def recorded_architecture(
@@ -268,9 +278,10 @@ def load_deploy(
     """
     state, meta = checkpoint.read_deploy(path)
     what = Path(path).name
+    recorded_plan = checkpoint.metadata_json(meta, "plan", what, {})
     if isinstance(model_or_arch, nn.Module):
         model = model_or_arch.eval()
-        _deploy_structure(model)
+        _deploy_structure(model, recorded_plan)
         arch.check_fit(model, state, what)
         model.load_state_dict(state, strict=True, assign=True)
         return model
@@ -282,7 +293,13 @@ def load_deploy(
         raise BadInput(f"{what} records no architecture; pass one (--arch)")
     if arch_kwargs is None:
         arch_kwargs = _recorded_kwargs_for(spec, meta, what)
-    return arch.build_loaded(spec, arch_kwargs, state, what=what, prepare=_deploy_structure)
+    return arch.build_loaded(
+        spec,
+        arch_kwargs,
+        state,
+        what=what,
+        prepare=lambda model: _deploy_structure(model, recorded_plan),
+    )
 
 
 def verify_files(

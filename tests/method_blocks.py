@@ -250,6 +250,30 @@ class DiagonalIdentityRepConv(nn.Module):
         del self.dense, self.idbn
 
 
+class ForgetfulRepConv(nn.Module):
+    """A method that is wrong everywhere (it drops the 1x1 branch) yet runs on any device, the
+    meta device included, where nothing can tell that it is wrong."""
+
+    def __init__(self, c: int):
+        super().__init__()
+        self.dense = ConvNorm(c, c, 3)
+        self.point = ConvNorm(c, c, 1)
+
+    def forward(self, x):
+        if hasattr(self, "fused"):
+            return self.fused(x)
+        return self.dense(x) + self.point(x)
+
+    @torch.no_grad()
+    def switch_to_deploy(self):
+        kernel, bias = folded(self.dense.conv, self.dense.bn)
+        self.fused = nn.Conv2d(kernel.shape[1], kernel.shape[0], 3, padding=1)
+        self.fused.to(kernel.dtype)
+        self.fused.weight.copy_(kernel)
+        self.fused.bias.copy_(bias)
+        del self.dense, self.point
+
+
 # ---- models for the CLI -------------------------------------------------------------------------
 
 
@@ -263,3 +287,11 @@ def grouped_yolov7_net() -> nn.Module:
 
 def plain_net() -> nn.Module:
     return nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU())
+
+
+def forgetful_net() -> nn.Module:
+    return nn.Sequential(nn.Conv2d(3, 4, 1), ForgetfulRepConv(4))
+
+
+def right_yolov7_net() -> nn.Module:
+    return nn.Sequential(nn.Conv2d(3, 4, 1), DiagonalIdentityRepConv(4, groups=1))

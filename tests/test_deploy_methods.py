@@ -172,12 +172,29 @@ def cli_convert(tmp_path: Path, name: str, *args: str):
     return CliRunner().invoke(main, [*command, *args]), out
 
 
-@pytest.mark.parametrize("name", ["raising_net", "grouped_yolov7_net"])
+@pytest.mark.parametrize("name", ["raising_net", "grouped_yolov7_net", "forgetful_net"])
 def test_cli_exits_0_and_writes_a_verified_file_when_a_method_is_undone(tmp_path, name):
     result, out = cli_convert(tmp_path, name)
     assert result.exit_code == 0, result.output
     assert out.exists()
     assert "not applied" in result.output
+
+
+@pytest.mark.parametrize(
+    "name", ["raising_net", "grouped_yolov7_net", "forgetful_net", "right_yolov7_net"]
+)
+def test_the_file_loads_into_the_deploy_structure_rebuilt_on_meta(tmp_path, name):
+    """Rebuilt on the meta device, where no method can be checked again, the deploy structure
+    keeps each method's block as its conversion left it (fused, or undone), so the file loads
+    strictly and computes what the train model does."""
+    result, out = cli_convert(tmp_path, name)
+    assert result.exit_code == 0, result.output
+    model = repconv.load_deploy(out, f"{BLOCKS_FILE}:{name}")
+    x = torch.randn(1, 3, 12, 12)
+    train = getattr(B, name)().eval()
+    train.load_state_dict(torch.load(tmp_path / f"{name}.pth", weights_only=True))
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), train(x), rtol=1e-4, atol=1e-5)
 
 
 def test_cli_exit_code_3_on_an_internal_error(tmp_path, monkeypatch):
@@ -193,3 +210,19 @@ def test_cli_exit_code_3_on_an_internal_error(tmp_path, monkeypatch):
         "(re-run with -v for the traceback)"
     ]
     assert not out.exists()
+
+
+def test_the_recorded_plan_rebuilds_an_undone_method_on_meta_without_a_second_build(
+    tmp_path, monkeypatch
+):
+    """The plan recorded in the file says the method was undone; the rebuild on the meta device
+    (where the method cannot be judged) replays that, so the model is built once."""
+    from repconv import arch
+
+    result, out = cli_convert(tmp_path, "forgetful_net")
+    assert result.exit_code == 0, result.output
+    builds = []
+    construct = arch._construct
+    monkeypatch.setattr(arch, "_construct", lambda *a: builds.append(a) or construct(*a))
+    repconv.load_deploy(out, f"{BLOCKS_FILE}:forgetful_net")
+    assert len(builds) == 1

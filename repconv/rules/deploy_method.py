@@ -126,8 +126,8 @@ def probe_input(block: nn.Module) -> tuple[torch.Tensor, Any] | None:
     Shaped (1, in_channels, side, ...) after the block's first conv, in the block's dtype.
     """
     conv = next((m for m in block.modules() if isinstance(m, _ConvNd)), None)
-    if conv is None:
-        return None
+    if conv is None or any(t.is_meta for t in block.parameters()):
+        return None  # a block without values (built on meta to be loaded) cannot be judged
     dims = len(conv.kernel_size)
     for side in PROBE_SIDES:
         generator = torch.Generator().manual_seed(0)
