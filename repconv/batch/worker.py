@@ -21,6 +21,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
+from repconv import metadata
 from repconv.errors import BadInput, VerificationFailed
 from repconv.files import write_text_atomically
 
@@ -137,15 +138,11 @@ def convert_job(job) -> dict[str, Any]:
         if job.memory_limit:
             _limit_memory(None)
     if result is not None:
-        checked = None if result.verification is None else result.verification.to_dict()
-        outcome.update(
-            fused_by_rule=result.plan.fused_by_rule(),
-            unfolded=len(result.plan.warnings),
-            params_before=result.params_before,
-            params_after=result.params_after,
-            max_error=None if checked is None else checked["written_max"],
-            exact_error=None if checked is None else checked["exact_max"],
+        verification = None if result.verification is None else result.verification.to_dict()
+        figures = metadata.batch_figures(
+            result.plan.to_dict(), verification, result.params_before, result.params_after
         )
+        outcome.update(figures)
     outcome["peak_rss_mib"] = status_mib("VmHWM")
     return outcome
 
