@@ -102,7 +102,7 @@ def _crash_reason(returncode: int, stderr: str) -> tuple[str, str]:
 def run_entry(job: Job) -> dict[str, Any]:
     """Convert one entry in a fresh worker process; its outcome, whatever happened."""
     start = time.perf_counter()
-    outcome = (up_to_date(job) if job.resume else None) or _run_worker(job)
+    outcome = (up_to_date(job) if job.resume else None) or _convert_in_worker(job)
     outcome["seconds"] = round(time.perf_counter() - start, 3)
     return outcome
 
@@ -186,7 +186,7 @@ class _ForkedWorker:
         from repconv.batch import worker
 
         self._process = self.context().Process(
-            target=worker.run_forked,
+            target=worker.convert_job_forked,
             args=(job_text, str(result_file), str(stderr_file)),
             name="repconv-batch-worker",
         )
@@ -270,7 +270,7 @@ class _SpawnedWorker:
         self._process.wait()
 
 
-def _run_worker(job: Job, *, fork: bool | None = None) -> dict[str, Any]:
+def _convert_in_worker(job: Job, *, fork: bool | None = None) -> dict[str, Any]:
     output = Path(job.output)
     try:
         output.parent.mkdir(parents=True, exist_ok=True)
