@@ -38,7 +38,6 @@ from repconv.files import (
     write_atomically,
 )
 
-METADATA_FORMAT = "repconv.deploy/1"
 NESTED_KEYS = ("state_dict", "model", "model_state_dict", "model_ema", "state_dict_ema", "ema")
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 
@@ -279,23 +278,6 @@ def check_output_path(output: str | Path, *, inputs: tuple | list = ()) -> Path:
         raise BadInput(f"cannot write {output}: it is a directory")
     prove_writable(output)
     return output
-
-
-def metadata_json(meta: Mapping[str, str], field: str, path: str | Path, default: Any) -> Any:
-    """A JSON field of a deploy file's metadata (`default` if absent), or BadInput naming it.
-
-    A field whose default is a dict must hold a JSON object.
-    """
-    text = meta.get(field)
-    if not text:
-        return default
-    try:
-        value = json.loads(text)
-    except (json.JSONDecodeError, TypeError):
-        raise BadInput(f"{Path(path).name}: metadata {field!r} is not valid JSON") from None
-    if isinstance(default, dict) and not isinstance(value, dict):
-        raise BadInput(f"{Path(path).name}: metadata {field!r} is not a JSON object")
-    return value
 
 
 _SAFETENSORS_DTYPES = {

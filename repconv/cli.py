@@ -188,7 +188,7 @@ def _taken_options(opts: dict[str, Any]) -> ConvertOptions:
     return ConvertOptions(**values)
 
 
-def _run(as_json: bool, verbose: bool, body: Callable[[], int]) -> None:
+def run_command(as_json: bool, verbose: bool, body: Callable[[], int]) -> None:
     """Run a command body; map errors to exit codes and one-line messages.
 
     SIGTERM raises `Terminated` while the body runs, so it unwinds as Ctrl-C does: temp files
@@ -291,7 +291,7 @@ def convert(input_path: Path, output_path: Path, **opts: Any) -> None:
         out.print(f"wrote {written}" if written else "dry run: nothing written", markup=False)
         return code
 
-    _run(as_json, verbose, body)
+    run_command(as_json, verbose, body)
 
 
 @main.command()
@@ -339,7 +339,7 @@ def verify(train_path: Path, deploy_path: Path, **opts: Any) -> None:
             out.print(verification.failure_message(), markup=False)
         return code
 
-    _run(as_json, verbose, body)
+    run_command(as_json, verbose, body)
 
 
 @main.command()
@@ -367,7 +367,7 @@ def inspect(input_path: Path, **opts: Any) -> None:
         report.summary_line(out, plan, before, after)
         return EXIT_OK
 
-    _run(as_json, verbose, body)
+    run_command(as_json, verbose, body)
 
 
 @main.command()
@@ -452,7 +452,7 @@ def bench(input_path: Path, **opts: Any) -> None:
             report.bench_report(report.console(), result)
         return EXIT_OK
 
-    _run(as_json, verbose, body)
+    run_command(as_json, verbose, body)
 
 
 BATCH_EXAMPLES = """
@@ -544,7 +544,7 @@ def batch(config_path: Path, **opts: Any) -> None:
             summary.print_summary(report.console(), config, rows)
         return EXIT_OK if doc["ok"] else EXIT_FAILED
 
-    _run(as_json, verbose, body)
+    run_command(as_json, verbose, body)
 
 
 def _show_entries(config, as_json: bool) -> int:
@@ -611,7 +611,7 @@ def zoo_save(name: str, output_path: Path, randomize_bn: bool, seed: int, verbos
         report.console().print(f"wrote {output_path}", markup=False)
         return EXIT_OK
 
-    _run(False, verbose, body)
+    run_command(False, verbose, body)
 
 
 @main.command()
@@ -628,7 +628,7 @@ def demo(out_dir: Path, verbose: bool) -> None:
     """Build a small net with one block of each family, save, convert, verify, report."""
     from repconv.showcase import run_demo
 
-    _run(False, verbose, lambda: run_demo(out_dir, report.console()))
+    run_command(False, verbose, lambda: run_demo(out_dir, report.console()))
 
 
 if __name__ == "__main__":  # pragma: no cover

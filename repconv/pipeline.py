@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from repconv import __version__, arch, checkpoint, dtypes, engine
+from repconv import arch, checkpoint, dtypes, engine, metadata
 from repconv import verification as V
 from repconv.engine import Applied, Plan
 from repconv.errors import BadInput, VerificationFailed
@@ -152,25 +152,20 @@ def metadata_for(
     kwargs: Mapping[str, Any],
     sha: str,
     options: Mapping[str, Any] | None = None,
-) -> dict:
-    """A deploy file's metadata. The writer adds one key more, `tensors_sha256` (the sha256 of
-    the data section), since only it sees the bytes written: `write_checkpoint(...,
-    tensors_digest=True)`."""
-    return {
-        "format": checkpoint.METADATA_FORMAT,
-        "version": __version__,
-        "torch": torch.__version__,
-        "arch": spec or "",
-        "arch_kwargs": json.dumps(dict(kwargs), sort_keys=True),
-        "source_sha256": sha,
-        "plan": json.dumps(result.plan.to_dict()),
-        "verification": json.dumps(
-            None if result.verification is None else result.verification.to_dict()
-        ),
-        "options": json.dumps(dict(options or {}), sort_keys=True),
-        "params_before": str(result.params_before),
-        "params_after": str(result.params_after),
-    }
+) -> dict[str, str]:
+    """A deploy file's metadata (`metadata.build`); the writer adds `tensors_sha256`, since
+    only it sees the bytes written: `write_checkpoint(..., tensors_digest=True)`."""
+    return metadata.build(
+        torch_version=torch.__version__,
+        arch=spec,
+        arch_kwargs=kwargs,
+        source_sha256=sha,
+        plan=result.plan.to_dict(),
+        verification=None if result.verification is None else result.verification.to_dict(),
+        options=options,
+        params_before=result.params_before,
+        params_after=result.params_after,
+    )
 
 
 def convert_file(
@@ -235,7 +230,7 @@ def _deploy_structure(model: nn.Module, recorded_plan: Mapping[str, Any] | None 
 
 
 def recorded_architecture(
-    meta: Mapping[str, str], what: str, *, trust_metadata: bool = False
+    record: metadata.Recorded, what: str, *, trust_metadata: bool = False
 ) -> tuple[str | None, dict[str, Any]]:
     """The architecture a deploy file's metadata names, if it may be built without asking.
 
@@ -243,8 +238,8 @@ def recorded_architecture(
     kwargs from the file) would run code chosen by whoever wrote the file, so only built-in zoo
     names are taken unless the user said `trust_metadata` (`--trust-metadata`).
     """
-    spec = meta.get("arch") or None
-    kwargs = checkpoint.metadata_json(meta, "arch_kwargs", what, {}) if spec else {}
+    spec = record.arch
+    kwargs = _recorded_kwargs(record, what) if spec else {}
     if spec is None or trust_metadata or zoo.get_entry(spec) is not None:
         return spec, kwargs
     typed = f"--arch {shlex.quote(spec)}"
@@ -256,12 +251,26 @@ def recorded_architecture(
     )
 
 
-def _recorded_kwargs_for(spec: str | None, meta: Mapping[str, str], what: str) -> dict[str, Any]:
+def _recorded_kwargs(record: metadata.Recorded, what: str) -> dict[str, Any]:
+    try:
+        return record.arch_kwargs
+    except metadata.MetadataError as exc:
+        raise BadInput(f"{what}: {exc}") from None
+
+
+def _recorded_plan(record: metadata.Recorded, what: str) -> dict[str, Any] | None:
+    try:
+        return record.plan
+    except metadata.MetadataError as exc:
+        raise BadInput(f"{what}: {exc}") from None
+
+
+def _recorded_kwargs_for(spec: str | None, record: metadata.Recorded, what: str) -> dict[str, Any]:
     """The recorded `arch_kwargs` when `spec` is the recorded architecture; they mean nothing
     to another one."""
-    if spec is None or spec != meta.get("arch"):
+    if spec is None or spec != record.arch:
         return {}
-    return checkpoint.metadata_json(meta, "arch_kwargs", what, {})
+    return _recorded_kwargs(record, what)
 
 
 def load_deploy(
@@ -277,8 +286,8 @@ def load_deploy(
     metadata is used if it is a built-in zoo name, or any spec with `trust_metadata=True`.
     """
     state, meta = checkpoint.read_deploy(path)
-    what = Path(path).name
-    recorded_plan = checkpoint.metadata_json(meta, "plan", what, {})
+    record, what = metadata.read(meta), Path(path).name
+    recorded_plan = _recorded_plan(record, what)
     if isinstance(model_or_arch, nn.Module):
         model = model_or_arch.eval()
         _deploy_structure(model, recorded_plan)
@@ -287,12 +296,12 @@ def load_deploy(
         return model
     spec = model_or_arch
     if spec is None:
-        spec, recorded_kwargs = recorded_architecture(meta, what, trust_metadata=trust_metadata)
+        spec, recorded_kwargs = recorded_architecture(record, what, trust_metadata=trust_metadata)
         arch_kwargs = recorded_kwargs if arch_kwargs is None else arch_kwargs
     if not spec:
         raise BadInput(f"{what} records no architecture; pass one (--arch)")
     if arch_kwargs is None:
-        arch_kwargs = _recorded_kwargs_for(spec, meta, what)
+        arch_kwargs = _recorded_kwargs_for(spec, record, what)
     return arch.build_loaded(
         spec,
         arch_kwargs,
@@ -324,14 +333,14 @@ def verify_files(
     input_shape, samples, seed = options.input_shape, options.samples, options.seed
     trust_pickle, atol, rtol = options.trust_pickle, options.atol, options.rtol
     state, meta = checkpoint.read_deploy(deploy_path)
-    what = Path(deploy_path).name
+    record, what = metadata.read(meta), Path(deploy_path).name
     loaded = checkpoint.read_checkpoint(train_path, key=key, trust_pickle=trust_pickle)
     spec = arch_spec
     if spec is None and loaded.module is None:
-        spec, recorded_kwargs = recorded_architecture(meta, what, trust_metadata=trust_metadata)
+        spec, recorded_kwargs = recorded_architecture(record, what, trust_metadata=trust_metadata)
         arch_kwargs = recorded_kwargs if arch_kwargs is None else arch_kwargs
     if arch_kwargs is None:
-        arch_kwargs = _recorded_kwargs_for(spec, meta, what)
+        arch_kwargs = _recorded_kwargs_for(spec, record, what)
     model = _load_model(loaded, spec, arch_kwargs)
     loaded.state_dict = None  # the model holds what it needs
     shape = list(input_shape) if input_shape else list(arch.default_input_shape(model))
@@ -359,7 +368,7 @@ def verify_files(
         tensors=tensors,
         **V.written_tolerances(file_dtypes, atol, rtol),
     )
-    return verification, _verify_notes(meta, loaded.sha256, applied, what)
+    return verification, _verify_notes(record, loaded.sha256, applied, what)
 
 
 def _load_in_float64(model: nn.Module, state: Mapping[str, Tensor]) -> None:
@@ -369,24 +378,25 @@ def _load_in_float64(model: nn.Module, state: Mapping[str, Tensor]) -> None:
 
 
 def _verify_notes(
-    meta: Mapping[str, str], source_sha: str, applied: Applied, what: str
+    record: metadata.Recorded, source_sha: str, applied: Applied, what: str
 ) -> dict[str, str]:
     notes = {}
-    recorded = meta.get("source_sha256")
+    recorded = record.source_sha256
     if recorded and recorded != source_sha:
         notes["source"] = "the deploy file records a different source checkpoint (sha256 differs)"
-    plan_note = _recorded_plan_note(meta.get("plan"), applied.plan, what)
+    plan_note = _recorded_plan_note(record, applied.plan, what)
     if plan_note:
         notes["plan"] = plan_note
     return notes
 
 
-def _recorded_plan_note(text: str | None, plan: Plan, what: str) -> str | None:
+def _recorded_plan_note(record: metadata.Recorded, plan: Plan, what: str) -> str | None:
     """A note when the blocks (path, rule) the file records are not the recomputed ones."""
-    if not text:
-        return None
     try:
-        recorded = {(b["path"], b["rule"]) for b in json.loads(text)["blocks"]}
+        recorded_plan = record.plan
+        if recorded_plan is None:
+            return None
+        recorded = {(b["path"], b["rule"]) for b in recorded_plan["blocks"]}
     except (ValueError, TypeError, KeyError):
         # Only a note depends on it; the tensors themselves are checked either way.
         return f"{what}'s recorded plan is not readable"

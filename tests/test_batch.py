@@ -17,7 +17,7 @@ from click.testing import CliRunner
 
 from repconv import load_deploy
 from repconv.batch import Job, load_config, summary
-from repconv.batch.task import _crash_reason, _run_worker, up_to_date
+from repconv.batch.task import _convert_in_worker, _crash_reason, up_to_date
 from repconv.checkpoint import file_sha256, read_checkpoint, read_deploy, write_checkpoint
 from repconv.cli import main
 from repconv.files import TENSORS_DIGEST_KEY, read_safetensors_metadata
@@ -548,7 +548,7 @@ def test_forked_and_spawned_workers_write_the_same_file(zoo_dir, tmp_path):
     job = load_config(config).jobs[0]
     outputs = []
     for fork in (True, False):
-        outcome = _run_worker(job, fork=fork)
+        outcome = _convert_in_worker(job, fork=fork)
         assert outcome["status"] == "converted", outcome
         outputs.append(Path(job.output).read_bytes())
         Path(job.output).unlink()
@@ -589,7 +589,7 @@ def test_biggest_checkpoints_are_submitted_first_and_rows_keep_config_order(tmp_
             return future
 
     executor = Recorder()
-    rows = runner.run(jobs, executor)
+    rows = runner.run_jobs(jobs, executor)
     assert executor.order == ["big", "middle", "small", "missing"]
     assert [row["name"] for row in rows] == list(sizes)
 

@@ -163,7 +163,7 @@ def test_the_cli_restores_the_sigterm_handler_and_maps_terminated(capsys):
         raise Terminated()
 
     with pytest.raises(SystemExit) as exited:
-        cli._run(False, False, body)
+        cli.run_command(False, False, body)
     assert exited.value.code == 143
     assert capsys.readouterr().err.strip() == "error: terminated"
     assert during[0] not in (before, signal.SIG_DFL)
@@ -234,8 +234,8 @@ def test_a_spawned_worker_dies_with_its_parent(ckpts, tmp_path):
     config = slow_batch(tmp_path, ckpts)
     driver = (
         "import sys; from repconv.batch import load_config; "
-        "from repconv.batch.task import _run_worker; "
-        "_run_worker(load_config(sys.argv[1]).jobs[0], fork=False)"
+        "from repconv.batch.task import _convert_in_worker; "
+        "_convert_in_worker(load_config(sys.argv[1]).jobs[0], fork=False)"
     )
     parent = start(["-c", driver, config], tmp_path, start_new_session=True)
 

@@ -11,7 +11,7 @@ from typing import Any
 
 from repconv.batch.config import BatchConfig, ConfigError, Job, load_config
 from repconv.batch.executors import is_local, local_cores, open_executor, threads_per_worker
-from repconv.batch.runner import Watcher, run
+from repconv.batch.runner import Watcher, run_jobs
 
 __all__ = ["BatchConfig", "ConfigError", "Job", "load_config", "run_batch"]
 
@@ -33,5 +33,5 @@ def run_batch(
         if is_local(executor) and job.threads is None:
             job.threads = threads_per_worker(jobs)
     with open_executor(executor, jobs) as pool:
-        rows = run(config.jobs, pool, watcher)
+        rows = run_jobs(config.jobs, pool, watcher)
     return config, rows

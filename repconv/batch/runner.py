@@ -53,7 +53,7 @@ def _largest_first(jobs: Sequence[Job]) -> list[int]:
     return sorted(range(len(jobs)), key=lambda i: (-size(i), i))
 
 
-def run(jobs: Sequence[Job], executor: Executor, watcher: Watcher | None = None) -> list[dict]:
+def run_jobs(jobs: Sequence[Job], executor: Executor, watcher: Watcher | None = None) -> list[dict]:
     """Every job's row, in the order of `jobs`, however the executor ordered the work.
 
     Interrupted (Ctrl-C, or SIGTERM turned into an exception by the CLI), it cancels the

@@ -22,6 +22,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
 
+from repconv import metadata
 from repconv.batch.config import Job
 from repconv.batch.executors import local_cores
 from repconv.files import check_tensors_digest, file_sha256, read_safetensors_metadata
@@ -46,37 +47,23 @@ def up_to_date(job: Job) -> dict[str, Any] | None:
     if output.suffix.lower() != ".safetensors" or not output.is_file():
         return None
     try:
-        meta = read_safetensors_metadata(output)
-        recorded = json.loads(meta.get("options") or "null")
-    except (ValueError, OSError):
-        return None
-    wanted = recorded_options(job.options)
-    if recorded != wanted:
-        return None
-    try:
-        if meta.get("source_sha256") != file_sha256(job.input):
+        record = metadata.read(read_safetensors_metadata(output))
+        if record.options != recorded_options(job.options):
+            return None
+        if record.source_sha256 != file_sha256(job.input):
             return None
         # The header can be intact while the tensors are not (a cut-off copy, a changed byte).
         check_tensors_digest(output)
     except (ValueError, OSError):
         return None
-    return {"status": "up to date", "failure": None, "reason": None, **_recorded_results(meta)}
+    return {"status": "up to date", "failure": None, "reason": None, **_recorded_results(record)}
 
 
-def _recorded_results(meta: dict[str, str]) -> dict[str, Any]:
+def _recorded_results(record: metadata.Recorded) -> dict[str, Any]:
     """What the earlier conversion recorded, so an up-to-date row still says what it holds."""
     try:
-        plan = json.loads(meta.get("plan") or "{}")
-        checked = json.loads(meta.get("verification") or "null") or {}
-        return {
-            "fused_by_rule": plan.get("fused_by_rule"),
-            "unfolded": len(plan.get("warnings", [])),
-            "params_before": int(meta["params_before"]),
-            "params_after": int(meta["params_after"]),
-            "max_error": checked.get("written_max"),
-            "exact_error": checked.get("exact_max"),
-        }
-    except (ValueError, KeyError, TypeError, AttributeError):
+        return metadata.batch_figures(record.plan or {}, record.verification, *record.params)
+    except (ValueError, TypeError, AttributeError):
         return {}
 
 
@@ -115,7 +102,7 @@ def _crash_reason(returncode: int, stderr: str) -> tuple[str, str]:
 def run_entry(job: Job) -> dict[str, Any]:
     """Convert one entry in a fresh worker process; its outcome, whatever happened."""
     start = time.perf_counter()
-    outcome = (up_to_date(job) if job.resume else None) or _run_worker(job)
+    outcome = (up_to_date(job) if job.resume else None) or _convert_in_worker(job)
     outcome["seconds"] = round(time.perf_counter() - start, 3)
     return outcome
 
@@ -199,7 +186,7 @@ class _ForkedWorker:
         from repconv.batch import worker
 
         self._process = self.context().Process(
-            target=worker.run_forked,
+            target=worker.convert_job_forked,
             args=(job_text, str(result_file), str(stderr_file)),
             name="repconv-batch-worker",
         )
@@ -283,7 +270,7 @@ class _SpawnedWorker:
         self._process.wait()
 
 
-def _run_worker(job: Job, *, fork: bool | None = None) -> dict[str, Any]:
+def _convert_in_worker(job: Job, *, fork: bool | None = None) -> dict[str, Any]:
     output = Path(job.output)
     try:
         output.parent.mkdir(parents=True, exist_ok=True)

@@ -1,7 +1,7 @@
 """One batch entry, converted in a process of its own.
 
-The process is forked from a server that has already imported torch (`run_forked`), or, where
-that is not possible, started as `python -m repconv.batch.worker RESULT [PARENT_PID]` with the
+The process is forked from a server that has already imported torch (`convert_job_forked`), or,
+where that is not possible, started as `python -m repconv.batch.worker RESULT [PARENT_PID]` with the
 job as JSON on stdin. Either way the outcome is written as JSON to RESULT. A process per entry is
 the isolation unit: whatever happens here (an exception, memory exhaustion, a kill on timeout)
 ends this process only, and the batch goes on. The batch ending, however, ends this process
@@ -21,6 +21,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
+from repconv import metadata
 from repconv.errors import BadInput, VerificationFailed
 from repconv.files import write_text_atomically
 
@@ -137,35 +138,32 @@ def convert_job(job) -> dict[str, Any]:
         if job.memory_limit:
             _limit_memory(None)
     if result is not None:
-        checked = None if result.verification is None else result.verification.to_dict()
-        outcome.update(
-            fused_by_rule=result.plan.fused_by_rule(),
-            unfolded=len(result.plan.warnings),
-            params_before=result.params_before,
-            params_after=result.params_after,
-            max_error=None if checked is None else checked["written_max"],
-            exact_error=None if checked is None else checked["exact_max"],
+        verification = None if result.verification is None else result.verification.to_dict()
+        figures = metadata.batch_figures(
+            result.plan.to_dict(), verification, result.params_before, result.params_after
         )
+        outcome.update(figures)
     outcome["peak_rss_mib"] = status_mib("VmHWM")
     return outcome
 
 
-def run(job_text: str, result_path: str) -> None:
+def convert_job_to_file(job_text: str, result_path: str) -> None:
     """Convert the job given as JSON; write its outcome as JSON to `result_path`, atomically."""
     from repconv.batch.config import Job
 
     write_text_atomically(result_path, json.dumps(convert_job(Job.from_json(job_text))))
 
 
-def run_forked(job_text: str, result_path: str, stderr_path: str) -> None:
-    """Entry point of a worker forked from the preloaded server: its own stderr, then `run`."""
+def convert_job_forked(job_text: str, result_path: str, stderr_path: str) -> None:
+    """Entry point of a worker forked from the preloaded server: its own stderr, then
+    `convert_job_to_file`."""
     # If the preload failed this module was imported here; the parent is then read at once.
     die_with_parent(_IMPORTED_BY if os.getpid() != _IMPORTED_BY else os.getppid())
     _die_with_batch()
     with open(stderr_path, "w") as stderr, open(os.devnull, "w") as devnull:
         os.dup2(stderr.fileno(), 2)
         os.dup2(devnull.fileno(), 1)
-    run(job_text, result_path)
+    convert_job_to_file(job_text, result_path)
 
 
 def main(argv: list[str]) -> int:
@@ -174,7 +172,7 @@ def main(argv: list[str]) -> int:
         return 2
     if len(argv) == 2:
         die_with_parent(int(argv[1]))
-    run(sys.stdin.read(), argv[0])
+    convert_job_to_file(sys.stdin.read(), argv[0])
     return 0
 
 

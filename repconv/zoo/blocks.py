@@ -51,16 +51,8 @@ class ConvBN(nn.Module):
     ):
         super().__init__()
         self.nonlinear = nn.Identity() if nonlinear is None else nonlinear
-        self.conv = nn.Conv2d(
-            in_channels,
-            out_channels,
-            kernel_size,
-            stride=stride,
-            padding=padding,
-            dilation=dilation,
-            groups=groups,
-            bias=deploy,
-        )
+        geometry = dict(stride=stride, padding=padding, dilation=dilation, groups=groups)
+        self.conv = nn.Conv2d(in_channels, out_channels, kernel_size, bias=deploy, **geometry)
         if not deploy:
             self.bn = nn.BatchNorm2d(out_channels)
 
@@ -81,21 +73,12 @@ def conv_bn(
     padding_mode: str = "zeros",
 ) -> nn.Sequential:
     """RepVGG/DBB's `conv_bn`: an nn.Sequential with children `conv` (no bias) and `bn`."""
+    geometry = dict(stride=stride, padding=padding, dilation=dilation, groups=groups)
     result = nn.Sequential()
-    result.add_module(
-        "conv",
-        nn.Conv2d(
-            in_channels,
-            out_channels,
-            kernel_size,
-            stride=stride,
-            padding=padding,
-            dilation=dilation,
-            groups=groups,
-            bias=False,
-            padding_mode=padding_mode,
-        ),
+    conv = nn.Conv2d(
+        in_channels, out_channels, kernel_size, bias=False, padding_mode=padding_mode, **geometry
     )
+    result.add_module("conv", conv)
     result.add_module("bn", nn.BatchNorm2d(out_channels))
     return result
 
@@ -146,32 +129,22 @@ class RepVGGBlock(nn.Module):
             self.se = SEBlock(out_channels, internal_neurons=out_channels // 16)
         else:
             self.se = nn.Identity()
+        geometry = dict(stride=stride, padding=padding, dilation=dilation, groups=groups)
         if deploy:
             self.rbr_reparam = nn.Conv2d(
                 in_channels,
                 out_channels,
                 kernel_size,
-                stride=stride,
-                padding=padding,
-                dilation=dilation,
-                groups=groups,
                 bias=True,
                 padding_mode=padding_mode,
+                **geometry,
             )
         else:
             self.rbr_identity = (
                 nn.BatchNorm2d(in_channels) if out_channels == in_channels and stride == 1 else None
             )
             # As in the release, the train-time branches always pad with zeros.
-            self.rbr_dense = conv_bn(
-                in_channels,
-                out_channels,
-                kernel_size,
-                stride=stride,
-                padding=padding,
-                dilation=dilation,
-                groups=groups,
-            )
+            self.rbr_dense = conv_bn(in_channels, out_channels, kernel_size, **geometry)
             self.rbr_1x1 = conv_bn(
                 in_channels, out_channels, 1, stride=stride, padding=padding_11, groups=groups
             )
@@ -325,6 +298,50 @@ class IdentityBasedConv1x1(nn.Conv2d):
         )
 
 
+def _dbb_avg_branch(
+    in_channels: int, out_channels: int, kernel_size: int, stride, padding: int, groups: int
+) -> nn.Sequential:
+    """`dbb_avg`: 1x1 conv, BN-and-pad, avg-pool, BN; without the 1x1 conv when depthwise."""
+    branch = nn.Sequential()
+    if groups < out_channels:
+        conv = nn.Conv2d(
+            in_channels, out_channels, 1, stride=1, padding=0, groups=groups, bias=False
+        )
+        branch.add_module("conv", conv)
+        branch.add_module("bn", BNAndPadLayer(pad_pixels=padding, num_features=out_channels))
+        branch.add_module("avg", nn.AvgPool2d(kernel_size, stride=stride, padding=0))
+    else:
+        branch.add_module("avg", nn.AvgPool2d(kernel_size, stride=stride, padding=padding))
+    branch.add_module("avgbn", nn.BatchNorm2d(out_channels))
+    return branch
+
+
+def _dbb_1x1_kxk_branch(
+    in_channels: int,
+    internal: int,
+    out_channels: int,
+    kernel_size: int,
+    stride,
+    padding: int,
+    groups: int,
+) -> nn.Sequential:
+    """`dbb_1x1_kxk`: a 1x1 conv (identity-based when it keeps the width), BN-and-pad, kxk conv
+    without padding, BN."""
+    branch = nn.Sequential()
+    if internal == in_channels:
+        branch.add_module("idconv1", IdentityBasedConv1x1(in_channels, groups))
+    else:
+        conv1 = nn.Conv2d(in_channels, internal, 1, stride=1, padding=0, groups=groups, bias=False)
+        branch.add_module("conv1", conv1)
+    branch.add_module("bn1", BNAndPadLayer(pad_pixels=padding, num_features=internal, affine=True))
+    conv2 = nn.Conv2d(
+        internal, out_channels, kernel_size, stride=stride, padding=0, groups=groups, bias=False
+    )
+    branch.add_module("conv2", conv2)
+    branch.add_module("bn2", nn.BatchNorm2d(out_channels))
+    return branch
+
+
 class DiverseBranchBlock(nn.Module):
     """DBB release's block: kxk, 1x1, 1x1 -> avg-pool and 1x1 -> kxk branches, summed."""
 
@@ -348,78 +365,27 @@ class DiverseBranchBlock(nn.Module):
         self.out_channels = out_channels
         self.groups = groups
         assert padding == kernel_size // 2
-
+        geometry = dict(stride=stride, padding=padding, dilation=dilation, groups=groups)
         if deploy:
             self.dbb_reparam = nn.Conv2d(
-                in_channels,
-                out_channels,
-                kernel_size,
-                stride=stride,
-                padding=padding,
-                dilation=dilation,
-                groups=groups,
-                bias=True,
+                in_channels, out_channels, kernel_size, bias=True, **geometry
             )
             return
-
-        self.dbb_origin = conv_bn(
-            in_channels,
-            out_channels,
-            kernel_size,
-            stride=stride,
-            padding=padding,
-            dilation=dilation,
-            groups=groups,
-        )
+        self.dbb_origin = conv_bn(in_channels, out_channels, kernel_size, **geometry)
         # Registration order follows the release, so state-dict key order matches too.
-        self.dbb_avg = nn.Sequential()
+        self.dbb_avg = _dbb_avg_branch(
+            in_channels, out_channels, kernel_size, stride, padding, groups
+        )
         if groups < out_channels:
-            self.dbb_avg.add_module(
-                "conv",
-                nn.Conv2d(
-                    in_channels, out_channels, 1, stride=1, padding=0, groups=groups, bias=False
-                ),
-            )
-            self.dbb_avg.add_module(
-                "bn", BNAndPadLayer(pad_pixels=padding, num_features=out_channels)
-            )
-            self.dbb_avg.add_module("avg", nn.AvgPool2d(kernel_size, stride=stride, padding=0))
             self.dbb_1x1 = conv_bn(
                 in_channels, out_channels, 1, stride=stride, padding=0, groups=groups
             )
-        else:
-            self.dbb_avg.add_module(
-                "avg", nn.AvgPool2d(kernel_size, stride=stride, padding=padding)
-            )
-        self.dbb_avg.add_module("avgbn", nn.BatchNorm2d(out_channels))
-
         internal = internal_channels_1x1_3x3
         if internal is None:
             internal = in_channels if groups < out_channels else 2 * in_channels
-        self.dbb_1x1_kxk = nn.Sequential()
-        if internal == in_channels:
-            self.dbb_1x1_kxk.add_module("idconv1", IdentityBasedConv1x1(in_channels, groups))
-        else:
-            self.dbb_1x1_kxk.add_module(
-                "conv1",
-                nn.Conv2d(in_channels, internal, 1, stride=1, padding=0, groups=groups, bias=False),
-            )
-        self.dbb_1x1_kxk.add_module(
-            "bn1", BNAndPadLayer(pad_pixels=padding, num_features=internal, affine=True)
+        self.dbb_1x1_kxk = _dbb_1x1_kxk_branch(
+            in_channels, internal, out_channels, kernel_size, stride, padding, groups
         )
-        self.dbb_1x1_kxk.add_module(
-            "conv2",
-            nn.Conv2d(
-                internal,
-                out_channels,
-                kernel_size,
-                stride=stride,
-                padding=0,
-                groups=groups,
-                bias=False,
-            ),
-        )
-        self.dbb_1x1_kxk.add_module("bn2", nn.BatchNorm2d(out_channels))
 
     def forward(self, inputs: Tensor) -> Tensor:
         if hasattr(self, "dbb_reparam"):
