@@ -391,7 +391,10 @@ def leftover_norm_warnings(model: nn.Module) -> list[dict[str, str]]:
     warnings = []
     for path, module in model.named_modules():
         if is_norm_like(module):
-            reason = norm_problem(module) or "its input is not a conv output used only by it"
+            reason = (
+                norm_problem(module, with_act=True)
+                or "its input is not a conv output used only by it"
+            )
             warnings.append({"path": path, "message": f"norm left in place: {reason}"})
     return warnings
 

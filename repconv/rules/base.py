@@ -8,6 +8,7 @@ fused conv that replaces a block.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
@@ -168,21 +169,95 @@ def is_frozen_norm(module: Any) -> bool:
     )
 
 
-def norm_problem(module: Any) -> str | None:
-    """Why this batch-norm-like module cannot be folded, or None if it can."""
+def norm_problem(module: Any, *, with_act: bool = False) -> str | None:
+    """Why this batch-norm-like module cannot be folded, or None if it can.
+
+    `with_act`: a norm-plus-activation module (`is_norm_act`) counts as foldable; only the
+    conv -> BN pass may say so, as it alone keeps the `drop` and `act` that follow the norm.
+    """
     if is_frozen_norm(module):
         return None
     if not isinstance(module, _BatchNorm):
         return "not a batch norm"
-    if type(module).forward not in _PLAIN_NORM_FORWARDS:
+    plain = type(module).forward in _PLAIN_NORM_FORWARDS
+    if not plain and not (with_act and is_norm_act(module)):
         return f"{type(module).__name__} overrides forward (adds behaviour to batch norm)"
     if not module.track_running_stats or module.running_var is None:
         return "uses batch statistics even in eval (track_running_stats=False)"
     return None
 
 
-def is_foldable_norm(module: Any) -> bool:
-    return norm_problem(module) is None
+def is_foldable_norm(module: Any, *, with_act: bool = False) -> bool:
+    return norm_problem(module, with_act=with_act) is None
+
+
+_NORM_ACT_CHILDREN = {"drop", "act"}
+_BN_PARAMETERS = {"weight", "bias"}
+_BN_BUFFERS = {"running_mean", "running_var", "num_batches_tracked"}
+_PROBE_SHAPES = {nn.BatchNorm1d: (2, -1, 3), nn.BatchNorm3d: (2, -1, 2, 2, 2)}
+
+
+def is_norm_act(module: Any) -> bool:
+    """A norm-plus-activation module (timm's BatchNormAct2d and kin): a batch norm subclass whose
+    only children are `drop` and `act`, with no tensor of its own beyond batch norm's, and whose
+    forward computes exactly `act(drop(batch_norm(x)))` in eval mode.
+
+    Any other override of forward is refused. The forward is judged on a surrogate (a copy
+    holding synthetic statistics), never on the module's own tensors, so the answer is the same
+    for a model on the meta device (load_deploy's rebuild) as for the trained one.
+    """
+    if not isinstance(module, _BatchNorm) or type(module).forward in _PLAIN_NORM_FORWARDS:
+        return False
+    if set(module._modules) != _NORM_ACT_CHILDREN or None in module._modules.values():
+        return False
+    if not (set(module._parameters) <= _BN_PARAMETERS and set(module._buffers) <= _BN_BUFFERS):
+        return False
+    if not module.track_running_stats or module.running_var is None:
+        return False
+    try:
+        with torch.device("cpu"):  # the probe's tensors are real even inside a meta build
+            return _computes_norm_then_act(module)
+    except Exception:  # a forward that cannot run on the surrogate is not the norm-act shape
+        return False
+
+
+def _computes_norm_then_act(module: nn.Module) -> bool:
+    surrogate = copy.deepcopy(module).to_empty(device="cpu").to(torch.float64).eval()
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, tensor in [*surrogate.named_parameters(), *surrogate.named_buffers()]:
+            if tensor.is_floating_point():
+                low = -1.0 if name.endswith(("running_mean", "bias")) else 0.5
+                tensor.copy_(torch.rand(tensor.shape, generator=generator) + low)
+        shape = next((s for c, s in _PROBE_SHAPES.items() if isinstance(module, c)), (2, -1, 3, 3))
+        width = surrogate.running_mean.numel()
+        x = torch.randn(tuple(width if n == -1 else n for n in shape), generator=generator)
+        x = x.to(torch.float64)
+        expected = surrogate.act(surrogate.drop(_plain_batch_norm(surrogate, x.clone())))
+        got = surrogate(x.clone())
+    scale = float(expected.abs().max()) or 1.0
+    return got.shape == expected.shape and float((got - expected).abs().max()) <= 1e-12 * scale
+
+
+def _plain_batch_norm(norm: Any, x: torch.Tensor) -> torch.Tensor:
+    weight = norm.weight if norm.affine else None
+    bias = norm.bias if norm.affine else None
+    return nn.functional.batch_norm(
+        x, norm.running_mean, norm.running_var, weight, bias, False, 0.0, norm.eps
+    )
+
+
+class NormActTail(nn.Module):
+    """What a norm-plus-activation module becomes once its norm is folded into the conv before
+    it: its own `drop` and `act`, applied in that order (their keys keep their names)."""
+
+    def __init__(self, drop: nn.Module, act: nn.Module):
+        super().__init__()
+        self.drop = drop
+        self.act = act
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.drop(x))
 
 
 def is_norm_like(module: Any) -> bool:
@@ -190,9 +265,9 @@ def is_norm_like(module: Any) -> bool:
     return isinstance(module, _BatchNorm) or is_frozen_norm(module)
 
 
-def norm_stats(norm: nn.Module) -> NormStats:
+def norm_stats(norm: nn.Module, *, with_act: bool = False) -> NormStats:
     """The eval-mode statistics of a foldable norm, checked for values no trained model has."""
-    problem = norm_problem(norm)
+    problem = norm_problem(norm, with_act=with_act)
     if problem:
         raise NotFusable(problem)
     mean, var = norm.running_mean, norm.running_var

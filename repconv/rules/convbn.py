@@ -4,7 +4,8 @@ Unlike the block families this is found by data flow, never by declaration order
 nn.Sequential by adjacency, elsewhere only where torch.fx proves the norm's sole input is the conv's
 output and the conv's output goes nowhere else. A conv or norm reachable at two paths, or called
 twice, is never folded. Deploy form: the conv (or linear) gains a bias; the norm becomes
-nn.Identity, so its state-dict keys disappear.
+nn.Identity, so its state-dict keys disappear. A norm-plus-activation module (timm's
+BatchNormAct2d and kin, see `base.is_norm_act`) becomes a NormActTail: its drop and act stay.
 """
 
 from __future__ import annotations
@@ -19,9 +20,11 @@ from torch import nn
 
 from repconv import kernels as K
 from repconv.rules.base import (
+    NormActTail,
     Pass,
     Step,
     is_foldable_norm,
+    is_norm_act,
     is_norm_like,
     is_plain_conv,
     norm_stats,
@@ -30,7 +33,7 @@ from repconv.rules.base import (
 
 NAME = "conv_bn"
 SUMMARY = "Conv1d/2d/3d -> BatchNorm (or Linear -> BatchNorm1d) whose output feeds only the norm"
-DEPLOY_FORM = "the conv gains a bias; the norm becomes Identity"
+DEPLOY_FORM = "the conv gains a bias; the norm becomes Identity (a norm-act: its drop + act)"
 
 
 @dataclass(frozen=True)
@@ -45,7 +48,7 @@ def _is_linear(module: nn.Module) -> bool:
 
 
 def _fits(conv: nn.Module, norm: nn.Module) -> bool:
-    if not is_foldable_norm(norm):
+    if not is_foldable_norm(norm, with_act=True):
         return False
     width = norm.running_mean.numel()
     if is_plain_conv(conv):
@@ -129,16 +132,18 @@ def _search(module: nn.Module, prefix: str, opaque: AbstractSet[int]) -> list[Pa
 
 
 def fuse_pair(model: nn.Module, pair: Pair) -> tuple[int, ...]:
-    """Fold the norm into the conv in place; the norm's slot becomes nn.Identity."""
+    """Fold the norm into the conv in place; the norm's slot becomes nn.Identity (a norm-act
+    module's becomes a NormActTail holding its own drop and act)."""
     conv = model.get_submodule(pair.conv_path)
     norm = model.get_submodule(pair.norm_path)
-    folded = K.fold_bn(K.as_branch(conv.weight, conv.bias), norm_stats(norm))
+    folded = K.fold_bn(K.as_branch(conv.weight, conv.bias), norm_stats(norm, with_act=True))
     fused = K.add([folded], dtype=conv.weight.dtype)
     trainable = conv.weight.requires_grad
     conv.weight = nn.Parameter(fused.kernel, requires_grad=trainable)
     conv.bias = nn.Parameter(fused.bias, requires_grad=trainable)
     parent_path, _, name = pair.norm_path.rpartition(".")
-    setattr(model.get_submodule(parent_path), name, nn.Identity())
+    rest = NormActTail(norm.drop, norm.act) if is_norm_act(norm) else nn.Identity()
+    setattr(model.get_submodule(parent_path), name, rest)
     return tuple(fused.kernel.shape)
 
 
