@@ -11,7 +11,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import sys
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -233,3 +233,63 @@ def default_input_shape(model: nn.Module) -> tuple[int, ...]:
         if isinstance(module, nn.Linear):
             return (module.in_features,)
     raise BadInput("cannot guess the model's input shape; pass --input-shape, e.g. 3,224,224")
+
+
+def first_layer(model: nn.Module) -> tuple[str, nn.Module] | None:
+    """The first conv or linear layer in the model's registration order, with its path.
+
+    Registration order is the order of `forward` in nearly every model; it is only used to read
+    an input shape and to explain a rejected one, never to judge a conversion.
+    """
+    for path, module in model.named_modules():
+        if isinstance(module, (nn.modules.conv._ConvNd, nn.Linear)):
+            return path, module
+    return None
+
+
+def input_shape_for(model: nn.Module, given: Sequence[int] | None) -> list[int]:
+    """The input shape without batch that the workflows use, from `--input-shape` or the model.
+
+    `given` may be C,H,W or N,C,H,W (ONNX's and trtexec's form). The first conv decides: a
+    shape with one more size than the conv's C + spatial dims is read as N,C,...; N is then
+    dropped, since verification runs `--samples` inputs of batch 1 and bench has its own
+    `--batch-sizes`. With no conv first (a linear or nothing), the shape is taken as written.
+    """
+    if not given:
+        return list(default_input_shape(model))
+    shape = list(given)
+    found = first_layer(model)
+    layer = found[1] if found is not None else None
+    is_conv = isinstance(layer, nn.modules.conv._ConvNd)
+    if is_conv and len(shape) == len(layer.kernel_size) + 2:
+        return shape[1:]
+    return shape
+
+
+def rejected_input(model: nn.Module, shape: Sequence[int], error: str, given: bool) -> str:
+    """Why the model could not run on inputs of `shape` (batch included), in one line.
+
+    Names the shape the first layer expects when that explains it; suggests --input-shape
+    only to a user who did not set it.
+    """
+    shape = list(shape)
+    suggestion = "" if given else " (set --input-shape, e.g. 3,224,224)"
+    found = first_layer(model)
+    if found is not None:
+        path, layer = found
+        where = path or "(root)"
+        if isinstance(layer, nn.modules.conv._ConvNd):
+            want, dims = layer.in_channels, len(layer.kernel_size)
+            spatial = {1: "L", 2: "H, W", 3: "D, H, W"}.get(dims, "...")
+            if len(shape) != dims + 2 or shape[1] != want:
+                return (
+                    f"the model expects {want} input channels as [N, {want}, {spatial}] "
+                    f"(first conv {where}), got input shape {shape}{suggestion}"
+                )
+        elif not shape or shape[-1] != layer.in_features:
+            want = layer.in_features
+            return (
+                f"the model expects {want} input features as [..., {want}] "
+                f"(first linear {where}), got input shape {shape}{suggestion}"
+            )
+    return f"the model cannot run on inputs of shape {shape}: {error}{suggestion}"

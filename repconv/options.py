@@ -222,8 +222,8 @@ class ConvertOptions:
         None,
         "shape",
         "check",
-        "Input shape without batch (default: the model's own, else C,224,224).",
-        metavar="C,H,W",
+        "Input shape, C,H,W or N,C,H,W (N is not used; default: the model's own, else C,224,224).",
+        metavar="[N,]C,H,W",
     )
     samples: int = _option(
         2, "integer", "check", "Number of random inputs compared.", minimum=1, maximum=MAX_SAMPLES

@@ -102,9 +102,10 @@ def _reference(
     dtype: torch.dtype,
 ) -> V.Reference:
     """Hold the model in the verification dtype and take its outputs before anything is fused."""
-    shape = list(input_shape) if input_shape else list(arch.default_input_shape(model))
+    shape = arch.input_shape_for(model, input_shape)
     dtypes.hold_all_in(model, dtype)
-    return V.take_reference(model, shape, samples, seed, dtype, [s.path for s in plan.entries])
+    paths = [s.path for s in plan.entries]
+    return V.take_reference(model, shape, samples, seed, dtype, paths, bool(input_shape))
 
 
 def _figures(
@@ -343,12 +344,14 @@ def verify_files(
         arch_kwargs = _recorded_kwargs_for(spec, record, what)
     model = _load_model(loaded, spec, arch_kwargs)
     loaded.state_dict = None  # the model holds what it needs
-    shape = list(input_shape) if input_shape else list(arch.default_input_shape(model))
+    shape = arch.input_shape_for(model, input_shape)
     if samples < 1:
         raise BadInput("--samples must be at least 1")
     # As `convert` does by default: the whole model in float64, references before the rewrite.
     dtypes.hold_all_in(model, torch.float64)
-    reference = V.take_reference(model, shape, samples, seed, torch.float64)
+    reference = V.take_reference(
+        model, shape, samples, seed, torch.float64, shape_given=bool(input_shape)
+    )
     applied = engine.convert_model(model)
     tensors = V.compare_tensors(model.state_dict(), state)
     written = None
@@ -471,6 +474,10 @@ def bench_file(
     else:
         deploy = arch.build_loaded(arch_spec, kwargs, loaded.state_dict, what=loaded.path.name)
         engine.convert_model(deploy)
-    shape = list(input_shape) if input_shape else list(arch.default_input_shape(train))
+    shape = arch.input_shape_for(train, input_shape)
+    # One batch-1 pass first, so an input the model rejects is reported as verification does.
+    dtype = next((p.dtype for p in train.parameters()), torch.float32)
+    V.check_inputs_fit(shape, 2 * max(batch_sizes, default=1), dtype)  # as bench.compare does
+    V.reference_outputs(train, [torch.zeros((1, *shape), dtype=dtype)], shape, bool(input_shape))
     with V.reporting_out_of_memory(shape):
         return bench.compare(train, deploy, shape, batch_sizes, runs, warmup)

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor, nn
 
+from repconv.arch import rejected_input
 from repconv.errors import BadInput
 from repconv.options import EXACT_LIMIT as EXACT_LIMIT  # its one definition is there
 
@@ -225,16 +226,20 @@ def _first_line(exc: BaseException) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
-def reference_outputs(model: nn.Module, inputs: Sequence[Tensor], shape: Sequence[int]) -> list:
-    """The train model's outputs; a model that cannot run on `shape` is the user's input error."""
+def reference_outputs(
+    model: nn.Module, inputs: Sequence[Tensor], shape: Sequence[int], shape_given: bool = True
+) -> list:
+    """The train model's outputs; a model that cannot run on `shape` is the user's input error.
+
+    The message names the shape the model's first layer expects, and suggests --input-shape
+    only when the user did not set it (`shape_given`).
+    """
     try:
         with reporting_out_of_memory(shape):
             return run_model(model, inputs)
     except RuntimeError as exc:
-        raise BadInput(
-            f"the model cannot run on inputs of shape {list(shape)}: {_first_line(exc)} "
-            "(set --input-shape)"
-        ) from None
+        fed = list(inputs[0].shape) if inputs else [1, *shape]
+        raise BadInput(rejected_input(model, fed, _first_line(exc), shape_given)) from None
 
 
 # ---- the reference pass and the per-block probes ------------------------------------------
@@ -268,11 +273,12 @@ def take_reference(
     seed: int,
     dtype: torch.dtype,
     block_paths: Sequence[str] = (),
+    shape_given: bool = True,
 ) -> Reference:
     """Run the train model once on seeded inputs, recording what each listed block is fed."""
     inputs = make_inputs(shape, samples, seed, dtype)
     with recording_input_shapes(model, block_paths) as block_shapes:
-        outputs = reference_outputs(model, inputs, shape)
+        outputs = reference_outputs(model, inputs, shape, shape_given)
     return Reference(list(shape), samples, seed, dtype, inputs, outputs, block_shapes)
 
 

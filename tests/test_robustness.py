@@ -296,7 +296,8 @@ def test_strict_refuses_unfoldable_norms(tmp_path):
 def test_bad_arch_kwargs_and_input_shape(tmp_path, good):
     expect_bad_input(tmp_path, good, *ARCH, "--arch-kwargs", "{oops", needle="not valid JSON")
     expect_bad_input(tmp_path, good, *ARCH, "--arch-kwargs", "[1]", needle="JSON object")
-    expect_bad_input(tmp_path, good, *ARCH, "--input-shape", "5,32,32", needle="--input-shape")
+    shape = ("--input-shape", "5,32,32")
+    expect_bad_input(tmp_path, good, *ARCH, *shape, needle="expects 3 input channels")
 
 
 def test_key_errors_and_checkpoints_without_tensors(tmp_path):
