@@ -68,44 +68,35 @@ def convert(
     is made: reference outputs are taken before the rewrite.
     """
     options = ConvertOptions.merged(options, keywords)
-    input_shape, samples, seed = options.input_shape, options.samples, options.seed
-    verify, verify_dtype = options.verify, dtypes.named(options.verify_dtype)
-    exact_limit, atol, rtol = options.exact_limit, options.atol, options.rtol
-    if samples < 1:
+    if options.samples < 1:
         raise BadInput("--samples must be at least 1")
     model.eval()
     original = dtypes.of_keys(model)
-    if verify:
-        dtypes.check_holds_weights(verify_dtype, original.values())
+    if options.verify:
+        dtypes.check_holds_weights(dtypes.named(options.verify_dtype), original.values())
     params_before = param_count(model)
     plan = engine.plan(model, rules)
     dtype_for = dtypes.output_dtypes(original, plan)
-    reference = None
-    if verify:
-        reference = _reference(model, plan, input_shape, samples, seed, verify_dtype)
+    reference = _reference(model, plan, options) if options.verify else None
     probes = reference.block_probes() if reference is not None else None
     applied = engine.apply(model, plan, observer=probes)
     verification = None
     if reference is not None:
-        verification = _figures(model, reference, applied, dtype_for, exact_limit, atol, rtol)
+        verification = _figures(model, reference, applied, dtype_for, options)
     dtypes.cast_in_place(model, dtype_for)
     state = {k: v.contiguous() for k, v in model.state_dict().items()}
     return Result(model, applied, verification, state, params_before, param_count(model))
 
 
-def _reference(
-    model: nn.Module,
-    plan: Plan,
-    input_shape: Sequence[int] | None,
-    samples: int,
-    seed: int,
-    dtype: torch.dtype,
-) -> V.Reference:
+def _reference(model: nn.Module, plan: Plan, options: ConvertOptions) -> V.Reference:
     """Hold the model in the verification dtype and take its outputs before anything is fused."""
-    shape = arch.input_shape_for(model, input_shape)
+    shape = arch.input_shape_for(model, options.input_shape)
+    dtype = dtypes.named(options.verify_dtype)
     dtypes.hold_all_in(model, dtype)
     paths = [s.path for s in plan.entries]
-    return V.take_reference(model, shape, samples, seed, dtype, paths, bool(input_shape))
+    return V.take_reference(
+        model, shape, options.samples, options.seed, dtype, paths, bool(options.input_shape)
+    )
 
 
 def _figures(
@@ -113,9 +104,7 @@ def _figures(
     reference: V.Reference,
     applied: Applied,
     dtype_for: dtypes.DtypeFor,
-    exact_limit: float,
-    atol: float | None,
-    rtol: float | None,
+    options: ConvertOptions,
 ) -> V.Verification:
     """The exact figure (the fused weights unrounded; float64 only), then the written one (the
     weights rounded as the file holds them, computed in the verification dtype)."""
@@ -128,9 +117,9 @@ def _figures(
         written,
         dtypes.written_dtypes(model, dtype_for),
         applied.entries,
-        exact_limit=exact_limit,
-        atol=atol,
-        rtol=rtol,
+        exact_limit=options.exact_limit,
+        atol=options.atol,
+        rtol=options.rtol,
     )
 
 
@@ -240,7 +229,7 @@ def recorded_architecture(
     names are taken unless the user said `trust_metadata` (`--trust-metadata`).
     """
     spec = record.arch
-    kwargs = _recorded_kwargs(record, what) if spec else {}
+    kwargs = _recorded(record, "arch_kwargs", what) if spec else {}
     if spec is None or trust_metadata or zoo.get_entry(spec) is not None:
         return spec, kwargs
     typed = f"--arch {shlex.quote(spec)}"
@@ -252,16 +241,10 @@ def recorded_architecture(
     )
 
 
-def _recorded_kwargs(record: metadata.Recorded, what: str) -> dict[str, Any]:
+def _recorded(record: metadata.Recorded, field: str, what: str) -> Any:
+    """A JSON field of the record; a damaged one is bad input naming the file."""
     try:
-        return record.arch_kwargs
-    except metadata.MetadataError as exc:
-        raise BadInput(f"{what}: {exc}") from None
-
-
-def _recorded_plan(record: metadata.Recorded, what: str) -> dict[str, Any] | None:
-    try:
-        return record.plan
+        return getattr(record, field)
     except metadata.MetadataError as exc:
         raise BadInput(f"{what}: {exc}") from None
 
@@ -271,7 +254,7 @@ def _recorded_kwargs_for(spec: str | None, record: metadata.Recorded, what: str)
     to another one."""
     if spec is None or spec != record.arch:
         return {}
-    return _recorded_kwargs(record, what)
+    return _recorded(record, "arch_kwargs", what)
 
 
 def load_deploy(
@@ -288,7 +271,7 @@ def load_deploy(
     """
     state, meta = checkpoint.read_deploy(path)
     record, what = metadata.read(meta), Path(path).name
-    recorded_plan = _recorded_plan(record, what)
+    recorded_plan = _recorded(record, "plan", what)
     if isinstance(model_or_arch, nn.Module):
         model = model_or_arch.eval()
         _deploy_structure(model, recorded_plan)
