@@ -42,3 +42,13 @@ def note_block(exc: BaseException, path: str) -> None:
 def block_of(exc: BaseException) -> str | None:
     """The block an unexpected exception was raised in, when the engine recorded it."""
     return getattr(exc, "repconv_block", None)
+
+
+# How torch and the C library word a failed allocation when it is not a MemoryError.
+ALLOCATION_FAILURES = ("can't allocate memory", "not enough memory", "cannot allocate memory")
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """Whether `exc` says an allocation failed."""
+    text = str(exc).lower()
+    return isinstance(exc, MemoryError) or any(m in text for m in ALLOCATION_FAILURES)

@@ -26,7 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from repconv.arch import rejected_input
-from repconv.errors import BadInput
+from repconv.errors import BadInput, is_out_of_memory
 from repconv.options import EXACT_LIMIT as EXACT_LIMIT  # its one definition is there
 
 if TYPE_CHECKING:
@@ -75,10 +75,9 @@ def written_tolerances(
 
 # Where free memory cannot be read (off Linux): more than any sane verification input needs.
 FALLBACK_MEMORY = 16 << 30
+
+
 # How torch and the C library word a failed allocation.
-ALLOCATION_FAILURES = ("can't allocate memory", "not enough memory", "cannot allocate memory")
-
-
 def _meminfo_bytes(field: str) -> int | None:
     try:
         with open("/proc/meminfo") as f:
@@ -134,11 +133,6 @@ def check_inputs_fit(shape: Sequence[int], count: int, dtype: torch.dtype) -> No
             f"{str(dtype).removeprefix('torch.')} need {needed} bytes ({_gigabytes(needed)}), "
             f"{_gigabytes(available)} available; use a smaller --input-shape"
         )
-
-
-def is_out_of_memory(exc: BaseException) -> bool:
-    text = str(exc).lower()
-    return isinstance(exc, MemoryError) or any(m in text for m in ALLOCATION_FAILURES)
 
 
 @contextmanager

@@ -22,10 +22,9 @@ from pathlib import Path
 from typing import Any
 
 from repconv import metadata
-from repconv.errors import BadInput, VerificationFailed
+from repconv.errors import BadInput, VerificationFailed, is_out_of_memory
 from repconv.files import write_text_atomically
 
-MEMORY_ERRORS = ("can't allocate memory", "not enough memory", "cannot allocate memory")
 _PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
 # The process that imported this module. The fork server preloads it, so in a forked worker
 # this is the server: the parent to die with.
@@ -94,13 +93,9 @@ def _limit_memory(limit: int | None) -> None:
     resource.setrlimit(resource.RLIMIT_DATA, (soft, hard))
 
 
-def _is_out_of_memory(exc: BaseException) -> bool:
-    return isinstance(exc, MemoryError) or any(m in str(exc).lower() for m in MEMORY_ERRORS)
-
-
 def _failure(exc: Exception, memory_limit: int | None) -> dict[str, str]:
     # Memory exhaustion first: the pipeline may have wrapped it as "the model cannot run".
-    if _is_out_of_memory(exc):
+    if is_out_of_memory(exc):
         limit = f" (memory_limit {memory_limit >> 20} MiB)" if memory_limit else ""
         return {"failure": "out of memory", "reason": f"out of memory{limit}"}
     if isinstance(exc, VerificationFailed):
