@@ -194,11 +194,18 @@ def _load_scaled(out: Tensor, kernel: Tensor, scale: Tensor | None) -> Tensor:
     return out
 
 
-def add(branches: Iterable[Branch], *, dtype: torch.dtype = MATH_DTYPE) -> Branch:
+def add(
+    branches: Iterable[Branch],
+    *,
+    dtype: torch.dtype = MATH_DTYPE,
+    size: Sequence[int] | None = None,
+    offsets: Sequence[Sequence[int]] | None = None,
+) -> Branch:
     """Parallel branches summed into one kernel, rounded once to `dtype`.
 
-    A smaller kernel is centred in the largest, as `pad_to` would. Each branch's scale is
-    applied here, slice by slice of output channels in float64, and each slice is rounded
+    A smaller kernel is centred in the largest, as `pad_to` would; or, given `size` and one
+    offset per branch, its first tap sits at that offset of a kernel of `size`. Each branch's
+    scale is applied here, slice by slice of output channels in float64, and each slice is rounded
     straight into the result: no padded, scaled or float64 copy of a whole kernel is ever made.
     The bias stays float64 (it is small); the result has no scale.
     """
@@ -208,8 +215,14 @@ def add(branches: Iterable[Branch], *, dtype: torch.dtype = MATH_DTYPE) -> Branc
     _check_same_channels(branches)
     first = branches[0].kernel
     channels = first.shape[:2]
-    size = tuple(max(b.kernel.shape[d] for b in branches) for d in range(2, first.dim()))
-    regions = [_centred_region(b.spatial, size) for b in branches]
+    if size is None:
+        size = tuple(max(b.kernel.shape[d] for b in branches) for d in range(2, first.dim()))
+        regions = [_centred_region(b.spatial, size) for b in branches]
+    else:
+        size = tuple(size)
+        regions = [_placed_region(b.spatial, at, size) for b, at in zip(branches, offsets or [])]
+        if len(regions) != len(branches):
+            raise ValueError("one offset per branch is needed with an explicit size")
     # Largest first (ties in the order given): the sum starts from a full-size branch.
     order = sorted(range(len(branches)), key=lambda i: -math.prod(branches[i].spatial))
     bias = torch.zeros(channels[0], dtype=MATH_DTYPE, device=first.device)
@@ -248,6 +261,15 @@ def _centred_region(have: tuple[int, ...], size: tuple[int, ...]) -> tuple[slice
             raise ValueError(f"cannot centre a {have} kernel inside {size}")
         region.append(slice((want - kept) // 2, (want + kept) // 2))
     return tuple(region)
+
+
+def _placed_region(
+    have: tuple[int, ...], at: Sequence[int], size: tuple[int, ...]
+) -> tuple[slice, ...]:
+    """Where a kernel of spatial size `have` sits when its first tap is at `at` in `size`."""
+    if len(at) != len(have) or any(o < 0 or o + k > n for o, k, n in zip(at, have, size)):
+        raise ValueError(f"a {have} kernel at {tuple(at)} does not fit in {size}")
+    return (slice(None), slice(None), *(slice(o, o + k) for o, k in zip(at, have)))
 
 
 def _sum_rows(
