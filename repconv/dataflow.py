@@ -1,0 +1,809 @@
+"""Linear analysis of a module's fx graph: which values are one convolution of one input.
+
+The module is traced with torch.fx, convs, norms and the modules other passes own kept as
+leaves. Every node whose value is an affine map of a single other node (its *source*) gets a
+`LinearValue` (`linear_map`): convs of any kernel, dilation or grouping, eval batch norms, the
+identity, average pooling, zero padding, multiplication by a scalar or per-channel parameter,
+sums and differences. A **region** is such a value that something non-linear (or the output)
+consumes: the nodes that computed it are replaced by one conv of its source.
+
+Where an operation has no exact single-conv form (a padded 3x3 after a 3x3, a sum of values of
+two different sources...), the analysis cuts: the operand becomes a source of its own, and the
+analysis runs again, until every region is exact and no node is shared between regions. It
+decides from structure only (shapes, module types, which tensors are zero by construction),
+never from values, so it plans on meta tensors what the fuse later computes in float64.
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+from collections.abc import Callable
+from collections.abc import Set as AbstractSet
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+from repconv import linear_map as L
+from repconv.errors import NotFusable
+from repconv.geometry import Geometry
+from repconv.kernels import NormStats, norm_scale_shift
+from repconv.rules.base import is_foldable_norm, is_norm_like, is_plain_conv
+
+# How a tensor of the traced module is read: as itself (fusing) or as a meta stand-in (planning).
+Resolve = Callable[[Tensor], Tensor]
+
+_ADD = {operator.add, operator.iadd, torch.add, "add", "add_"}
+_SUB = {operator.sub, operator.isub, torch.sub, "sub", "sub_"}
+_MUL = {operator.mul, operator.imul, torch.mul, "mul", "mul_"}
+_DIV = {operator.truediv, operator.itruediv, torch.div, "div", "div_"}
+_NEG = {operator.neg, torch.neg, "neg"}
+_SAME = {"contiguous", "clone", torch.clone}
+_POOLS = {nn.AvgPool1d: 1, nn.AvgPool2d: 2, nn.AvgPool3d: 3}
+_POOL_FUNCTIONS = {F.avg_pool1d: 1, F.avg_pool2d: 2, F.avg_pool3d: 3}
+_CONV_FUNCTIONS = {F.conv1d: 1, F.conv2d: 2, F.conv3d: 3}
+_NORM_RANKS = {nn.BatchNorm2d: 2, nn.BatchNorm3d: 3}
+PASS_THROUGH = (nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d)
+
+
+def as_meta(tensor: Tensor) -> Tensor:
+    dtype = torch.float64 if tensor.is_floating_point() else tensor.dtype
+    return torch.empty(tensor.shape, dtype=dtype, device="meta")
+
+
+def as_is(tensor: Tensor) -> Tensor:
+    return tensor.detach()
+
+
+class LeafTracer(fx.Tracer):
+    """Convs, norms and the modules in `opaque` (by id) stay whole; other code is inlined."""
+
+    def __init__(self, opaque: AbstractSet[int] = frozenset()):
+        super().__init__()
+        self.opaque = opaque
+
+    def is_leaf_module(self, m: nn.Module, qualified_name: str) -> bool:
+        return (
+            id(m) in self.opaque
+            or is_plain_conv(m)
+            or is_norm_like(m)
+            or super().is_leaf_module(m, qualified_name)
+        )
+
+
+@dataclass
+class Region:
+    """A value one conv can compute: `output` as a map of `source`, and the nodes it replaces."""
+
+    output: fx.Node
+    source: fx.Node
+    nodes: list[fx.Node]  # in graph order, `output` last
+    value: L.LinearValue
+    owner: str  # the innermost module whose code holds every node ("" = the traced module)
+
+    def module_targets(self) -> list[str]:
+        """The modules the region folds (pass-through ones, Identity or Dropout, it only skips)."""
+        return [str(n.target) for n in self.nodes if n.op == "call_module" and kind_of(n) != "same"]
+
+    def attribute_targets(self) -> list[str]:
+        return [str(n.target) for n in constant_inputs(self.nodes) if n.op == "get_attr"]
+
+    def describe(self) -> str:
+        labels = [t.label or "?" for t in self.value.terms]
+        text = " + ".join(labels)
+        if any(_is_post_norm(n) for n in self.nodes):
+            text += ", post-BN"
+        return text
+
+    @property
+    def convs(self) -> int:
+        return sum(1 for n in self.nodes if kind_of(n) == "conv")
+
+    @property
+    def worth_fusing(self) -> bool:
+        """A lone conv, a bare scale or an identity is already as cheap as it gets, and a conv
+        followed by its norm alone is the conv -> BN pass's (it keeps the conv's own name)."""
+        kinds = [kind_of(n) for n in self.nodes]
+        if "conv" not in kinds and "norm" not in kinds:
+            return False
+        substantive = [k for k in kinds if k != "same"]
+        if len(substantive) < 2:
+            return False
+        return substantive != ["conv", "norm"]
+
+
+def kind_of(node: fx.Node) -> str:
+    """What the analysis took a node for: conv, norm, pool, pad, scale, sum, same, or ""."""
+    return node.meta.get("repconv_kind", "")
+
+
+def _is_post_norm(node: fx.Node) -> bool:
+    return kind_of(node) == "norm" and any(
+        isinstance(a, fx.Node) and kind_of(a) == "sum" for a in node.args
+    )
+
+
+def constant_inputs(nodes: list[fx.Node]) -> list[fx.Node]:
+    """get_attr nodes and computations on them (coefficients) that only these nodes read."""
+    inside = set(nodes)
+    found: list[fx.Node] = []
+    frontier = [a for n in nodes for a in n.all_input_nodes if a not in inside]
+    while frontier:
+        node = frontier.pop()
+        if node in inside or node.meta.get("repconv_constant") is not True:
+            continue
+        if any(u not in inside for u in node.users):
+            continue
+        inside.add(node)
+        found.append(node)
+        frontier += node.all_input_nodes
+    return found
+
+
+# ---- shapes known without running anything -----------------------------------------------------
+
+
+class _Shapes:
+    """Channels and spatial rank per node, where the graph's modules fix them.
+
+    Nodes that must share both (operands of a sum, a norm's input and output) are joined;
+    a conv fixes its input's and its output's. A node whose shape is unknown or contradictory
+    cannot be an identity branch, so it stays out of any region.
+    """
+
+    def __init__(self) -> None:
+        self.parent: dict[fx.Node, fx.Node] = {}
+        self.known: dict[fx.Node, tuple[int | None, int | None]] = {}
+        self.broken: set[fx.Node] = set()
+
+    def find(self, node: fx.Node) -> fx.Node:
+        root = self.parent.setdefault(node, node)
+        while root is not self.parent[root]:
+            root = self.parent[root]
+        self.parent[node] = root
+        return root
+
+    def join(self, a: fx.Node, b: fx.Node) -> None:
+        ra, rb = self.find(a), self.find(b)
+        if ra is rb:
+            return
+        self.parent[rb] = ra
+        self.fix(ra, *self.known.pop(rb, (None, None)))
+        if rb in self.broken:
+            self.broken.add(ra)
+
+    def fix(self, node: fx.Node, channels: int | None, rank: int | None) -> None:
+        root = self.find(node)
+        have_c, have_r = self.known.get(root, (None, None))
+        for have, new in ((have_c, channels), (have_r, rank)):
+            if have is not None and new is not None and have != new:
+                self.broken.add(root)
+        self.known[root] = (
+            have_c if channels is None else channels,
+            have_r if rank is None else rank,
+        )
+
+    def of(self, node: fx.Node) -> tuple[int, int] | None:
+        root = self.find(node)
+        channels, rank = self.known.get(root, (None, None))
+        if root in self.broken or channels is None or rank is None:
+            return None
+        return channels, rank
+
+
+# ---- the analysis ------------------------------------------------------------------------------
+
+
+@dataclass
+class _Pass:
+    """One run over the graph with a fixed set of cut points."""
+
+    cuts: set[fx.Node]
+    values: dict[fx.Node, L.LinearValue] = field(default_factory=dict)
+    sources: dict[fx.Node, fx.Node] = field(default_factory=dict)
+    new_cuts: set[fx.Node] = field(default_factory=set)
+
+
+class _Cut(Exception):
+    """Raised while evaluating a node: `operand` must become a source of its own."""
+
+    def __init__(self, operand: fx.Node):
+        self.operand = operand
+
+
+class Analysis:
+    """The linear regions of one traced graph."""
+
+    def __init__(
+        self,
+        root: nn.Module,
+        graph: fx.Graph,
+        resolve: Resolve = as_meta,
+        opaque: AbstractSet[int] = frozenset(),
+    ):
+        self.root = root
+        self.opaque = opaque
+        self.graph = graph
+        self.resolve = resolve
+        self.modules = dict(root.named_modules())
+        self.constants: dict[fx.Node, Any] = {}
+        self.device = _device_of(root, resolve)
+        self.cuts: set[fx.Node] = set()
+        self.shapes = _Shapes()
+        for node in graph.nodes:
+            node.meta["repconv_constant"] = self._is_constant(node)
+            node.meta["repconv_kind"] = ""
+        for node in graph.nodes:
+            self._learn_shapes(node)
+
+    # -- constants (parameters and what is computed from them alone) --
+
+    def _is_constant(self, node: fx.Node) -> bool:
+        if node.op == "get_attr":
+            return True
+        if node.op not in ("call_function", "call_method"):
+            return False
+        return all(a.meta.get("repconv_constant") is True for a in node.all_input_nodes)
+
+    def constant(self, node: fx.Node) -> Any:
+        if node not in self.constants:
+            self.constants[node] = self._evaluate_constant(node)
+        return self.constants[node]
+
+    def _evaluate_constant(self, node: fx.Node) -> Any:
+        if node.op == "get_attr":
+            value = _attribute(self.root, str(node.target))
+            if not isinstance(value, Tensor):
+                raise _NotLinear
+            return self.resolve(value)
+        args = fx.node.map_arg(node.args, self.constant)
+        kwargs = fx.node.map_arg(node.kwargs, self.constant)
+        if node.op == "call_method":
+            return getattr(args[0], str(node.target))(*args[1:], **kwargs)
+        return node.target(*args, **kwargs)
+
+    # -- shapes --
+
+    def _learn_shapes(self, node: fx.Node) -> None:
+        tensors = [a for a in node.all_input_nodes if a.meta.get("repconv_constant") is not True]
+        if node.op == "call_module":
+            module = self.modules.get(str(node.target))
+            if is_plain_conv(module) and tensors:
+                rank = len(module.kernel_size)
+                self.shapes.fix(tensors[0], module.in_channels, rank)
+                self.shapes.fix(node, module.out_channels, rank)
+                return
+            if is_norm_like(module) and tensors:
+                self.shapes.join(node, tensors[0])
+                rank = next((r for c, r in _NORM_RANKS.items() if isinstance(module, c)), None)
+                width = getattr(module, "num_features", None)
+                if width is None and getattr(module, "running_mean", None) is not None:
+                    width = module.running_mean.numel()
+                self.shapes.fix(node, width, rank)
+                return
+            pool_rank = _module_rank(module)
+            if pool_rank is not None and tensors:
+                self.shapes.join(node, tensors[0])
+                self.shapes.fix(node, None, pool_rank)
+            return
+        if node.op in ("call_function", "call_method") and _preserves_shape(node):
+            for tensor in tensors:
+                self.shapes.join(node, tensor)
+
+    # -- the fixed point --
+
+    def regions(self) -> list[Region]:
+        cuts: set[fx.Node] = set()
+        for _ in range(len(self.graph.nodes) + 1):
+            run = self._run(cuts)
+            found, shared = self._collect(run)
+            if not run.new_cuts and not shared:
+                self.cuts = cuts
+                return [r for r in found if r.worth_fusing]
+            cuts |= run.new_cuts | shared
+        raise AssertionError("the cut points grow with every run; they cannot exceed the nodes")
+
+    def values(self, regions: list[Region], resolve: Resolve) -> list[L.LinearValue]:
+        """The regions' values computed from the module's tensors as `resolve` reads them."""
+        reading = Analysis(self.root, self.graph, resolve, self.opaque)
+        run = reading._run(self.cuts, only={n for r in regions for n in r.nodes})
+        return [run.values[r.output] for r in regions]
+
+    def _run(self, cuts: set[fx.Node], only: set[fx.Node] | None = None) -> _Pass:
+        run = _Pass(set(cuts))
+        for node in self.graph.nodes:
+            if only is not None and node not in only:
+                continue
+            try:
+                value, source = self._evaluate(node, run)
+            except _Cut as cut:
+                run.new_cuts.add(cut.operand)
+                continue
+            except (_NotLinear, L.NotExact, NotFusable):
+                continue
+            run.values[node], run.sources[node] = value, source
+        for node in run.values:
+            absorbed = _absorbing_users(node, run)
+            if node not in run.cuts and absorbed and len(absorbed) < len(node.users):
+                run.new_cuts.add(node)  # both inside a region and used outside it
+        return run
+
+    def _collect(self, run: _Pass) -> tuple[list[Region], set[fx.Node]]:
+        owner_of: dict[fx.Node, fx.Node] = {}
+        shared: set[fx.Node] = set()
+        found = []
+        for node, value in run.values.items():
+            if not node.users:
+                continue  # dead code: nothing to fuse it into
+            inside = _absorbing_users(node, run)
+            if node not in run.cuts and len(inside) == len(node.users):
+                continue  # interior: a later node of the same region absorbs it
+            nodes = self._interior(node, run)
+            for n in nodes:
+                if n in owner_of and owner_of[n] is not node:
+                    shared.add(n)
+                owner_of[n] = node
+            ordered = [n for n in self.graph.nodes if n in set(nodes)]
+            found.append(Region(node, run.sources[node], ordered, value, _owner(ordered)))
+        return found, shared
+
+    def _interior(self, output: fx.Node, run: _Pass) -> list[fx.Node]:
+        source = run.sources[output]
+        nodes, stack = [output], [output]
+        while stack:
+            for operand in stack.pop().all_input_nodes:
+                if operand is source or operand in run.cuts or operand not in run.values:
+                    continue
+                if run.sources[operand] is source and operand not in nodes:
+                    nodes.append(operand)
+                    stack.append(operand)
+        return nodes
+
+    # -- one node --
+
+    def _operand(self, node: fx.Node, run: _Pass) -> tuple[L.LinearValue, fx.Node]:
+        """`node`'s value as seen by its users: its region's value, or itself as a source."""
+        if node in run.values and node not in run.cuts:
+            return run.values[node], run.sources[node]
+        shape = self.shapes.of(node)
+        if shape is None or node.meta.get("repconv_constant") is True:
+            raise _NotLinear
+        return L.identity(shape[0], shape[1], device=self.device), node
+
+    def _evaluate(self, node: fx.Node, run: _Pass) -> tuple[L.LinearValue, fx.Node]:
+        if node.op == "call_module":
+            return self._module_call(node, run)
+        if node.op in ("call_function", "call_method"):
+            return self._function_call(node, run)
+        raise _NotLinear
+
+    def _module_call(self, node: fx.Node, run: _Pass) -> tuple[L.LinearValue, fx.Node]:
+        module = self.modules.get(str(node.target))
+        if node.kwargs or len(node.args) != 1 or not isinstance(node.args[0], fx.Node):
+            raise _NotLinear
+        if id(module) in self.opaque:
+            raise _NotLinear  # another pass's block
+        operand = node.args[0]
+        if isinstance(module, PASS_THROUGH):
+            node.meta["repconv_kind"] = "same"
+            return self._operand(operand, run)
+        step = self._module_map(node, module)
+        return self._then(node, operand, step, run)
+
+    def _module_map(self, node: fx.Node, module: nn.Module | None) -> L.LinearValue | None:
+        """The map a leaf module applies, or None for a per-channel affine (see `_then`)."""
+        if is_plain_conv(module):
+            node.meta["repconv_kind"] = "conv"
+            return _conv_map(module, self.resolve)
+        if module is not None and is_foldable_norm(module):
+            node.meta["repconv_kind"] = "norm"
+            return None
+        pool = _pool_map(module, self.shapes.of(node), self.device)
+        if pool is not None:
+            node.meta["repconv_kind"] = "pool"
+            return pool
+        raise _NotLinear
+
+    def _then(
+        self, node: fx.Node, operand: fx.Node, step: L.LinearValue | None, run: _Pass
+    ) -> tuple[L.LinearValue, fx.Node]:
+        value, source = self._operand(operand, run)
+        if source is not operand and _composes_across_modules(node, operand, value, step):
+            raise _Cut(operand)
+        try:
+            return self._apply(node, value, step), source
+        except L.NotExact:
+            if source is operand:
+                raise
+            raise _Cut(operand) from None
+
+    def _apply(
+        self, node: fx.Node, value: L.LinearValue, step: L.LinearValue | None
+    ) -> L.LinearValue:
+        if step is None:  # a norm: per-channel affine after the value
+            scale, shift = _norm_affine(self.modules[str(node.target)], self.resolve)
+            return L.affine(value, scale, shift)
+        return L.then(value, step)
+
+    def _function_call(self, node: fx.Node, run: _Pass) -> tuple[L.LinearValue, fx.Node]:
+        target = node.target
+        if node.meta["repconv_constant"]:
+            raise _NotLinear
+        if target in _ADD or target in _SUB:
+            return self._sum(node, run, negate_second=target in _SUB)
+        if target in _MUL or target in _DIV:
+            return self._scaled(node, run, divide=target in _DIV)
+        if target in _NEG:
+            value, source = self._operand(node.args[0], run)
+            node.meta["repconv_kind"] = "scale"
+            return L.affine(value, _scalar(-1.0, value), None, mark="-"), source
+        if target in _SAME or _is_eval_dropout(node):
+            node.meta["repconv_kind"] = "same"
+            return self._operand(node.args[0], run)
+        step = self._functional_map(node)
+        return self._then(node, node.args[0], step, run)
+
+    def _functional_map(self, node: fx.Node) -> L.LinearValue:
+        if node.target is F.pad:
+            node.meta["repconv_kind"] = "pad"
+            return _pad_map(node, self.shapes.of(node.args[0]), self.device)
+        if node.target in _POOL_FUNCTIONS:
+            node.meta["repconv_kind"] = "pool"
+            return _functional_pool(node, self.shapes.of(node), self.device)
+        if node.target in _CONV_FUNCTIONS:
+            node.meta["repconv_kind"] = "conv"
+            return _functional_conv(node, self)
+        raise _NotLinear
+
+    def _sum(
+        self, node: fx.Node, run: _Pass, *, negate_second: bool
+    ) -> tuple[L.LinearValue, fx.Node]:
+        args = list(node.args)
+        alpha = node.kwargs.get("alpha", 1)
+        if len(args) != 2 or set(node.kwargs) - {"alpha"} or not isinstance(alpha, (int, float)):
+            raise _NotLinear
+        sign = -alpha if negate_second else alpha
+        a, b = args
+        if not isinstance(a, fx.Node) and isinstance(b, fx.Node):
+            if negate_second:
+                raise _NotLinear  # number - x: a negation then a shift; rare, left alone
+            a, b = b, a
+        value, source = self._operand(a, run)
+        node.meta["repconv_kind"] = "sum"
+        if _is_coefficient(b):  # a constant shift: a number or a per-channel tensor
+            shift = _per_channel(self.constant(b) if isinstance(b, fx.Node) else b, value)
+            return L.affine(value, None, shift * sign), source
+        if not isinstance(b, fx.Node):
+            raise _NotLinear
+        other, other_source = self._operand(b, run)
+        if other_source is not source:
+            raise _NotLinear  # two different inputs: no single conv computes this
+        if sign != 1:
+            other = L.affine(other, _scalar(float(sign), other), None, mark=f"*{sign:g}")
+        return L.plus(value, other), source
+
+    def _scaled(self, node: fx.Node, run: _Pass, *, divide: bool) -> tuple[L.LinearValue, fx.Node]:
+        if len(node.args) != 2 or node.kwargs:
+            raise _NotLinear
+        a, b = node.args
+        if not divide and _is_coefficient(a) and not _is_coefficient(b):
+            a, b = b, a
+        if not isinstance(a, fx.Node) or not _is_coefficient(b):
+            raise _NotLinear
+        value, source = self._operand(a, run)
+        factor = self.constant(b) if isinstance(b, fx.Node) else b
+        scale = _per_channel(factor, value)
+        if divide:
+            scale = 1.0 / scale
+        node.meta["repconv_kind"] = "scale"
+        name = _coefficient_name(b)
+        return L.affine(value, scale, None, mark=("/" if divide else "*") + name), source
+
+
+class _NotLinear(Exception):
+    """The node is not a linear map this analysis knows."""
+
+
+def _frame(node: fx.Node) -> str:
+    """The module whose code made this node (for a leaf call, the code that called it)."""
+    stack = list((node.meta.get("nn_module_stack") or {}).keys())
+    if node.op == "call_module" and stack and stack[-1] == node.target:
+        stack = stack[:-1]
+    return stack[-1] if stack else ""
+
+
+def _composes_across_modules(
+    node: fx.Node, operand: fx.Node, value: L.LinearValue, step: L.LinearValue | None
+) -> bool:
+    """A conv after a conv is merged only inside one module's code: two consecutive layers of
+    different blocks stay two layers (each block keeps its own deploy form)."""
+    if step is None or all(t.diagonal for t in step.terms):
+        return False
+    if all(t.diagonal for t in value.terms):
+        return False
+    return _frame(node) != _frame(operand)
+
+
+def _absorbing_users(node: fx.Node, run: _Pass) -> list[fx.Node]:
+    """The users whose value (in the same region) takes `node`'s value in."""
+    if node in run.cuts:
+        return []
+    source = run.sources[node]
+    return [u for u in node.users if u in run.values and run.sources[u] is source]
+
+
+def _device_of(root: nn.Module, resolve: Resolve) -> torch.device:
+    if resolve is as_meta:
+        return torch.device("meta")
+    tensor = next(iter([*root.parameters(), *root.buffers()]), None)
+    return tensor.device if tensor is not None else torch.device("cpu")
+
+
+def _coefficient_name(arg: Any) -> str:
+    if not isinstance(arg, fx.Node):
+        return f"{arg:g}"
+    stack = [arg]
+    while stack:
+        node = stack.pop()
+        if node.op == "get_attr":
+            return str(node.target).rpartition(".")[2]
+        stack += node.all_input_nodes
+    return "c"
+
+
+def _attribute(root: nn.Module, target: str) -> Any:
+    owner = root
+    *parents, name = target.split(".")
+    for part in parents:
+        owner = getattr(owner, part)
+    return getattr(owner, name)
+
+
+def _preserves_shape(node: fx.Node) -> bool:
+    """Channels and rank stay: sums, scales, zero padding, pooling (space may change)."""
+    return (
+        node.target is F.pad
+        or node.target in _POOL_FUNCTIONS
+        or node.target in _ADD
+        or node.target in _SUB
+        or node.target in _MUL
+        or node.target in _DIV
+        or node.target in _NEG
+        or node.target in _SAME
+        or _is_eval_dropout(node)
+    )
+
+
+def _is_eval_dropout(node: fx.Node) -> bool:
+    if node.target not in (F.dropout, F.dropout1d, F.dropout2d, F.dropout3d):
+        return False
+    return node.kwargs.get("training", True) is False or (
+        len(node.args) > 2 and node.args[2] is False
+    )
+
+
+def _is_coefficient(arg: Any) -> bool:
+    if isinstance(arg, (int, float)) and not isinstance(arg, bool):
+        return True
+    return isinstance(arg, fx.Node) and arg.meta.get("repconv_constant") is True
+
+
+def _scalar(number: float, value: L.LinearValue) -> Tensor:
+    device = value.terms[0].weights.device
+    return torch.tensor(number, dtype=torch.float64, device=device)
+
+
+def _per_channel(factor: Any, value: L.LinearValue) -> Tensor:
+    """A multiplier as a per-output-channel vector (or 0-dim), if it broadcasts that way."""
+    if isinstance(factor, (int, float)):
+        return _scalar(float(factor), value)
+    if not isinstance(factor, Tensor) or not factor.is_floating_point():
+        raise _NotLinear
+    full = value.rank + 2
+    if factor.dim() > full:
+        raise _NotLinear
+    shape = (1,) * (full - factor.dim()) + tuple(factor.shape)
+    if factor.numel() == 1:
+        return factor.to(torch.float64).reshape(())
+    if shape[0] != 1 or shape[1] != value.channels_out or any(s != 1 for s in shape[2:]):
+        raise _NotLinear  # it would scale along space or the batch: not one conv
+    return factor.to(torch.float64).reshape(-1)
+
+
+def _norm_affine(norm: nn.Module, resolve: Resolve) -> tuple[Tensor, Tensor]:
+    affine = getattr(norm, "affine", True)
+    stats = NormStats(
+        resolve(norm.running_mean),
+        resolve(norm.running_var),
+        resolve(norm.weight) if affine and norm.weight is not None else None,
+        resolve(norm.bias) if affine and norm.bias is not None else None,
+        float(norm.eps),
+    )
+    return norm_scale_shift(stats)
+
+
+def _conv_map(conv: nn.Module, resolve: Resolve) -> L.LinearValue:
+    geometry = Geometry.of(conv)
+    if conv.padding_mode != "zeros" and any(p > 0 for p in geometry.padding):
+        raise _NotLinear  # reflect/replicate/circular padding depends on the input's border
+    window = L.Window.conv(
+        geometry.kernel_size, geometry.stride, geometry.padding, geometry.dilation
+    )
+    bias = None if conv.bias is None else resolve(conv.bias)
+    label = "x".join(map(str, geometry.kernel_size))
+    if any(d > 1 for d in geometry.dilation):
+        label += "/d" + "x".join(map(str, geometry.dilation))
+    if conv.groups > 1:
+        label += " dw" if conv.groups == conv.in_channels else f" g{conv.groups}"
+    return L.conv(resolve(conv.weight), conv.groups, window, bias, label=label)
+
+
+def _module_rank(module: Any) -> int | None:
+    return next((r for c, r in _POOLS.items() if isinstance(module, c)), None)
+
+
+def _pool_map(module: Any, shape: tuple[int, int] | None, device) -> L.LinearValue | None:
+    stock = next((c for c in _POOLS if isinstance(module, c)), None)
+    if stock is None or type(module).forward is not stock.forward:
+        return None
+    if shape is None:
+        raise _NotLinear
+    options = (module.kernel_size, module.stride, module.padding, module.ceil_mode)
+    extra = (getattr(module, "count_include_pad", True), getattr(module, "divisor_override", None))
+    return _pool(shape[0], _POOLS[stock], *options, *extra, device=device)
+
+
+def _functional_pool(node: fx.Node, shape: tuple[int, int] | None, device) -> L.LinearValue:
+    if shape is None:
+        raise _NotLinear
+    names = [
+        "input",
+        "kernel_size",
+        "stride",
+        "padding",
+        "ceil_mode",
+        "count_include_pad",
+        "divisor_override",
+    ]
+    bound = dict(zip(names, node.args)) | dict(node.kwargs)
+    defaults = {
+        "stride": None,
+        "padding": 0,
+        "ceil_mode": False,
+        "count_include_pad": True,
+        "divisor_override": None,
+    }
+    options = defaults | bound
+    if any(isinstance(options[k], fx.Node) for k in names[1:] if k in options):
+        raise _NotLinear
+    return _pool(
+        shape[0],
+        shape[1],
+        options["kernel_size"],
+        options["stride"],
+        options["padding"],
+        options["ceil_mode"],
+        options["count_include_pad"],
+        options["divisor_override"],
+        device=device,
+    )
+
+
+def _tuple(value: Any, rank: int) -> tuple[int, ...]:
+    if isinstance(value, int):
+        return (value,) * rank
+    value = tuple(value)
+    if len(value) == 1:
+        return value * rank
+    if len(value) != rank:
+        raise _NotLinear
+    return value
+
+
+def _pool(
+    channels, rank, kernel_size, stride, padding, ceil_mode, count_include_pad, divisor, *, device
+):
+    size = _tuple(kernel_size, rank)
+    stride = size if stride is None or stride == [] or stride == () else _tuple(stride, rank)
+    padding = _tuple(padding, rank)
+    if ceil_mode or divisor is not None or (not count_include_pad and any(padding)):
+        raise _NotLinear  # outputs counted or averaged by the input's border
+    taps = torch.full(size, 1.0 / math.prod(size), dtype=torch.float64, device=device)
+    window = L.Window.conv(size, stride, padding, (1,) * rank)
+    label = "avgpool " + "x".join(map(str, size))
+    return L.diagonal(channels, taps, window, label=label)
+
+
+def _pad_map(node: fx.Node, shape: tuple[int, int] | None, device) -> L.LinearValue:
+    pads = node.args[1] if len(node.args) > 1 else node.kwargs.get("pad")
+    mode = node.args[2] if len(node.args) > 2 else node.kwargs.get("mode", "constant")
+    fill = node.args[3] if len(node.args) > 3 else node.kwargs.get("value", None)
+    if shape is None or mode != "constant" or fill not in (None, 0, 0.0):
+        raise _NotLinear
+    channels, rank = shape
+    if (
+        not isinstance(pads, (list, tuple))
+        or len(pads) != 2 * rank
+        or not all(isinstance(p, int) and p >= 0 for p in pads)
+    ):
+        raise _NotLinear
+    # F.pad lists the last axis first, (left, right) each.
+    lo = tuple(pads[2 * (rank - 1 - a)] for a in range(rank))
+    hi = tuple(pads[2 * (rank - 1 - a) + 1] for a in range(rank))
+    window = L.Window(
+        (1,) * rank,
+        tuple(-p for p in lo),
+        (1,) * rank,
+        (1,) * rank,
+        tuple(a + b - 1 for a, b in zip(lo, hi)),
+    )
+    taps = torch.ones((1,) * rank, dtype=torch.float64, device=device)
+    return L.diagonal(channels, taps, window, label="pad")
+
+
+def _functional_conv(node: fx.Node, analysis: Analysis) -> L.LinearValue:
+    names = ["input", "weight", "bias", "stride", "padding", "dilation", "groups"]
+    bound = dict(zip(names, node.args)) | dict(node.kwargs)
+    weight, bias = bound.get("weight"), bound.get("bias")
+    if not _is_coefficient(weight) or isinstance(weight, (int, float)):
+        raise _NotLinear
+    if bias is not None and not (isinstance(bias, fx.Node) and _is_coefficient(bias)):
+        raise _NotLinear
+    kernel = analysis.constant(weight)
+    rank = kernel.dim() - 2
+    stride = _tuple(bound.get("stride", 1), rank)
+    padding = bound.get("padding", 0)
+    dilation = _tuple(bound.get("dilation", 1), rank)
+    if isinstance(padding, str):
+        raise _NotLinear
+    window = L.Window.conv(tuple(kernel.shape[2:]), stride, _tuple(padding, rank), dilation)
+    groups = bound.get("groups", 1)
+    bias_value = None if bias is None else analysis.constant(bias)
+    label = "x".join(map(str, kernel.shape[2:])) + " (functional)"
+    return L.conv(kernel, groups, window, bias_value, label=label)
+
+
+def _owner(nodes: list[fx.Node]) -> str:
+    """The innermost module whose forward holds all `nodes` (by fx's module stacks)."""
+    paths: list[list[str]] = []
+    for node in nodes:
+        stack = list((node.meta.get("nn_module_stack") or {}).keys())
+        if node.op == "call_module" and stack and stack[-1] == node.target:
+            stack = stack[:-1]  # the leaf itself is called by its parent's code
+        paths.append(stack)
+    common: list[str] = []
+    for level in zip(*paths):
+        if len(set(level)) != 1:
+            break
+        common.append(level[0])
+    return common[-1] if common else ""
+
+
+def analyse(
+    root: nn.Module, graph: fx.Graph, opaque: AbstractSet[int] = frozenset()
+) -> list[Region]:
+    """The regions worth fusing in `graph` (traced from `root`), in graph order; the modules
+    in `opaque` (by id) are other passes' and count as non-linear."""
+    return Analysis(root, graph, as_meta, opaque).regions()
+
+
+def trace(root: nn.Module, opaque: AbstractSet[int] = frozenset()) -> fx.Graph:
+    """`root`'s graph with convs, norms and `opaque` modules as leaves (fx errors propagate)."""
+    return LeafTracer(opaque).trace(root)
+
+
+__all__ = [
+    "Analysis",
+    "LeafTracer",
+    "Region",
+    "analyse",
+    "as_is",
+    "as_meta",
+    "constant_inputs",
+    "kind_of",
+    "trace",
+]
