@@ -11,7 +11,6 @@ each step's `Outcome`; the plan itself is not changed. The engine judges nothing
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -260,7 +259,7 @@ def plan(model: nn.Module, rules: Sequence[Rule] | None = None) -> Plan:
     for each in passes:
         found = each.find(model, claimed)
         steps += found
-        claimed = claimed | {id(model.get_submodule(p)) for s in found for p in s.chain}
+        claimed = claimed | {id(model.get_submodule(p)) for s in found for p in s.claims}
     return Plan(steps, list(passes))
 
 
@@ -272,7 +271,10 @@ def _floating_dtype(module: nn.Module) -> torch.dtype | None:
 
 
 def _step_tensors(model: nn.Module, step: Step) -> list[torch.Tensor]:
-    return [t for path in step.chain for t in pages.tensors_of(model.get_submodule(path))]
+    """The tensors of the modules a step consumes that are still in the model."""
+    modules = dict(model.named_modules())
+    paths = step.parts or step.chain
+    return [t for path in paths if path in modules for t in pages.tensors_of(modules[path])]
 
 
 def _fuse(
@@ -376,13 +378,10 @@ def _follow_up(
     outcomes = []
     for later in plan.passes[plan.passes.index(step.by) + 1 :]:
         for found in later.find(block, opaque):
-            moved = dataclasses.replace(
-                found,
-                path=_join(step.path, found.path),
-                norm_path=None if found.norm_path is None else _join(step.path, found.norm_path),
-            )
+            moved = found.moved_under(step.path)
             outcomes.append(_apply_step(model, moved, releaser, observer, skip))
-            opaque |= {id(model.get_submodule(p)) for p in moved.chain}
+            modules = dict(model.named_modules())
+            opaque |= {id(modules[p]) for p in moved.claims if p in modules}
     return outcomes
 
 

@@ -134,7 +134,7 @@ def test_inspect_and_rules(runner, train_ckpt):
     result = run(runner, "rules")
     assert result.exit_code == 0
     names = [line.split()[1] for line in result.output.splitlines()[2:] if line.strip()]
-    assert names == ["repvgg", "dbb", "acb", "deploy_method", "conv_bn"]
+    assert names == ["repvgg", "dbb", "acb", "deploy_method", "dataflow", "conv_bn"]
 
 
 def test_config_file(runner, train_ckpt, tmp_path):

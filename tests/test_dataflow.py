@@ -13,17 +13,25 @@ from repconv.rules import Fused, Rule, unregister_rule
 from repconv.zoo.blocks import RepVGGBlock
 
 
-def fused_pairs(model: nn.Module, x: torch.Tensor) -> list[tuple[str, str]]:
-    """Convert; check outputs are unchanged; return (conv, norm) paths that were folded."""
+def converted(model: nn.Module, x: torch.Tensor) -> engine.Applied:
+    """Convert; check outputs are unchanged."""
     with torch.no_grad():
         reference = model(x)
-        plan = engine.convert_model(model)
+        applied = engine.convert_model(model)
         assert rel_error(model(x), reference) < 1e-12
-    return [(e.path, e.norm_path) for e in plan.entries if e.status == "fused"]
+    return applied
+
+
+def fused_pairs(model: nn.Module, x: torch.Tensor) -> list[tuple[str, str]]:
+    """Convert; check outputs are unchanged; return the (conv, norm) pairs the conv -> BN pass
+    folded (blocks the data-flow pass fuses are listed with a None norm)."""
+    applied = converted(model, x)
+    return [(e.path, e.norm_path) for e in applied.entries if e.status == "fused"]
 
 
 class Residual(nn.Module):
-    """conv's output feeds the BN *and* the residual add: folding would change the add."""
+    """conv's output feeds the BN *and* the residual add: folding the BN into the conv alone
+    would change the add (the whole sum is one conv, which the data-flow pass finds)."""
 
     def __init__(self):
         super().__init__()
@@ -85,13 +93,14 @@ def x4(*spatial):
     return torch.randn(2, 4, *spatial, dtype=torch.float64)
 
 
-def test_conv_with_a_second_user_is_not_folded():
+def test_conv_with_a_second_user_is_not_folded_as_a_pair():
     model = randomized(Residual())
-    assert fused_pairs(model, x4(6, 6)) == []
     plan = engine.plan(model)
-    assert plan.entries == []
-    warnings = engine.leftover_norm_warnings(model)
-    assert [w["path"] for w in warnings] == ["bn"]
+    assert [(s.rule, s.structure) for s in plan.entries] == [("dataflow", "3x3 + 3x3")]
+    assert fused_pairs(model, x4(6, 6)) == [("", None)]
+    # The sum bn(conv(x)) + conv(x) went into the conv itself; the norm is gone.
+    assert set(model.state_dict()) == {"conv.weight", "conv.bias"}
+    assert engine.leftover_norm_warnings(model) == []
 
 
 def test_activation_between_conv_and_bn_is_not_folded():
@@ -99,11 +108,17 @@ def test_activation_between_conv_and_bn_is_not_folded():
 
 
 def test_pairs_follow_data_flow_not_declaration_order():
-    assert fused_pairs(randomized(DeclaredOutOfOrder()), x4(6, 6)) == [("conv_b", "bn")]
+    model = randomized(DeclaredOutOfOrder())
+    (step,) = engine.plan(model).entries
+    assert step.rule == "dataflow" and set(step.parts) == {"conv_a", "conv_b", "bn"}
+    assert fused_pairs(model, x4(6, 6)) == [("", None)]
+    assert set(model.state_dict()) == {"reparam.weight", "reparam.bias"}
 
 
-def test_shared_conv_is_never_folded():
-    assert fused_pairs(randomized(SharedConv()), x4(6, 6)) == []
+def test_shared_conv_is_never_folded_as_a_pair():
+    model = randomized(SharedConv())
+    assert fused_pairs(model, x4(6, 6)) == [("", None)]  # the whole sum: one new conv
+    assert set(model.state_dict()) == {"reparam.weight", "reparam.bias"}
 
 
 def test_module_reachable_at_two_paths_is_never_folded():

@@ -58,7 +58,10 @@ def test_a_root_that_returns_a_module_becomes_that_module():
 def test_a_float32_model_without_verification_is_still_checked_block_by_block():
     model = randomized(B.grouped_yolov7_net(), dtype=torch.float32)
     result = repconv.convert(model, verify=False)
-    assert [(o.path, o.status) for o in result.plan.entries if o.path == "1"] == [("1", "skipped")]
+    assert [(o.path, o.rule, o.status) for o in result.plan.entries if o.path == "1"] == [
+        ("1", "deploy_method", "skipped"),
+        ("1", "dataflow", "fused"),  # the undone block goes on to the data-flow pass
+    ]
     assert not hasattr(model[1], "fused")
 
 
@@ -101,27 +104,30 @@ def test_children_methods_run_before_their_parents():
     assert isinstance(model[1].reparam, nn.Conv2d) and norms_left(model) == []
 
 
-def test_a_method_that_raises_is_undone_and_the_block_goes_on_to_conv_bn():
+def test_a_method_that_raises_is_undone_and_the_block_goes_on_to_the_later_passes():
     model = B.raising_net()
     result = converted(model)
-    by_path = {o.path: o for o in result.plan.entries}
-    assert by_path["1"].status == "skipped"
-    assert "switch_to_deploy() failed" in by_path["1"].reason
-    assert "boom from the library" in by_path["1"].reason
-    assert by_path["1.body.0"].rule == "conv_bn" and by_path["1.body.0"].status == "fused"
-    assert isinstance(model[1].body[1], nn.Identity)
+    by_step = {(o.path, o.rule): o for o in result.plan.entries}
+    undone = by_step["1", "deploy_method"]
+    assert undone.status == "skipped"
+    assert "switch_to_deploy() failed" in undone.reason
+    assert "boom from the library" in undone.reason
+    # x + body(x) is one conv: the data-flow pass folds the norm and the identity into body.0.
+    assert by_step["1", "dataflow"].status == "fused"
+    assert set(model[1].state_dict()) == {"body.0.weight", "body.0.bias"}
     assert any("switch_to_deploy()" in w["message"] for w in result.plan.warnings)
 
 
 def test_a_method_wrong_for_grouped_convs_is_undone():
     model = B.grouped_yolov7_net()
     result = converted(model)
-    by_path = {o.path: o for o in result.plan.entries}
-    assert by_path["1"].status == "skipped"
-    assert "fuse_repvgg_block() changed the block's output" in by_path["1"].reason
-    assert not hasattr(model[1], "fused")  # left as it was ...
-    assert by_path["1.dense.0"].status == "fused"  # ... and its conv-BN pair still folded
-    assert norms_left(model) == ["1.idbn"]  # no pass can fold an identity norm here
+    by_step = {(o.path, o.rule): o for o in result.plan.entries}
+    undone = by_step["1", "deploy_method"]
+    assert undone.status == "skipped"
+    assert "fuse_repvgg_block() changed the block's output" in undone.reason
+    assert not hasattr(model[1], "fused")  # the method's form is not used ...
+    assert by_step["1", "dataflow"].status == "fused"  # ... the data flow fuses the block
+    assert norms_left(model) == []
 
 
 def test_the_same_method_is_kept_where_it_is_right():

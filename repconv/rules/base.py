@@ -11,7 +11,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Callable
 from collections.abc import Set as AbstractSet
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, ClassVar, Literal, Protocol
 
 import torch
@@ -37,7 +37,7 @@ class Fused:
     removed: list[str] = field(default_factory=list)
 
 
-PassKind = Literal["block", "fallback", "pairs"]
+PassKind = Literal["block", "fallback", "regions", "pairs"]
 
 
 @dataclass(frozen=True)
@@ -50,6 +50,10 @@ class Step:
     structure: str
     params_before: int
     norm_path: str | None = None
+    # A step that fuses parts of its block (the data-flow pass): the modules it consumes, and
+    # the modules inside the block that other steps own and it must treat as opaque.
+    parts: tuple[str, ...] = ()
+    opaque: tuple[str, ...] = ()
 
     @property
     def rule(self) -> str:
@@ -60,6 +64,27 @@ class Step:
     def chain(self) -> tuple[str, ...]:
         """The modules the step fuses, in data-flow order: the first at `path`."""
         return (self.path,) if self.norm_path is None else (self.path, self.norm_path)
+
+    @property
+    def claims(self) -> tuple[str, ...]:
+        """The modules no later pass may touch: the parts the step consumes, else its chain."""
+        return self.parts or self.chain
+
+    def moved_under(self, prefix: str) -> Step:
+        """The same step planned inside the module at `prefix` (paths made absolute)."""
+        if not prefix:
+            return self
+
+        def join(path: str) -> str:
+            return f"{prefix}.{path}" if path else prefix
+
+        return replace(
+            self,
+            path=join(self.path),
+            norm_path=None if self.norm_path is None else join(self.norm_path),
+            parts=tuple(join(p) for p in self.parts),
+            opaque=tuple(join(p) for p in self.opaque),
+        )
 
 
 class Scope(Protocol):
@@ -136,9 +161,19 @@ class Rule(Pass):
     match: Callable[[nn.Module], str | None]
     fuse: Callable[[nn.Module], Fused]
     deploy_form: str = ""
+    # The children a matched block's fuse folds. Given, a match by names also needs the block's
+    # data flow to agree: its forward sums exactly those children's branches, with no scalar
+    # or activation of its own on a branch (else the block goes on to the later passes).
+    folds: Callable[[nn.Module], list[str]] | None = None
 
     def match_module(self, module: nn.Module, scope: Scope) -> str | None:
-        return self.match(module)
+        structure = self.match(module)
+        if structure and self.folds is not None:
+            from repconv.rules.dataflow import sums_exactly  # the data-flow pass needs this module
+
+            if not sums_exactly(module, self.folds(module)):
+                return None
+        return structure
 
     def fuse_step(self, model: nn.Module, step: Step) -> tuple[int, ...] | None:
         return self.fuse(model.get_submodule(step.path)).kernel_shape

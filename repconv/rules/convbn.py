@@ -110,7 +110,10 @@ def find_pairs(model: nn.Module, opaque: AbstractSet[int]) -> list[Pair]:
     return [
         p
         for p in pairs
-        if uses[id(modules[p.conv_path])] == 1 and uses[id(modules[p.norm_path])] == 1
+        if all(
+            uses[id(modules[path])] == 1 and id(modules[path]) not in opaque
+            for path in (p.conv_path, p.norm_path)
+        )
     ]
 
 

@@ -17,14 +17,14 @@ from __future__ import annotations
 from collections.abc import Sequence
 from importlib.metadata import entry_points
 
-from repconv.rules import acb, convbn, dbb, deploy_method, repvgg
+from repconv.rules import acb, convbn, dataflow, dbb, deploy_method, repvgg
 from repconv.rules.base import Pass, Rule
 
 ENTRY_POINT_GROUP = "repconv.rules"
 
 _BUILTIN: list[Rule] = [repvgg.RULE, dbb.RULE, acb.RULE]
 # After the block rules (and any registered ones), in this order.
-_LATER_PASSES: list[Pass] = [deploy_method.PASS, convbn.PASS]
+_LATER_PASSES: list[Pass] = [deploy_method.PASS, dataflow.PASS, convbn.PASS]
 _registered: list[Rule] = []
 _entry_points_loaded = False
 

@@ -73,6 +73,10 @@ def fuse(block: nn.Module) -> Fused:
     return fused
 
 
+def folds(block: nn.Module) -> list[str]:
+    return [name for name in _TRAIN_CHILDREN if getattr(block, name, None) is not None]
+
+
 RULE = Rule(
     name="repvgg",
     family="RepVGG",
@@ -80,4 +84,5 @@ RULE = Rule(
     deploy_form="rbr_reparam (weight, bias); se and nonlinearity stay",
     match=match,
     fuse=fuse,
+    folds=folds,
 )

@@ -1,0 +1,357 @@
+"""The generic pass: every linear region, found by data flow, becomes one conv.
+
+`repconv.dataflow` finds the regions (sums of linear branches from one input); this pass groups
+them by the module whose code holds them (the block), and fuses a block's regions in one step.
+
+Deploy form: the block keeps its path, its class and its non-linear parts. Each region becomes
+one conv: the region's only conv when the fused kernel has that conv's shape (it gains the
+fold, as a conv -> BN fold leaves it), else a new child conv named `reparam` (`reparam_1`, ...
+for more regions in one block). The modules and parameters the regions consumed are deleted,
+and the block's forward becomes its traced code with each region replaced by its conv call, set
+on the instance (`GraphForward`). `load_deploy` rebuilds that form by replaying the plan.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Set as AbstractSet
+from itertools import count, islice
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from repconv import dataflow
+from repconv import linear_map as L
+from repconv.errors import NotFusable
+from repconv.rules.base import Pass, Step, is_plain_conv, param_count
+
+NAME = "dataflow"
+SUMMARY = (
+    "any sum of linear branches from one input (convs of any kernel or dilation, BN before or "
+    "after, identity, avg-pool, zero pad, scalars) that one conv computes"
+)
+DEPLOY_FORM = (
+    "the block keeps its path and non-linear parts; each region becomes one conv (`reparam`, or "
+    "its single conv with the fold) that the block's forward calls"
+)
+FUSED_NAME = "reparam"
+_CONV_BY_DIMS = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
+
+
+class GraphForward:
+    """A block's forward after its regions were fused: the Python code fx generates from the
+    rewritten graph, run with the block as `self`.
+
+    Set on the instance, so the block keeps its class and every attribute. Copyable
+    (`copy.deepcopy`); not picklable, as the code exists only in this process: save the
+    state_dict and rebuild with `repconv.load_deploy`.
+    """
+
+    def __init__(self, block: nn.Module, graph: fx.Graph):
+        self.block = block
+        self.graph = graph
+        code = graph.python_code(root_module="self")
+        scope = dict(code.globals)
+        exec(compile(code.src, f"<repconv fused forward of {type(block).__name__}>", "exec"), scope)
+        self._function = scope["forward"]
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self._function(self.block, *args, **kwargs)
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> GraphForward:
+        import copy
+
+        return GraphForward(copy.deepcopy(self.block, memo), self.graph)
+
+    def __reduce__(self) -> Any:
+        raise TypeError(
+            "a block fused by repconv's data-flow pass cannot be pickled; save its state_dict "
+            "and rebuild the deploy model with repconv.load_deploy"
+        )
+
+
+def graph_of(module: nn.Module, opaque: AbstractSet[int] = frozenset()) -> fx.Graph:
+    """The module's graph as its forward runs it, instance-level forwards included."""
+    own = vars(module).get("forward")
+    if isinstance(own, GraphForward):
+        return _copy_graph(own.graph)
+    tracer = dataflow.LeafTracer(opaque)
+    if own is not None:
+        function = getattr(own, "__func__", None)
+        if getattr(own, "__self__", None) is not module or function is None:
+            raise NotFusable("its forward was replaced on the instance by something untraceable")
+        tracer.traced_func_name = function.__name__
+    return tracer.trace(module)
+
+
+def _copy_graph(graph: fx.Graph) -> fx.Graph:
+    copied = fx.Graph()
+    output = copied.graph_copy(graph, {})
+    copied.output(output)
+    return copied
+
+
+def _join(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix else name
+
+
+def _search(module: nn.Module, prefix: str, claimed: AbstractSet[int]) -> list[Step]:
+    """The smallest traceable modules from the top, as the conv -> BN pass scopes them."""
+    if id(module) in claimed or not any(is_plain_conv(m) for m in module.modules()):
+        return []
+    try:
+        graph = graph_of(module, claimed)
+    except Exception:  # untraceable here: its children may trace
+        return [
+            s for n, c in module.named_children() for s in _search(c, _join(prefix, n), claimed)
+        ]
+    regions = dataflow.analyse(module, graph, claimed)
+    return [_step(module, prefix, owner, group, claimed) for owner, group in _by_owner(regions)]
+
+
+def _by_owner(regions: list[dataflow.Region]) -> list[tuple[str, list[dataflow.Region]]]:
+    groups: dict[str, list[dataflow.Region]] = {}
+    for region in regions:
+        groups.setdefault(region.owner, []).append(region)
+    return list(groups.items())
+
+
+def _step(
+    root: nn.Module,
+    prefix: str,
+    owner: str,
+    regions: list[dataflow.Region],
+    claimed: AbstractSet[int],
+) -> Step:
+    block = root.get_submodule(owner)
+    inside = _join(prefix, owner)
+    parts = sorted({_relative(t, owner) for r in regions for t in r.module_targets()})
+    opaque = [p for p, m in block.named_modules() if p and id(m) in claimed]
+    return Step(
+        path=inside,
+        by=PASS,
+        family=PASS.family,
+        structure="; ".join(r.describe() for r in regions),
+        params_before=param_count(block),
+        parts=tuple(_join(inside, p) for p in parts),
+        opaque=tuple(_join(inside, p) for p in opaque),
+    )
+
+
+def _relative(target: str, owner: str) -> str:
+    return target[len(owner) + 1 :] if owner else target
+
+
+def sums_exactly(block: nn.Module, children: list[str]) -> bool:
+    """Whether the block's forward is, by its data flow, one linear region made of exactly the
+    leaves under `children` (no scalar or activation of its own on a branch). A block that does
+    not trace cannot be judged this way: True, as a match by names alone was before."""
+    try:
+        graph = graph_of(block)
+    except Exception:
+        return True
+    expected = {
+        _join(name, path) if path else name
+        for name in children
+        for path, m in block.get_submodule(name).named_modules()
+        if not m._modules and not isinstance(m, dataflow.PASS_THROUGH)
+    }
+    regions = [r for r in dataflow.analyse(block, graph) if r.owner == ""]
+    return any(set(r.module_targets()) == expected and not r.attribute_targets() for r in regions)
+
+
+# ---- fusing one block ---------------------------------------------------------------------------
+
+
+def fuse_block(model: nn.Module, step: Step) -> tuple[int, ...]:
+    """Fuse the regions of the block at `step.path`; NotFusable before any change if the block
+    no longer holds the regions the plan found."""
+    block = model.get_submodule(step.path)
+    modules = dict(model.named_modules())
+    opaque = {id(modules[p]) for p in step.opaque if p in modules}
+    try:
+        graph = graph_of(block, opaque)
+    except NotFusable:
+        raise
+    except Exception as exc:
+        raise NotFusable(f"its forward no longer traces ({type(exc).__name__}: {exc})") from None
+    analysis = dataflow.Analysis(block, graph, dataflow.as_meta, opaque)
+    regions = [r for r in analysis.regions() if r.owner == ""]
+    targets = sorted({_join(step.path, t) for r in regions for t in r.module_targets()})
+    if not regions or targets != sorted(step.parts):
+        raise NotFusable("its linear regions are not the ones planned (the block changed)")
+    values = analysis.values(regions, dataflow.as_is)
+    shared = _shared_modules(model)
+    dtype = _weight_dtype(block)
+    convs = [_fused_conv(v, dtype) for v in values]
+    names = _fresh_names(block, len(regions))
+    consumed = {t for r in regions for t in [*r.module_targets(), *r.attribute_targets()]}
+    shapes = []
+    for region, fused, name in zip(regions, convs, names):
+        target = _install(block, graph, region, fused, name, shared)
+        _rewire(graph, region, target)
+        shapes.append(tuple(fused.kernel.shape))
+    _drop_consumed(block, graph, consumed)
+    graph.lint()
+    block.forward = GraphForward(block, graph)
+    return shapes[0]
+
+
+def _weight_dtype(block: nn.Module) -> torch.dtype:
+    for tensor in block.parameters():
+        if tensor.is_floating_point():
+            return tensor.dtype
+    return torch.float64
+
+
+def _fused_conv(value: L.LinearValue, dtype: torch.dtype) -> L.FusedConv:
+    try:
+        return L.to_conv(value, dtype=dtype)
+    except L.NotExact as exc:
+        raise NotFusable(str(exc)) from None
+
+
+def _fresh_names(block: nn.Module, how_many: int) -> list[str]:
+    taken = set(dir(block))
+    candidates = (FUSED_NAME if i == 0 else f"{FUSED_NAME}_{i}" for i in count())
+    return list(islice((name for name in candidates if name not in taken), how_many))
+
+
+def _shared_modules(model: nn.Module) -> set[int]:
+    uses = Counter(id(m) for _, m in model.named_modules(remove_duplicate=False))
+    return {key for key, n in uses.items() if n > 1}
+
+
+def _install(
+    block: nn.Module,
+    graph: fx.Graph,
+    region: dataflow.Region,
+    fused: L.FusedConv,
+    name: str,
+    shared: set[int],
+) -> str:
+    """Put the fused conv in the block: into the region's only conv if it has that shape (and
+    no other path of the model reaches that conv)."""
+    absorbing = _absorbing_conv(block, graph, region, fused)
+    if absorbing is not None and id(block.get_submodule(absorbing)) in shared:
+        absorbing = None
+    if absorbing is not None:
+        conv = block.get_submodule(absorbing)
+        trainable = conv.weight.requires_grad
+        conv.weight = nn.Parameter(fused.kernel, requires_grad=trainable)
+        conv.bias = nn.Parameter(fused.bias, requires_grad=trainable)
+        return absorbing
+    setattr(block, name, _new_conv(fused, region.value))
+    return name
+
+
+def _absorbing_conv(
+    block: nn.Module, graph: fx.Graph, region: dataflow.Region, fused: L.FusedConv
+) -> str | None:
+    convs = [n for n in region.nodes if n.op == "call_module" and is_plain_conv(_module(block, n))]
+    if len(convs) != 1 or sum(1 for n in region.nodes if dataflow.kind_of(n) == "conv") != 1:
+        return None
+    target = str(convs[0].target)
+    if sum(1 for n in graph.nodes if n.op == "call_module" and n.target == target) != 1:
+        return None  # called elsewhere too: its weights must stay as they are
+    conv = block.get_submodule(target)
+    same = (
+        tuple(conv.weight.shape) == tuple(fused.kernel.shape)
+        and tuple(conv.stride) == fused.stride
+        and conv.padding == fused.padding
+        and tuple(conv.dilation) == fused.dilation
+        and conv.groups == fused.groups
+        and conv.padding_mode == "zeros"
+    )
+    return target if same else None
+
+
+def _module(block: nn.Module, node: fx.Node) -> nn.Module | None:
+    try:
+        return block.get_submodule(str(node.target))
+    except AttributeError:
+        return None
+
+
+def _new_conv(fused: L.FusedConv, value: L.LinearValue) -> nn.Module:
+    cls = _CONV_BY_DIMS[len(fused.stride)]
+    with torch.device("meta"):
+        conv = cls(
+            value.channels_in,
+            value.channels_out,
+            tuple(fused.kernel.shape[2:]),
+            stride=fused.stride,
+            padding=fused.padding,
+            dilation=fused.dilation,
+            groups=fused.groups,
+            bias=True,
+        )
+    conv.weight = nn.Parameter(fused.kernel, requires_grad=False)
+    conv.bias = nn.Parameter(fused.bias, requires_grad=False)
+    return conv
+
+
+def _rewire(graph: fx.Graph, region: dataflow.Region, target: str) -> None:
+    """The region's output now comes from one conv call; its nodes go."""
+    with graph.inserting_before(region.output):
+        call = graph.call_module(target, (region.source,))
+    region.output.replace_all_uses_with(call)
+    doomed = [*region.nodes, *dataflow.constant_inputs(region.nodes)]
+    for node in sorted(doomed, key=_position(graph), reverse=True):
+        if not node.users:
+            graph.erase_node(node)
+
+
+def _position(graph: fx.Graph):
+    order = {node: i for i, node in enumerate(graph.nodes)}
+    return lambda node: order.get(node, -1)
+
+
+def _drop_consumed(block: nn.Module, graph: fx.Graph, consumed: set[str]) -> None:
+    """Delete what the regions consumed and nothing in the new graph reads, then the
+    containers left empty by that (a Sequential whose conv and norm are gone)."""
+    used = {str(n.target) for n in graph.nodes if n.op in ("call_module", "get_attr")}
+
+    def referenced(path: str) -> bool:
+        return any(t == path or t.startswith(path + ".") or path.startswith(t + ".") for t in used)
+
+    for path in sorted(consumed, key=len, reverse=True):
+        if referenced(path):
+            continue
+        _delete(block, path)
+        parent = path.rpartition(".")[0]
+        while parent and not referenced(parent) and _is_empty(block.get_submodule(parent)):
+            _delete(block, parent)
+            parent = parent.rpartition(".")[0]
+
+
+def _delete(block: nn.Module, path: str) -> None:
+    parent_path, _, name = path.rpartition(".")
+    parent = block.get_submodule(parent_path) if parent_path else block
+    if hasattr(parent, name):
+        delattr(parent, name)
+
+
+def _is_empty(module: nn.Module) -> bool:
+    return not (module._modules or module._parameters or module._buffers)
+
+
+class DataflowPass(Pass):
+    """Linear regions outside the claimed blocks, one step per block that holds them."""
+
+    name = NAME
+    family = "linear region"
+    summary = SUMMARY
+    deploy_form = DEPLOY_FORM
+    kind = "regions"
+
+    def find(self, model: nn.Module, claimed: AbstractSet[int]) -> list[Step]:
+        return _search(model, "", claimed)
+
+    def fuse_step(self, model: nn.Module, step: Step) -> tuple[int, ...]:
+        return fuse_block(model, step)
+
+
+PASS = DataflowPass()
