@@ -10,6 +10,7 @@ without loading torch.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import json
 import math
 import re
@@ -314,3 +315,30 @@ def recorded_options(options: ConvertOptions) -> dict[str, Any]:
     record["input_shape"] = list(shape) if shape else None
     record["arch_kwargs"] = dict(record["arch_kwargs"] or {})
     return json.loads(json.dumps(record))  # what reading it back from metadata gives
+
+
+def takes_options(*groups: Group, omit: Sequence[str] = ()) -> Callable[[Callable], Callable]:
+    """Show a function's `**keywords` as the `ConvertOptions` fields it takes, with defaults.
+
+    The function still receives them as `**keywords` (and passes them to
+    `ConvertOptions.merged`); only its `__signature__` changes, so `help()`, `inspect` and IDEs
+    show real names and defaults read from the dataclass instead of a second hand-written list.
+    """
+
+    def decorate(function: Callable) -> Callable:
+        own = inspect.signature(function).parameters.values()
+        kept = [p for p in own if p.kind is not inspect.Parameter.VAR_KEYWORD]
+        taken = {p.name for p in kept}
+        extra = [
+            inspect.Parameter(
+                f.name, inspect.Parameter.KEYWORD_ONLY, default=f.default, annotation=f.type
+            )
+            for f in option_fields(*groups)
+            if f.name not in taken and f.name not in omit
+        ]
+        function.__signature__ = inspect.Signature(
+            [*kept, *extra], return_annotation=inspect.signature(function).return_annotation
+        )
+        return function
+
+    return decorate

@@ -21,7 +21,7 @@ from repconv import arch, checkpoint, dtypes, engine, metadata
 from repconv import verification as V
 from repconv.engine import Applied, Plan
 from repconv.errors import BadInput, VerificationFailed
-from repconv.options import ConvertOptions, recorded_options
+from repconv.options import ConvertOptions, recorded_options, takes_options
 from repconv.rules.base import Rule, param_count
 from repconv.zoo import registry as zoo
 
@@ -52,6 +52,7 @@ class Result:
         }
 
 
+@takes_options("check", "convert", omit=("strict", "force"))
 def convert(
     model: nn.Module,
     options: ConvertOptions | None = None,
@@ -61,8 +62,8 @@ def convert(
 ) -> Result:
     """Convert `model` in place into its deploy form and verify it against itself before.
 
-    The check is set by `options` (a `ConvertOptions`) and/or keyword arguments naming its
-    fields: input_shape, samples, seed, verify, verify_dtype, exact_limit, atol, rtol.
+    The check is set by `options` (a `ConvertOptions`) and/or the keyword arguments of the
+    signature (its fields that apply here, with their defaults).
     The model's floating tensors are held in `verify_dtype` during the check (float64 by
     default) and the returned `state_dict` is in the model's own dtypes. No copy of the model
     is made: reference outputs are taken before the rewrite.
@@ -158,6 +159,7 @@ def metadata_for(
     )
 
 
+@takes_options()
 def convert_file(
     input_path: str | Path,
     output_path: str | Path,
@@ -295,6 +297,7 @@ def load_deploy(
     )
 
 
+@takes_options("model", "check")
 def verify_files(
     train_path: str | Path,
     deploy_path: str | Path,
@@ -403,6 +406,7 @@ def _recorded_plan_note(record: metadata.Recorded, plan: Plan, what: str) -> str
     )
 
 
+@takes_options("model")
 def inspect_file(
     input_path: str | Path, options: ConvertOptions | None = None, **keywords: Any
 ) -> tuple[Applied, int, int]:
@@ -421,6 +425,7 @@ def inspect_file(
     return applied, before, param_count(model)
 
 
+@takes_options("model", "check", omit=("samples", "seed", "atol", "rtol"))
 def bench_file(
     input_path: str | Path,
     options: ConvertOptions | None = None,

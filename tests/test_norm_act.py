@@ -7,14 +7,21 @@ from pathlib import Path
 import pytest
 import torch
 from helpers import randomized, rel_error
-from norm_act_net import NormAct2d, ScaledNormAct2d, build
+from norm_act_net import (
+    FrozenBatchNormAct2dCopy,
+    NormAct2d,
+    ScaledNormAct2d,
+    ShiftedFrozenBatchNormAct2dCopy,
+    build,
+    build_frozen,
+)
 from safetensors.torch import load_file
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 import repconv
 from repconv import engine
-from repconv.rules.base import NormActTail, is_norm_act
+from repconv.rules.base import NormActTail, is_frozen_norm, is_norm_act, is_norm_like
 
 ARCH = str(Path(__file__).with_name("norm_act_net.py")) + ":build"
 
@@ -101,3 +108,82 @@ def test_norm_act_in_a_traced_block(act):
         engine.convert_model(model)
         assert rel_error(model(x), reference) < 1e-12
     assert isinstance(model.bn, NormActTail) and norms_in(model) == []
+
+
+FROZEN_ARCH = str(Path(__file__).with_name("norm_act_net.py")) + ":build_frozen"
+
+
+def frozen_norms_in(model: nn.Module) -> list[str]:
+    return [path for path, m in model.named_modules() if is_norm_like(m)]
+
+
+def randomized_frozen(model: nn.Module, dtype: torch.dtype = torch.float64) -> nn.Module:
+    """Random convs and random frozen statistics (randomized() knows only _BatchNorm)."""
+    generator = torch.Generator().manual_seed(1)
+    model = model.to(dtype).eval()
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, FrozenBatchNormAct2dCopy):
+                n = module.weight.numel()
+                module.weight.copy_(0.5 + torch.rand(n, generator=generator))
+                module.bias.copy_(torch.randn(n, generator=generator))
+                module.running_mean.copy_(torch.randn(n, generator=generator))
+                module.running_var.copy_(0.5 + torch.rand(n, generator=generator))
+    return model
+
+
+def test_frozen_norm_act_folds_exactly_and_keeps_its_activation():
+    torch.manual_seed(0)
+    model = randomized_frozen(build_frozen())
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    with torch.no_grad():
+        reference = model(x)
+        applied = engine.convert_model(model)
+        assert rel_error(model(x), reference) < 1e-12
+    assert [(e.path, e.norm_path, e.status) for e in applied.entries] == [
+        ("0", "1", "fused"),
+        ("2", "3", "fused"),
+    ]
+    assert frozen_norms_in(model) == [] and applied.warnings == []
+    assert isinstance(model[1], NormActTail) and isinstance(model[1].act, nn.ReLU)
+    with torch.no_grad():  # the ReLU is still applied
+        assert float(model[1](model[0](x)).min()) == 0.0 and float(model[0](x).min()) < 0
+
+
+def test_frozen_norm_act_is_not_a_plain_frozen_norm():
+    # A plain frozen norm would become Identity and lose the activation.
+    assert not is_frozen_norm(FrozenBatchNormAct2dCopy(4, nn.ReLU()))
+    assert is_norm_like(FrozenBatchNormAct2dCopy(4, nn.ReLU()))
+    assert is_norm_act(FrozenBatchNormAct2dCopy(4, nn.ReLU()))
+    assert not is_norm_act(ShiftedFrozenBatchNormAct2dCopy(4, nn.ReLU()))
+    with torch.device("meta"):
+        assert is_norm_act(FrozenBatchNormAct2dCopy(4, nn.ReLU()))
+
+
+def test_frozen_norm_act_with_other_math_is_left_and_warned():
+    model = randomized_frozen(build_frozen("shifted"))
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    with torch.no_grad():
+        reference = model(x)
+        applied = engine.convert_model(model)
+        assert rel_error(model(x), reference) < 1e-12
+    assert applied.entries == [] and frozen_norms_in(model) == ["1", "3"]
+    assert len(applied.warnings) == 2
+
+
+def test_frozen_norm_act_deploy_file_round_trips(tmp_path):
+    source, out = tmp_path / "train.pth", tmp_path / "deploy.safetensors"
+    torch.save(randomized_frozen(build_frozen(), torch.float32).state_dict(), source)
+    result = repconv.convert_file(source, out, arch_spec=FROZEN_ARCH, input_shape=(3, 8, 8))
+    assert result.passed and result.plan.fused_by_rule() == {"conv_bn": 2}
+    written = load_file(out)
+    assert not any("running_mean" in key for key in written)
+    rebuilt = [
+        repconv.load_deploy(out, trust_metadata=True),
+        repconv.load_deploy(out, build_frozen()),
+    ]
+    for model in rebuilt:
+        assert set(model.state_dict()) == set(written) and frozen_norms_in(model) == []
+        x = torch.randn(2, 3, 8, 8)
+        with torch.no_grad():
+            assert rel_error(model.eval()(x), result.model(x)) < 1e-6

@@ -192,8 +192,8 @@ def is_plain_conv(module: Any) -> bool:
     )
 
 
-def is_frozen_norm(module: Any) -> bool:
-    """Frozen batch norms (torchvision, detectron2): buffers only, the same eval formula."""
+def _has_frozen_norm_tensors(module: Any) -> bool:
+    """Named like a frozen batch norm, with its four buffers and a float `eps`."""
     if isinstance(module, _BatchNorm) or not isinstance(module, nn.Module):
         return False
     names = set(module._buffers)
@@ -204,6 +204,15 @@ def is_frozen_norm(module: Any) -> bool:
     )
 
 
+def is_frozen_norm(module: Any) -> bool:
+    """Frozen batch norms (torchvision, detectron2): buffers only, the same eval formula.
+
+    One with children (timm's FrozenBatchNormAct2d: `drop`, `act`) is not: it does more than
+    normalise, and only `is_norm_act` may accept it.
+    """
+    return _has_frozen_norm_tensors(module) and not module._modules
+
+
 def norm_problem(module: Any, *, with_act: bool = False) -> str | None:
     """Why this batch-norm-like module cannot be folded, or None if it can.
 
@@ -212,6 +221,10 @@ def norm_problem(module: Any, *, with_act: bool = False) -> str | None:
     """
     if is_frozen_norm(module):
         return None
+    if _has_frozen_norm_tensors(module):
+        if with_act and is_norm_act(module):
+            return None
+        return f"{type(module).__name__} applies more than the norm (it has children)"
     if not isinstance(module, _BatchNorm):
         return "not a batch norm"
     plain = type(module).forward in _PLAIN_NORM_FORWARDS
@@ -233,27 +246,36 @@ _PROBE_SHAPES = {nn.BatchNorm1d: (2, -1, 3), nn.BatchNorm3d: (2, -1, 2, 2, 2)}
 
 
 def is_norm_act(module: Any) -> bool:
-    """A norm-plus-activation module (timm's BatchNormAct2d and kin): a batch norm subclass whose
-    only children are `drop` and `act`, with no tensor of its own beyond batch norm's, and whose
-    forward computes exactly `act(drop(batch_norm(x)))` in eval mode.
+    """A norm-plus-activation module (timm's BatchNormAct2d and kin, and FrozenBatchNormAct2d):
+    a batch norm subclass or a frozen batch norm whose only children are `drop` and `act`, with
+    no tensor of its own beyond the norm's, and whose forward computes exactly
+    `act(drop(batch_norm(x)))` in eval mode.
 
     Any other override of forward is refused. The forward is judged on a surrogate (a copy
     holding synthetic statistics), never on the module's own tensors, so the answer is the same
     for a model on the meta device (load_deploy's rebuild) as for the trained one.
     """
-    if not isinstance(module, _BatchNorm) or type(module).forward in _PLAIN_NORM_FORWARDS:
+    if set(getattr(module, "_modules", ())) != _NORM_ACT_CHILDREN:
         return False
-    if set(module._modules) != _NORM_ACT_CHILDREN or None in module._modules.values():
-        return False
-    if not (set(module._parameters) <= _BN_PARAMETERS and set(module._buffers) <= _BN_BUFFERS):
-        return False
-    if not module.track_running_stats or module.running_var is None:
+    if None in module._modules.values() or not _norm_act_tensors(module):
         return False
     try:
         with torch.device("cpu"):  # the probe's tensors are real even inside a meta build
             return _computes_norm_then_act(module)
     except Exception:  # a forward that cannot run on the surrogate is not the norm-act shape
         return False
+
+
+def _norm_act_tensors(module: nn.Module) -> bool:
+    """A batch norm subclass holding only batch norm's tensors (with running statistics), or a
+    frozen norm (timm's FrozenBatchNormAct2d) holding only its four buffers."""
+    if _has_frozen_norm_tensors(module):
+        return not module._parameters and set(module._buffers) <= _BN_BUFFERS | _BN_PARAMETERS
+    if not isinstance(module, _BatchNorm) or type(module).forward in _PLAIN_NORM_FORWARDS:
+        return False
+    if not (set(module._parameters) <= _BN_PARAMETERS and set(module._buffers) <= _BN_BUFFERS):
+        return False
+    return module.track_running_stats and module.running_var is not None
 
 
 def _computes_norm_then_act(module: nn.Module) -> bool:
@@ -275,8 +297,9 @@ def _computes_norm_then_act(module: nn.Module) -> bool:
 
 
 def _plain_batch_norm(norm: Any, x: torch.Tensor) -> torch.Tensor:
-    weight = norm.weight if norm.affine else None
-    bias = norm.bias if norm.affine else None
+    affine = getattr(norm, "affine", True)  # a frozen norm has no flag: always affine
+    weight = norm.weight if affine else None
+    bias = norm.bias if affine else None
     return nn.functional.batch_norm(
         x, norm.running_mean, norm.running_var, weight, bias, False, 0.0, norm.eps
     )
@@ -297,7 +320,7 @@ class NormActTail(nn.Module):
 
 def is_norm_like(module: Any) -> bool:
     """Anything that normalises with batch statistics: candidates for warnings when left behind."""
-    return isinstance(module, _BatchNorm) or is_frozen_norm(module)
+    return isinstance(module, _BatchNorm) or _has_frozen_norm_tensors(module)
 
 
 def norm_stats(norm: nn.Module, *, with_act: bool = False) -> NormStats:
