@@ -86,7 +86,8 @@ class Region:
     owner: str  # the innermost module whose code holds every node ("" = the traced module)
 
     def module_targets(self) -> list[str]:
-        """The modules the region folds (pass-through ones, Identity or Dropout, it only skips)."""
+        """The modules the region folds (a pass-through one, Identity or Dropout, only when it
+        sits on a branch: after a sum it stays the block's)."""
         return [str(n.target) for n in self.nodes if n.op == "call_module" and kind_of(n) != "same"]
 
     def attribute_targets(self) -> list[str]:
@@ -110,14 +111,15 @@ class Region:
         kinds = [kind_of(n) for n in self.nodes]
         if "conv" not in kinds and "norm" not in kinds:
             return False
-        substantive = [k for k in kinds if k != "same"]
+        substantive = [k for k in kinds if k not in ("same", "branch")]
         if len(substantive) < 2:
             return False
         return substantive != ["conv", "norm"]
 
 
 def kind_of(node: fx.Node) -> str:
-    """What the analysis took a node for: conv, norm, pool, pad, scale, sum, same, or ""."""
+    """What the analysis took a node for: conv, norm, pool, pad, scale, sum, branch (a
+    pass-through module on one branch), same (any other pass-through), or ""."""
     return node.meta.get("repconv_kind", "")
 
 
@@ -233,6 +235,8 @@ class Analysis:
         self.constants: dict[fx.Node, Any] = {}
         self.device = _device_of(root, resolve)
         self.cuts: set[fx.Node] = set()
+        # (owner, reason): sums of branches from one input that are not linear (see _refusals)
+        self.refusals: list[tuple[str, str]] = []
         self.shapes = _Shapes()
         for node in graph.nodes:
             node.meta["repconv_constant"] = self._is_constant(node)
@@ -303,6 +307,7 @@ class Analysis:
             found, shared = self._collect(run)
             if not run.new_cuts and not shared:
                 self.cuts = cuts
+                self.refusals = _refusals(self.graph, run, self.modules)
                 return [r for r in found if r.worth_fusing]
             cuts |= run.new_cuts | shared
         raise AssertionError("the cut points grow with every run; they cannot exceed the nodes")
@@ -389,8 +394,11 @@ class Analysis:
             raise _NotLinear  # another pass's block
         operand = node.args[0]
         if isinstance(module, PASS_THROUGH):
-            node.meta["repconv_kind"] = "same"
-            return self._operand(operand, run)
+            value, source = self._operand(operand, run)
+            # On a branch (rbr_identity = nn.Identity) it is a train-time part the region
+            # folds; after a sum (an `se` placeholder) it stays as the block's own.
+            node.meta["repconv_kind"] = "branch" if len(value.terms) == 1 else "same"
+            return value, source
         step = self._module_map(node, module)
         return self._then(node, operand, step, run)
 
@@ -506,6 +514,52 @@ class Analysis:
 
 class _NotLinear(Exception):
     """The node is not a linear map this analysis knows."""
+
+
+def _refusals(graph: fx.Graph, run: _Pass, modules: dict[str, nn.Module]) -> list[tuple[str, str]]:
+    """Sums that look like a re-parameterizable block but are not one linear map of one input:
+    a branch ends in a non-linear step (an activation, a product with the input, a reflect
+    padded conv) applied to a linear value of the input the other branches read. A residual
+    sum whose branch holds convs after its non-linearity (ResNet) is not such a look-alike."""
+    found = []
+    for node in graph.nodes:
+        if node in run.values or not (node.target in _ADD or node.target in _SUB):
+            continue
+        operands = [a for a in node.args if isinstance(a, fx.Node)]
+        sources = {run.sources[a] for a in operands if a in run.values}
+        sources |= {a for a in operands if a.op == "placeholder"}
+        for operand in operands:
+            step = _last_non_linear_step(operand, run)
+            if step is None:
+                continue
+            reads = [run.sources.get(i, i) if i in run.values else i for i in step.all_input_nodes]
+            if sources & set(reads):
+                reason = (
+                    f"the branches summed at `{node.name}` are not one linear map of the input: "
+                    f"{_describe(step, modules)} on a branch is not linear"
+                )
+                found.append((_frame(node), reason))
+                break
+    return found
+
+
+def _last_non_linear_step(operand: fx.Node, run: _Pass) -> fx.Node | None:
+    """The non-linear node a branch ends with, possibly followed by norms or scales only."""
+    if operand in run.values:
+        if any(not t.diagonal for t in run.values[operand].terms):
+            return None  # convs after it: a branch of its own (a ResNet body), not a look-alike
+        operand = run.sources[operand]
+    return None if operand.op in ("placeholder", "get_attr") else operand
+
+
+def _describe(node: fx.Node, modules: dict[str, nn.Module]) -> str:
+    if node.op == "call_module":
+        module = modules.get(str(node.target))
+        text = f"{type(module).__name__} `{node.target}`"
+        mode = getattr(module, "padding_mode", "zeros")
+        return text + (f" (padding_mode={mode!r})" if mode != "zeros" else "")
+    name = getattr(node.target, "__name__", str(node.target))
+    return f"`{name}`"
 
 
 def _frame(node: fx.Node) -> str:

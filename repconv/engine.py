@@ -304,6 +304,8 @@ def _apply_step(
     observer: BlockObserver | None,
     skip: Mapping[tuple[str, str], str],
 ) -> Outcome:
+    if step.refusal is not None:
+        return Outcome(step, "skipped", reason=step.refusal)
     if (step.path, step.rule) in skip:
         return Outcome(step, "skipped", reason=skip[step.path, step.rule])
     block_error = observer(model, step) if observer is not None else None

@@ -58,6 +58,10 @@ class YoloV7RepConv(nn.Module):
         )
 
     def forward(self, inputs):
+        # Upstream's forward runs the deploy form when it is there; the conversion method that
+        # builds it (`fuse_repvgg_block`) is left out of this copy.
+        if hasattr(self, "rbr_reparam"):
+            return self.act(self.rbr_reparam(inputs))
         id_out = 0 if self.rbr_identity is None else self.rbr_identity(inputs)
         return self.act(self.rbr_dense(inputs) + self.rbr_1x1(inputs) + id_out)
 
@@ -467,6 +471,16 @@ LAYOUTS = (
     "unireplknet",
     "yolov10_repvggdw",
 )
+# The pass expected to fuse each layout's blocks, and the conv it leaves: the repvgg rule knows
+# yolov7's names and leaves its upstream deploy form; the others are the data-flow pass's.
+FUSED_BY = {"yolov7_repconv": ("repvgg", "rbr_reparam")}
+DEFAULT_FUSED_BY = ("dataflow", "reparam")
+
+
+def fused_by(layout: str) -> tuple[str, str]:
+    return FUSED_BY.get(layout, DEFAULT_FUSED_BY)
+
+
 NEGATIVE_LAYOUTS = ("act_between", "mean_scaled", "input_gated", "reflect_padded")
 
 # The block classes above: what the tests look for inside a built net.

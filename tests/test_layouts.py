@@ -201,14 +201,15 @@ def test_copy_branch_presence_follows_upstream_conditions():
 # ---- fused in memory (need the dataflow pass) ---------------------------------------------------
 
 
-def assert_fused_by_dataflow(model: nn.Module, applied) -> None:
+def assert_fused(model: nn.Module, applied, layout: str = "") -> None:
+    rule, attribute = L.fused_by(layout)
     fused = {(o.path, o.rule) for o in applied.entries if o.status == "fused"}
     for path, block in blocks_of(model).items():
-        assert (path, "dataflow") in fused, f"{path} ({type(block).__name__}) not fused"
+        assert (path, rule) in fused, f"{path} ({type(block).__name__}) not fused by {rule}"
         assert not [m for m in block.modules() if is_norm(m)], f"norm left in {path}"
         convs = [m for m in block.modules() if is_conv(m)]
         assert len(convs) == 1, f"{path} holds {len(convs)} convs"
-        assert isinstance(block.reparam, nn.modules.conv._ConvNd)
+        assert isinstance(getattr(block, attribute), nn.modules.conv._ConvNd)
 
 
 @needs_dataflow
@@ -221,7 +222,7 @@ def test_every_block_is_fused_into_one_conv(layout, dtype):
         reference = model(x)
         applied = engine.convert_model(model)
         got = model(x)
-    assert_fused_by_dataflow(model, applied)
+    assert_fused(model, applied, layout)
     limit = EXACT if dtype == torch.float64 else written_limit(dtype)
     assert rel_error(got, reference) <= limit
 
@@ -235,7 +236,7 @@ def test_every_unireplknet_kernel_size_is_fused(kernel):
         reference = model(x)
         applied = engine.convert_model(model)
         got = model(x)
-    assert_fused_by_dataflow(model, applied)
+    assert_fused(model, applied)
     assert model[0].reparam.kernel_size == (kernel, kernel)
     assert rel_error(got, reference) <= EXACT
 
@@ -277,7 +278,7 @@ def test_cli_converts_and_load_deploy_matches_the_train_model(tmp_path, layout):
     blocks = {b["path"]: b for b in doc["plan"]["blocks"]}
     for path in blocks_of(L.build(layout)):
         step = blocks.get(path, {})
-        assert (step.get("rule"), step.get("status")) == ("dataflow", "fused"), path
+        assert (step.get("rule"), step.get("status")) == (L.fused_by(layout)[0], "fused"), path
     assert doc["verification"]["exact_max"] <= EXACT
 
     deploy = repconv.load_deploy(out, ARCH, {"layout": layout})  # strict

@@ -54,6 +54,9 @@ class Step:
     # the modules inside the block that other steps own and it must treat as opaque.
     parts: tuple[str, ...] = ()
     opaque: tuple[str, ...] = ()
+    # Set when the pass looked at the block and declines it: the step is recorded as skipped
+    # with this reason (a warning) and claims nothing, so later passes still see the block.
+    refusal: str | None = None
 
     @property
     def rule(self) -> str:
@@ -68,6 +71,8 @@ class Step:
     @property
     def claims(self) -> tuple[str, ...]:
         """The modules no later pass may touch: the parts the step consumes, else its chain."""
+        if self.refusal is not None:
+            return ()
         return self.parts or self.chain
 
     def moved_under(self, prefix: str) -> Step:

@@ -107,8 +107,18 @@ def _search(module: nn.Module, prefix: str, claimed: AbstractSet[int]) -> list[S
         return [
             s for n, c in module.named_children() for s in _search(c, _join(prefix, n), claimed)
         ]
-    regions = dataflow.analyse(module, graph, claimed)
-    return [_step(module, prefix, owner, group, claimed) for owner, group in _by_owner(regions)]
+    analysis = dataflow.Analysis(module, graph, dataflow.as_meta, claimed)
+    regions = analysis.regions()
+    steps = [_step(module, prefix, owner, group, claimed) for owner, group in _by_owner(regions)]
+    fused = {r.owner for r in regions}
+    for owner, reason in dict(analysis.refusals).items():
+        if owner not in fused:  # a block with a region says what it fused, not what it left
+            path = _join(prefix, owner)
+            block = module.get_submodule(owner)
+            steps.append(
+                Step(path, PASS, PASS.family, "not linear", param_count(block), refusal=reason)
+            )
+    return steps
 
 
 def _by_owner(regions: list[dataflow.Region]) -> list[tuple[str, list[dataflow.Region]]]:
@@ -156,7 +166,7 @@ def sums_exactly(block: nn.Module, children: list[str]) -> bool:
         _join(name, path) if path else name
         for name in children
         for path, m in block.get_submodule(name).named_modules()
-        if not m._modules and not isinstance(m, dataflow.PASS_THROUGH)
+        if not m._modules
     }
     regions = [r for r in dataflow.analyse(block, graph) if r.owner == ""]
     return any(set(r.module_targets()) == expected and not r.attribute_targets() for r in regions)
