@@ -564,9 +564,7 @@ def _describe(node: fx.Node, modules: dict[str, nn.Module]) -> str:
 
 def _frame(node: fx.Node) -> str:
     """The module whose code made this node (for a leaf call, the code that called it)."""
-    stack = list((node.meta.get("nn_module_stack") or {}).keys())
-    if node.op == "call_module" and stack and stack[-1] == node.target:
-        stack = stack[:-1]
+    stack = _stack(node)
     return stack[-1] if stack else ""
 
 
@@ -823,18 +821,23 @@ def _functional_conv(node: fx.Node, analysis: Analysis) -> L.LinearValue:
 
 def _owner(nodes: list[fx.Node]) -> str:
     """The innermost module whose forward holds all `nodes` (by fx's module stacks)."""
-    paths: list[list[str]] = []
-    for node in nodes:
-        stack = list((node.meta.get("nn_module_stack") or {}).keys())
-        if node.op == "call_module" and stack and stack[-1] == node.target:
-            stack = stack[:-1]  # the leaf itself is called by its parent's code
-        paths.append(stack)
+    paths = [_stack(node) for node in nodes]
     common: list[str] = []
     for level in zip(*paths):
         if len(set(level)) != 1:
             break
         common.append(level[0])
     return common[-1] if common else ""
+
+
+def _stack(node: fx.Node) -> list[str]:
+    """The paths of the modules whose code is running when `node` is made, outermost first
+    (for a leaf's call, its caller's). fx keys a second call of a module `path@1`; the path
+    itself is in the value."""
+    stack = [str(path) for path, _ in (node.meta.get("nn_module_stack") or {}).values()]
+    if node.op == "call_module" and stack and stack[-1] == node.target:
+        stack = stack[:-1]
+    return stack
 
 
 def analyse(

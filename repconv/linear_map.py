@@ -208,8 +208,14 @@ def then(first: LinearValue, second: LinearValue) -> LinearValue:
 
 
 def _cost(value: LinearValue) -> int:
-    """Multiply-adds per output position of the value's dense terms (diagonal ones are free)."""
-    return sum(t.weights.numel() for t in value.terms if not t.diagonal)
+    """Multiply-adds per output position of the one conv the value's dense terms sum into
+    (diagonal terms alone cost nothing: a norm, a scale, the identity)."""
+    dense = [t for t in value.terms if not t.diagonal]
+    if not dense:
+        return 0
+    groups = math.gcd(*[t.groups for t in dense])
+    taps = max(math.prod(t.window.size) for t in value.terms)
+    return value.channels_out * (value.channels_in // groups) * taps
 
 
 def _labelled(result: LinearValue, first: LinearValue, second: LinearValue) -> LinearValue:

@@ -483,13 +483,7 @@ def converted(model: nn.Module, x: Tensor) -> engine.Applied:
 
 
 def convert_exactly(model: nn.Module, x: Tensor) -> engine.Applied:
-    """`converted`, inside a property: examples hitting the known bug of
-    test_chained_regions_in_one_block are discarded (that test keeps it in view)."""
-    try:
-        return converted(model, x)
-    except RuntimeError as exc:
-        assume("used before it has been defined" not in str(exc))
-        raise
+    return converted(model, x)
 
 
 def image(gen: torch.Generator) -> Tensor:
@@ -614,13 +608,6 @@ class ChainedRegions(nn.Module):
         return self.conv2(F.pad(self.conv1(x * 2.0), [0, 1, 0, 0]))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=RuntimeError,
-    reason="fuse_block rewires region 1 (x*2 > conv1) first; region 2 (pad > conv2) still "
-    "holds the erased conv1 node as its source, so graph.lint() raises 'used before it has "
-    "been defined' out of convert_model",
-)
 def test_chained_regions_in_one_block():
     converted(ChainedRegions().double().eval(), randn(torch.Generator(), 2, CHANNELS, 6, 6))
 
@@ -646,12 +633,6 @@ class CalledTwice(nn.Module):
         return self.block(torch.relu(self.block(x)))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AttributeError,
-    reason="fx names the second call's module stack 'block@1'; dataflow._owner takes it for a "
-    "module path and _step's get_submodule('block@1') raises out of engine.plan",
-)
 def test_block_called_twice_plans():
     converted(CalledTwice().double().eval(), randn(torch.Generator(), 2, CHANNELS, 6, 6))
 
@@ -667,11 +648,6 @@ class LeafCalledTwice(nn.Module):
         return self.conv1(self.conv0(x)) + self.conv2(self.conv0(x))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the second call of conv0 has module stack key 'conv0@1', so dataflow._frame sees a "
-    "different frame and _composes_across_modules cuts conv2 off: exact, but 3 convs stay",
-)
 def test_leaf_called_twice_is_still_one_region():
     model = LeafCalledTwice().double().eval()
     converted(model, randn(torch.Generator(), 2, CHANNELS, 6, 6))
@@ -688,12 +664,6 @@ class TwoIdentitiesThen1x1(nn.Module):
         return self.conv1(self.conv0(x) + x + x)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="linear_map.then's cost check counts every term after mixing (1x1 + identity + "
-    "identity, each mixed by the 1x1 into a dense 1x1: 3 C^2 > 2 C^2) although the terms sum "
-    "into one C^2 kernel: exact, but refused (2 convs stay)",
-)
 def test_pointwise_terms_then_1x1_is_one_conv():
     model = TwoIdentitiesThen1x1().double().eval()
     converted(model, randn(torch.Generator(), 2, CHANNELS, 6, 6))

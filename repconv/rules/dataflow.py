@@ -199,9 +199,10 @@ def fuse_block(model: nn.Module, step: Step) -> tuple[int, ...]:
     names = _fresh_names(block, len(regions))
     consumed = {t for r in regions for t in [*r.module_targets(), *r.attribute_targets()]}
     shapes = []
+    replaced: dict[fx.Node, fx.Node] = {}  # a region's output, by the conv call now making it
     for region, fused, name in zip(regions, convs, names):
         target = _install(block, graph, region, fused, name, shared)
-        _rewire(graph, region, target)
+        replaced[region.output] = _rewire(graph, region, target, replaced)
         shapes.append(tuple(fused.kernel.shape))
     _drop_consumed(block, graph, consumed)
     graph.lint()
@@ -303,15 +304,20 @@ def _new_conv(fused: L.FusedConv, value: L.LinearValue) -> nn.Module:
     return conv
 
 
-def _rewire(graph: fx.Graph, region: dataflow.Region, target: str) -> None:
-    """The region's output now comes from one conv call; its nodes go."""
+def _rewire(
+    graph: fx.Graph, region: dataflow.Region, target: str, replaced: dict[fx.Node, fx.Node]
+) -> fx.Node:
+    """The region's output now comes from one conv call; its nodes go. A region reading an
+    earlier region's output (`replaced`) reads that region's conv call."""
+    source = replaced.get(region.source, region.source)
     with graph.inserting_before(region.output):
-        call = graph.call_module(target, (region.source,))
+        call = graph.call_module(target, (source,))
     region.output.replace_all_uses_with(call)
     doomed = [*region.nodes, *dataflow.constant_inputs(region.nodes)]
     for node in sorted(doomed, key=_position(graph), reverse=True):
         if not node.users:
             graph.erase_node(node)
+    return call
 
 
 def _position(graph: fx.Graph):
