@@ -28,7 +28,12 @@ def test_generic_vs_rule_fuses_every_block_both_ways_and_exactly(suite, tmp_path
     assert figure["blocks"] == 22
     assert sum(figure["structures"].values()) == 22
     assert figure["generic_vs_rule"] <= suite.EXACT and figure["generic_vs_train"] <= suite.EXACT
-    assert figure["ratio"] > 0 and figure["rule_s"] > 0 and figure["generic_s"] > 0
+    assert (
+        figure["ratio"] > 0
+        and figure["cpu_ratio"] > 0
+        and figure["rule_s"] > 0
+        and figure["generic_s"] > 0
+    )
 
 
 def test_generic_only_replaces_its_section_and_keeps_the_rest(suite):
@@ -37,6 +42,7 @@ def test_generic_only_replaces_its_section_and_keeps_the_rest(suite):
         "generic": {
             "blocks": 3,
             "ratio": 1.25,
+            "cpu_ratio": 1.1,
             "generic_s": 0.5,
             "rule_s": 0.4,
             "generic_vs_rule": 0.0,
