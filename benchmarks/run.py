@@ -15,6 +15,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -22,10 +23,16 @@ import torch
 from repconv import arch, checkpoint, engine
 from repconv import convert as convert_model
 from repconv.bench import compare
+from repconv.rules import registry as rule_registry
 from repconv.zoo import registry
 from repconv.zoo.checkpoints import save_train_checkpoint
 
 MODELS = ["repvgg_a0", "repvgg_b3", "dbb_resnet18", "acb_resnet18", "convbn_resnet50"]
+# Models whose blocks are also fused by the generic data-flow pass, the repvgg rule disabled.
+GENERIC_MODELS = ["repvgg_a0", "repvgg_b3"]
+GENERIC_HEADING = "## Generic data-flow pass vs the repvgg rule"
+# Both deploy models must agree this closely (relative to the train output) in float64.
+EXACT = 1e-12
 CHILD = str(Path(__file__).with_name("child.py"))
 SHAPE = (3, 224, 224)
 
@@ -51,6 +58,95 @@ def step_vs_floor(ckpt: Path, name: str, work: Path, runs: int) -> dict:
         ratios.append(step / floor)
         del model, loaded
     return {"step_s": median(steps), "floor_s": median(floors), "ratio": median(ratios)}
+
+
+def _fuse_timed(ckpt: Path, name: str, rules: list | None) -> tuple[float, float]:
+    """The step figure's timing, plan + apply on a freshly loaded model: (wall, CPU) seconds.
+
+    CPU time (all threads of the process) is reported too: on a shared machine it does not
+    count the time spent waiting for a core.
+    """
+    model = arch.build_loaded(name, {}, checkpoint.read_checkpoint(ckpt).state_dict)
+    wall, cpu = time.perf_counter(), time.process_time()
+    engine.apply(model, engine.plan(model, rules))
+    return time.perf_counter() - wall, time.process_time() - cpu
+
+
+def without_repvgg_rule() -> list:
+    """The block rules as usual minus repvgg, so the data-flow pass meets every RepVGG block."""
+    return [r for r in rule_registry.block_rules() if r.name != "repvgg"]
+
+
+def generic_vs_rule(ckpt: Path, name: str, runs: int) -> dict:
+    """The fuse step with the repvgg rule against the same step left to the data-flow pass.
+
+    One pair per run, the order reversed every run; the ratio is generic / rule, pair by pair.
+    """
+    generic_rules = without_repvgg_rule()
+    rule_s, generic_s, ratios, cpu_ratios = [], [], [], []
+    for run in range(runs):
+        if run % 2 == 0:
+            rule, generic = _fuse_timed(ckpt, name, None), _fuse_timed(ckpt, name, generic_rules)
+        else:
+            generic, rule = _fuse_timed(ckpt, name, generic_rules), _fuse_timed(ckpt, name, None)
+        rule_s.append(rule[0])
+        generic_s.append(generic[0])
+        ratios.append(generic[0] / rule[0])
+        cpu_ratios.append(generic[1] / rule[1])
+    return {
+        "rule_s": median(rule_s),
+        "generic_s": median(generic_s),
+        "ratio": median(ratios),
+        "cpu_ratio": median(cpu_ratios),
+        **generic_exactness(ckpt, name),
+    }
+
+
+def _fused_paths(applied: engine.Applied, rule: str) -> list[str]:
+    """The blocks fused, checked to be fused by `rule` alone with nothing left unfolded."""
+    wrong = [(o.path, o.rule, o.status) for o in applied.entries]
+    wrong = [w for w in wrong if w[1:] != (rule, "fused")]
+    if wrong or applied.warnings:
+        raise RuntimeError(f"expected every block fused by {rule}: {wrong} {applied.warnings}")
+    return [o.path for o in applied.entries]
+
+
+def _output_f64(
+    ckpt: Path, name: str, x: torch.Tensor, *, fuse: bool, rules: list | None = None
+) -> tuple:
+    """The checkpoint held in float64: its output on x, as trained or fused with `rules`."""
+    state = checkpoint.read_checkpoint(ckpt).state_dict
+    state = {k: v.double() if v.is_floating_point() else v for k, v in state.items()}
+    model = arch.build_loaded(name, {}, state)
+    applied = engine.convert_model(model, rules=rules) if fuse else None
+    with torch.no_grad():
+        return model(x), applied
+
+
+def generic_exactness(ckpt: Path, name: str) -> dict:
+    """Both fusions of the checkpoint held in float64: same blocks, same outputs.
+
+    Errors are max |a - b| / max |train| on one random input; raises if they are not within
+    float64 rounding (EXACT) or a block was fused by another pass. One model at a time, so
+    RepVGG-B3 in float64 stays within memory.
+    """
+    x = torch.randn(2, SHAPE[0], 64, 64, generator=torch.Generator().manual_seed(0)).double()
+    want, _ = _output_f64(ckpt, name, x, fuse=False)
+    by_rule, rule_applied = _output_f64(ckpt, name, x, fuse=True)
+    generic, applied = _output_f64(ckpt, name, x, fuse=True, rules=without_repvgg_rule())
+    rule_paths = _fused_paths(rule_applied, "repvgg")
+    if _fused_paths(applied, "dataflow") != rule_paths:
+        raise RuntimeError("the data-flow pass fused other blocks than the repvgg rule")
+    scale = float(want.abs().max())
+    errors = {
+        "generic_vs_rule": float((generic - by_rule).abs().max()) / scale,
+        "generic_vs_train": float((generic - want).abs().max()) / scale,
+        "blocks": len(rule_paths),
+        "structures": dict(Counter(o.structure for o in applied.entries)),
+    }
+    if max(errors["generic_vs_rule"], errors["generic_vs_train"]) > EXACT:
+        raise RuntimeError(f"{name}: the data-flow pass is not exact: {errors}")
+    return errors
 
 
 def run_child(*args: str) -> tuple[float, dict]:
@@ -125,28 +221,95 @@ def speedup(ckpt: Path, name: str, runs: int) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--models", nargs="*", default=MODELS)
+    parser.add_argument("--models", nargs="*", default=None)
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--out", type=Path, default=Path("bench/RESULTS.md"))
+    parser.add_argument(
+        "--generic-only",
+        action="store_true",
+        help="only the generic-vs-rule figure (default models: "
+        f"{', '.join(GENERIC_MODELS)}); replaces that section of --out, keeps the rest",
+    )
     options = parser.parse_args()
+    models = options.models or (GENERIC_MODELS if options.generic_only else MODELS)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        work = Path(tmp)
-        for name in options.models:
-            ckpt = work / f"{name}.pth"
-            save_train_checkpoint(name, ckpt, randomize_bn=True)
-            size_mib = ckpt.stat().st_size / 2**20
-            print(f"{name}: {size_mib:.0f} MiB", file=sys.stderr, flush=True)
-            row = {"model": name, "ckpt_mib": size_mib}
-            row["step"] = step_vs_floor(ckpt, name, work, options.runs)
-            row["process"] = processes(ckpt, name, work, options.runs)
-            row["fidelity"] = fidelity(ckpt, name)
-            row["speedup"] = speedup(ckpt, name, options.runs)
-            print(json.dumps(row), file=sys.stderr, flush=True)
-            rows.append(row)
+        for name in models:
+            rows.append(measure(name, Path(tmp), options.runs, options.generic_only))
     options.out.parent.mkdir(parents=True, exist_ok=True)
-    options.out.write_text(render(rows, options.runs))
+    generic = render_generic(rows, options.runs)
+    if options.generic_only:
+        old = options.out.read_text() if options.out.exists() else ""
+        options.out.write_text(replace_section(old, generic))
+    else:
+        options.out.write_text(render(rows, options.runs) + "\n" + generic)
     print(f"wrote {options.out}", file=sys.stderr)
+
+
+def measure(name: str, work: Path, runs: int, generic_only: bool) -> dict:
+    """Every figure of one zoo model (with --generic-only, the generic-vs-rule one alone)."""
+    ckpt = work / f"{name}.pth"
+    save_train_checkpoint(name, ckpt, randomize_bn=True)
+    size_mib = ckpt.stat().st_size / 2**20
+    print(f"{name}: {size_mib:.0f} MiB", file=sys.stderr, flush=True)
+    row = {"model": name, "ckpt_mib": size_mib}
+    if not generic_only:
+        row["step"] = step_vs_floor(ckpt, name, work, runs)
+        row["process"] = processes(ckpt, name, work, runs)
+        row["fidelity"] = fidelity(ckpt, name)
+        row["speedup"] = speedup(ckpt, name, runs)
+    if name in GENERIC_MODELS:
+        row["generic"] = generic_vs_rule(ckpt, name, runs)
+    print(json.dumps(row), file=sys.stderr, flush=True)
+    ckpt.unlink()
+    return row
+
+
+def render_generic(rows: list[dict], runs: int) -> str:
+    """The generic-vs-rule section: one line per model that has the figure."""
+    lines = [
+        GENERIC_HEADING,
+        "",
+        "| model | blocks | generic step / rule step (wall) | (CPU) | generic, rule step | "
+        "generic vs rule f64 | generic vs train f64 | structures the pass found |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        if "generic" not in r:
+            continue
+        g = r["generic"]
+        lines.append(
+            f"| {r['model']} | {g['blocks']} | {g['ratio']:.2f} | {g['cpu_ratio']:.2f} | "
+            f"{g['generic_s']:.2f} s, "
+            f"{g['rule_s']:.2f} s | {g['generic_vs_rule']:.1e} | {g['generic_vs_train']:.1e} | "
+            f"{_counted(g['structures'])} |"
+        )
+    lines += [
+        "",
+        "- The fuse step (plan + apply, timed as `step` above) with the block rules as usual",
+        "  against the same step with the repvgg rule removed, so that the data-flow pass fuses",
+        f"  every block; medians of {runs} pairs, the order reversed each pair, ratios pair by",
+        "  pair. Exact: both fused from the checkpoint held in float64, every block by the",
+        "  expected pass, outputs on one 64x64 input compared (max |a - b| / max |train|).",
+        "  CPU: the same pairs in process CPU time, which does not count waiting for a core.",
+        "  Alone: `python benchmarks/run.py --generic-only [--runs N]`.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def _counted(counts: dict[str, int]) -> str:
+    return ", ".join(f"{n}x {what}" for what, n in counts.items())
+
+
+def replace_section(text: str, section: str) -> str:
+    """`text` with its generic-vs-rule section (up to the next `## ` heading) replaced."""
+    if GENERIC_HEADING not in text:
+        return text.rstrip("\n") + "\n\n" + section
+    before, _, rest = text.partition(GENERIC_HEADING)
+    following = rest.find("\n## ")
+    after = rest[following + 1 :] if following >= 0 else ""
+    return before + section + ("\n" + after if after else "")
 
 
 def render(rows: list[dict], runs: int) -> str:

@@ -193,6 +193,10 @@ def then(first: LinearValue, second: LinearValue) -> LinearValue:
     """
     if first.channels_out != second.channels_in:
         raise NotExact(f"{first.channels_out} channels feed a map of {second.channels_in}")
+    if _is_identity(first):
+        # A map of the source itself (every region starts so): composing would only multiply
+        # the kernel by ones, and a 1x1 after it through a dense identity matrix.
+        return second
     if all(t.window.is_pointwise for t in second.terms):
         result = _mix_after(first, second)
     elif _single_tap(first):
@@ -205,6 +209,18 @@ def then(first: LinearValue, second: LinearValue) -> LinearValue:
         # Exact, but no re-parameterization: a depthwise 3x3 then a 1x1 would become a dense 3x3.
         raise NotExact("one conv would cost more multiply-adds than the two maps it replaces")
     return _labelled(result, first, second)
+
+
+def _is_identity(value: LinearValue) -> bool:
+    """Whether `value` is `identity(...)` as built, untouched (no scale, bias or padding)."""
+    if len(value.terms) != 1 or value.bias is not None:
+        return False
+    term = value.terms[0]
+    if not (term.diagonal and term.scale is None and term.label == "identity"):
+        return False
+    if not term.window.is_pointwise or term.weights.numel() != 1:
+        return False
+    return term.weights.is_meta or float(term.weights.reshape(())) == 1.0
 
 
 def _cost(value: LinearValue) -> int:
