@@ -848,6 +848,59 @@ def analyse(
     return Analysis(root, graph, as_meta, opaque).regions()
 
 
+class GraphForward:
+    """A block's forward after its regions were fused: the Python code fx generates from the
+    rewritten graph, run with the block as `self`.
+
+    Set on the instance, so the block keeps its class and every attribute. Copyable
+    (`copy.deepcopy`); not picklable, as the code exists only in this process: save the
+    state_dict and rebuild with `repconv.load_deploy`.
+    """
+
+    def __init__(self, block: nn.Module, graph: fx.Graph):
+        self.block = block
+        self.graph = graph
+        code = graph.python_code(root_module="self")
+        scope = dict(code.globals)
+        exec(compile(code.src, f"<repconv fused forward of {type(block).__name__}>", "exec"), scope)
+        self._function = scope["forward"]
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self._function(self.block, *args, **kwargs)
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> GraphForward:
+        import copy
+
+        return GraphForward(copy.deepcopy(self.block, memo), self.graph)
+
+    def __reduce__(self) -> Any:
+        raise TypeError(
+            "a block fused by repconv's data-flow pass cannot be pickled; save its state_dict "
+            "and rebuild the deploy model with repconv.load_deploy"
+        )
+
+
+def graph_of(module: nn.Module, opaque: AbstractSet[int] = frozenset()) -> fx.Graph:
+    """The module's graph as its forward runs it, instance-level forwards included."""
+    own = vars(module).get("forward")
+    if isinstance(own, GraphForward):
+        return _copy_graph(own.graph)
+    tracer = LeafTracer(opaque)
+    if own is not None:
+        function = getattr(own, "__func__", None)
+        if getattr(own, "__self__", None) is not module or function is None:
+            raise NotFusable("its forward was replaced on the instance by something untraceable")
+        tracer.traced_func_name = function.__name__
+    return tracer.trace(module)
+
+
+def _copy_graph(graph: fx.Graph) -> fx.Graph:
+    copied = fx.Graph()
+    output = copied.graph_copy(graph, {})
+    copied.output(output)
+    return copied
+
+
 def trace(root: nn.Module, opaque: AbstractSet[int] = frozenset()) -> fx.Graph:
     """`root`'s graph with convs, norms and `opaque` modules as leaves (fx errors propagate)."""
     return LeafTracer(opaque).trace(root)
@@ -855,12 +908,14 @@ def trace(root: nn.Module, opaque: AbstractSet[int] = frozenset()) -> fx.Graph:
 
 __all__ = [
     "Analysis",
+    "GraphForward",
     "LeafTracer",
     "Region",
     "analyse",
     "as_is",
     "as_meta",
     "constant_inputs",
+    "graph_of",
     "kind_of",
     "trace",
 ]

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch.fx as fx
 from torch import nn
 
+from repconv import dataflow
 from repconv import kernels as K
 from repconv.rules.base import (
     NormActTail,
@@ -54,22 +55,6 @@ def _fits(conv: nn.Module, norm: nn.Module) -> bool:
     if is_plain_conv(conv):
         return conv.out_channels == width
     return _is_linear(conv) and isinstance(norm, nn.BatchNorm1d) and conv.out_features == width
-
-
-class _Tracer(fx.Tracer):
-    """Treats convs, norms and already-claimed blocks as opaque leaves."""
-
-    def __init__(self, opaque: AbstractSet[int]):
-        super().__init__()
-        self.opaque = opaque
-
-    def is_leaf_module(self, m: nn.Module, qualified_name: str) -> bool:
-        return (
-            id(m) in self.opaque
-            or is_plain_conv(m)
-            or is_norm_like(m)
-            or super().is_leaf_module(m, qualified_name)
-        )
 
 
 def _join(prefix: str, name: str) -> str:
@@ -121,7 +106,7 @@ def _search(module: nn.Module, prefix: str, opaque: AbstractSet[int]) -> list[Pa
     if id(module) in opaque or not any(is_norm_like(m) for m in module.modules()):
         return []
     try:
-        graph = _Tracer(opaque).trace(module)
+        graph = dataflow.graph_of(module, opaque)
     except Exception:
         graph = None
     if graph is not None:

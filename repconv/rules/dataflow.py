@@ -16,7 +16,6 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Set as AbstractSet
 from itertools import count, islice
-from typing import Any
 
 import torch
 import torch.fx as fx
@@ -40,59 +39,6 @@ FUSED_NAME = "reparam"
 _CONV_BY_DIMS = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
 
 
-class GraphForward:
-    """A block's forward after its regions were fused: the Python code fx generates from the
-    rewritten graph, run with the block as `self`.
-
-    Set on the instance, so the block keeps its class and every attribute. Copyable
-    (`copy.deepcopy`); not picklable, as the code exists only in this process: save the
-    state_dict and rebuild with `repconv.load_deploy`.
-    """
-
-    def __init__(self, block: nn.Module, graph: fx.Graph):
-        self.block = block
-        self.graph = graph
-        code = graph.python_code(root_module="self")
-        scope = dict(code.globals)
-        exec(compile(code.src, f"<repconv fused forward of {type(block).__name__}>", "exec"), scope)
-        self._function = scope["forward"]
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        return self._function(self.block, *args, **kwargs)
-
-    def __deepcopy__(self, memo: dict[int, Any]) -> GraphForward:
-        import copy
-
-        return GraphForward(copy.deepcopy(self.block, memo), self.graph)
-
-    def __reduce__(self) -> Any:
-        raise TypeError(
-            "a block fused by repconv's data-flow pass cannot be pickled; save its state_dict "
-            "and rebuild the deploy model with repconv.load_deploy"
-        )
-
-
-def graph_of(module: nn.Module, opaque: AbstractSet[int] = frozenset()) -> fx.Graph:
-    """The module's graph as its forward runs it, instance-level forwards included."""
-    own = vars(module).get("forward")
-    if isinstance(own, GraphForward):
-        return _copy_graph(own.graph)
-    tracer = dataflow.LeafTracer(opaque)
-    if own is not None:
-        function = getattr(own, "__func__", None)
-        if getattr(own, "__self__", None) is not module or function is None:
-            raise NotFusable("its forward was replaced on the instance by something untraceable")
-        tracer.traced_func_name = function.__name__
-    return tracer.trace(module)
-
-
-def _copy_graph(graph: fx.Graph) -> fx.Graph:
-    copied = fx.Graph()
-    output = copied.graph_copy(graph, {})
-    copied.output(output)
-    return copied
-
-
 def _join(prefix: str, name: str) -> str:
     return f"{prefix}.{name}" if prefix else name
 
@@ -102,7 +48,7 @@ def _search(module: nn.Module, prefix: str, claimed: AbstractSet[int]) -> list[S
     if id(module) in claimed or not any(is_plain_conv(m) for m in module.modules()):
         return []
     try:
-        graph = graph_of(module, claimed)
+        graph = dataflow.graph_of(module, claimed)
     except Exception:  # untraceable here: its children may trace
         return [
             s for n, c in module.named_children() for s in _search(c, _join(prefix, n), claimed)
@@ -159,7 +105,7 @@ def sums_exactly(block: nn.Module, children: list[str]) -> bool:
     leaves under `children` (no scalar or activation of its own on a branch). A block that does
     not trace cannot be judged this way: True, as a match by names alone was before."""
     try:
-        graph = graph_of(block)
+        graph = dataflow.graph_of(block)
     except Exception:
         return True
     expected = {
@@ -182,7 +128,7 @@ def fuse_block(model: nn.Module, step: Step) -> tuple[int, ...]:
     modules = dict(model.named_modules())
     opaque = {id(modules[p]) for p in step.opaque if p in modules}
     try:
-        graph = graph_of(block, opaque)
+        graph = dataflow.graph_of(block, opaque)
     except NotFusable:
         raise
     except Exception as exc:
@@ -206,7 +152,7 @@ def fuse_block(model: nn.Module, step: Step) -> tuple[int, ...]:
         shapes.append(tuple(fused.kernel.shape))
     _drop_consumed(block, graph, consumed)
     graph.lint()
-    block.forward = GraphForward(block, graph)
+    block.forward = dataflow.GraphForward(block, graph)
     return shapes[0]
 
 
