@@ -374,7 +374,14 @@ def _follow_up(
         return []
     block = model.get_submodule(step.path)
     prefix = f"{step.path}." if step.path else ""
-    inner = [s.path for s in plan.entries if s.path.startswith(prefix) and s.path != step.path]
+    # Steps of the same pass inside (children's methods) leave plain modules that are part of
+    # this block's data flow (RepViT's RepVggDw sums its fused children); other passes' blocks
+    # stay whole.
+    inner = [
+        s.path
+        for s in plan.entries
+        if s.path.startswith(prefix) and s.path != step.path and s.by is not step.by
+    ]
     modules = dict(model.named_modules())
     opaque = {id(modules[p]) for p in inner if p in modules}
     outcomes = []

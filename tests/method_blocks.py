@@ -295,3 +295,24 @@ def forgetful_net() -> nn.Module:
 
 def right_yolov7_net() -> nn.Module:
     return nn.Sequential(nn.Conv2d(3, 4, 1), DiagonalIdentityRepConv(4, groups=1))
+
+
+class CallsChildFuse(nn.Module):
+    """timm RepViT `RepVggDw` style: its `fuse()` calls its child's `fuse()` (which returns a
+    conv), so once the child is fused first it fails; the block itself sums
+    conv(x) + conv1(x) + x and normalises the sum."""
+
+    def __init__(self, c: int):
+        super().__init__()
+        self.conv = ReturnsConv(c, c)
+        self.conv1 = nn.Conv2d(c, c, 1, groups=c)
+        self.bn = nn.BatchNorm2d(c)
+
+    def forward(self, x):
+        return self.bn(self.conv(x) + self.conv1(x) + x)
+
+    @torch.no_grad()
+    def fuse(self):
+        conv = self.conv.fuse()  # AttributeError once the child is a plain Conv2d
+        conv.weight += nn.functional.pad(self.conv1.weight, [1, 1, 1, 1])
+        return conv

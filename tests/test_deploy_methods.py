@@ -232,3 +232,17 @@ def test_the_recorded_plan_rebuilds_an_undone_method_on_meta_without_a_second_bu
     monkeypatch.setattr(arch, "_construct", lambda *a: builds.append(a) or construct(*a))
     repconv.load_deploy(out, f"{BLOCKS_FILE}:forgetful_net")
     assert len(builds) == 1
+
+
+def test_a_parent_method_that_needs_unfused_children_leaves_the_block_to_the_data_flow():
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), B.CallsChildFuse(4), nn.ReLU())
+    result = converted(model)
+    by_step = {(o.path, o.rule): o for o in result.plan.entries}
+    assert by_step["1.conv", "deploy_method"].status == "fused"
+    assert by_step["1", "deploy_method"].status == "skipped"  # its fuse() found a Conv2d child
+    assert by_step["1", "dataflow"].status == "fused"  # conv + conv1 + identity, post-BN
+    assert norms_left(model) == [] and set(model[1].state_dict()) == {
+        "reparam.weight",
+        "reparam.bias",
+    }
+    assert worst(result.verification.exact) < 1e-12
