@@ -202,6 +202,14 @@ def build_loaded(
     return model.eval()
 
 
+def build_empty(spec: str, kwargs: Mapping[str, Any]) -> nn.Module:
+    """The model named by `spec`, built on the meta device (tensors to be assigned), eval mode."""
+    factory = resolve(spec)
+    with torch.device("meta"):
+        model = _construct(factory, kwargs, spec)
+    return model.eval()
+
+
 def _build_on_meta(
     factory: Callable[..., nn.Module],
     kwargs: Mapping[str, Any],

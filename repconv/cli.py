@@ -183,8 +183,10 @@ def _taken_options(opts: dict[str, Any]) -> ConvertOptions:
         if name in opts:
             value = opts.pop(name)
             values[f.name] = (not value) if setting_of(f).negated_as else value
-    text = values.get("arch_kwargs")
-    values["arch_kwargs"] = parse_kwargs(text) if text else None
+    for f in option_fields():
+        text = values.get(f.name)
+        if setting_of(f).kind == "kwargs" and isinstance(text, str):
+            values[f.name] = parse_kwargs(text, "--" + f.name.replace("_", "-")) if text else None
     return ConvertOptions(**values)
 
 
@@ -255,7 +257,7 @@ def main() -> None:
 @click.argument("input_path", metavar="INPUT", type=click.Path(path_type=Path))
 @click.argument("output_path", metavar="OUTPUT", type=click.Path(path_type=Path))
 @_common_model_options
-@_conversion_options("check", "convert")
+@_conversion_options("deploy", "check", "convert")
 @click.option("--dry-run", is_flag=True, help="Convert and verify, write nothing.")
 def convert(input_path: Path, output_path: Path, **opts: Any) -> None:
     """Convert a train checkpoint INPUT into a verified deploy checkpoint OUTPUT.
@@ -298,7 +300,7 @@ def convert(input_path: Path, output_path: Path, **opts: Any) -> None:
 @click.argument("train_path", metavar="TRAIN", type=click.Path(path_type=Path))
 @click.argument("deploy_path", metavar="DEPLOY", type=click.Path(path_type=Path))
 @_common_model_options
-@_conversion_options("check")
+@_conversion_options("deploy", "check")
 @click.option(
     "--trust-metadata",
     is_flag=True,

@@ -53,18 +53,16 @@ def shape_problem(shape: Sequence[int]) -> str | None:
     return None
 
 
-def parse_kwargs(text: str | None) -> dict[str, Any]:
-    """--arch-kwargs: a JSON object (empty when not given)."""
+def parse_kwargs(text: str | None, flag: str = "--arch-kwargs") -> dict[str, Any]:
+    """--arch-kwargs (or another `flag` of keyword arguments): a JSON object, empty if not given."""
     if not text:
         return {}
     try:
         value = json.loads(text)
     except json.JSONDecodeError as exc:
-        raise BadInput(
-            f"--arch-kwargs is not valid JSON: {exc.msg} at column {exc.colno}"
-        ) from None
+        raise BadInput(f"{flag} is not valid JSON: {exc.msg} at column {exc.colno}") from None
     if not isinstance(value, dict):
-        raise BadInput("--arch-kwargs must be a JSON object, e.g. '{\"num_classes\": 10}'")
+        raise BadInput(f"{flag} must be a JSON object, e.g. '{{\"num_classes\": 10}}'")
     return value
 
 
@@ -150,8 +148,9 @@ def choice_check(choices: Sequence[str]) -> Callable[[Any], str]:
 
 Kind = Literal["text", "flag", "integer", "number", "shape", "kwargs", "choice"]
 # Which commands take an option: every one that loads a checkpoint ("model"), the ones that
-# compare outputs ("check"), and `convert` alone ("convert").
-Group = Literal["model", "check", "convert"]
+# compare outputs ("check"), the ones that write or read a deploy file ("deploy": convert and
+# verify), and `convert` alone ("convert").
+Group = Literal["model", "check", "deploy", "convert"]
 
 
 @dataclass(frozen=True)
@@ -218,6 +217,23 @@ class ConvertOptions:
         "model",
         "Allow a checkpoint that pickles a whole model (runs code from the file).",
         recorded=False,  # how the file may be read, not what it becomes
+    )
+    deploy_arch: str | None = _option(
+        None,
+        "text",
+        "deploy",
+        "Your deploy model's builder (same forms as --arch): the output is its state_dict.",
+        metavar="SPEC",
+    )
+    deploy_arch_kwargs: Mapping[str, Any] | None = _option(
+        None, "kwargs", "deploy", "Keyword arguments for the deploy builder.", metavar="JSON"
+    )
+    deploy_kwargs: Mapping[str, Any] | None = _option(
+        None,
+        "kwargs",
+        "deploy",
+        "Deploy model = --arch with these on top of --arch-kwargs, e.g. '{\"deploy\": true}'.",
+        metavar="JSON",
     )
     input_shape: Sequence[int] | None = _option(
         None,
@@ -314,7 +330,31 @@ def recorded_options(options: ConvertOptions) -> dict[str, Any]:
     shape = record["input_shape"]
     record["input_shape"] = list(shape) if shape else None
     record["arch_kwargs"] = dict(record["arch_kwargs"] or {})
+    # Recorded only when set, so files written before these options existed (or without them)
+    # keep the same record, and `batch --resume` still finds them up to date.
+    for name in ("deploy_arch", "deploy_arch_kwargs", "deploy_kwargs"):
+        value = record.pop(name)
+        if value is not None:
+            record[name] = value if isinstance(value, str) else dict(value)
     return json.loads(json.dumps(record))  # what reading it back from metadata gives
+
+
+def deploy_builder(options: ConvertOptions) -> tuple[str, dict[str, Any]] | None:
+    """The deploy model's builder and keyword arguments the options name, or None."""
+    if options.deploy_arch is not None:
+        if options.deploy_kwargs is not None:
+            raise BadInput(
+                "--deploy-kwargs builds the deploy model with --arch; with --deploy-arch give "
+                "its keyword arguments as --deploy-arch-kwargs"
+            )
+        return options.deploy_arch, dict(options.deploy_arch_kwargs or {})
+    if options.deploy_arch_kwargs is not None:
+        raise BadInput("--deploy-arch-kwargs needs --deploy-arch")
+    if options.deploy_kwargs is not None:
+        if options.arch is None:
+            raise BadInput("--deploy-kwargs needs --arch (the builder it adds arguments to)")
+        return options.arch, {**(options.arch_kwargs or {}), **options.deploy_kwargs}
+    return None
 
 
 def takes_options(*groups: Group, omit: Sequence[str] = ()) -> Callable[[Callable], Callable]:

@@ -17,11 +17,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from repconv import arch, checkpoint, dtypes, engine, metadata
+from repconv import arch, checkpoint, deploy_map, dtypes, engine, metadata
 from repconv import verification as V
 from repconv.engine import Applied, Plan
 from repconv.errors import BadInput, VerificationFailed
-from repconv.options import ConvertOptions, recorded_options, takes_options
+from repconv.options import ConvertOptions, deploy_builder, recorded_options, takes_options
 from repconv.rules.base import Rule, param_count
 from repconv.zoo import registry as zoo
 
@@ -52,12 +52,13 @@ class Result:
         }
 
 
-@takes_options("check", "convert", omit=("strict", "force"))
+@takes_options("deploy", "check", "convert", omit=("strict", "force"))
 def convert(
     model: nn.Module,
     options: ConvertOptions | None = None,
     *,
     rules: Sequence[Rule] | None = None,
+    deploy_model: nn.Module | None = None,
     **keywords: Any,
 ) -> Result:
     """Convert `model` in place into its deploy form and verify it against itself before.
@@ -67,8 +68,16 @@ def convert(
     The model's floating tensors are held in `verify_dtype` during the check (float64 by
     default) and the returned `state_dict` is in the model's own dtypes. No copy of the model
     is made: reference outputs are taken before the rewrite.
+
+    `deploy_model` (your deploy class, built on the meta device or not; or built from
+    `deploy_arch` / `deploy_kwargs`): the converted tensors are mapped onto it (`deploy_map`),
+    it is what gets verified, and `Result.model` and `Result.state_dict` are its own, so the
+    state dict loads into it strictly. BadInput names the paths when it does not fit.
     """
     options = ConvertOptions.merged(options, keywords)
+    builder = deploy_builder(options) if deploy_model is None else None
+    if builder is not None:
+        deploy_model = arch.build_empty(*builder)
     if options.samples < 1:
         raise BadInput("--samples must be at least 1")
     model.eval()
@@ -76,17 +85,59 @@ def convert(
     if options.verify:
         dtypes.check_holds_weights(dtypes.named(options.verify_dtype), original.values())
     params_before = param_count(model)
+    kept = _train_tensors_for(deploy_model, model)
     plan = engine.plan(model, rules)
     dtype_for = dtypes.output_dtypes(original, plan)
     reference = _reference(model, plan, options) if options.verify else None
     probes = reference.block_probes() if reference is not None else None
     applied = engine.apply(model, plan, observer=probes)
+    if deploy_model is not None:
+        dtype_for = _fill_deploy(deploy_model, model, kept, dtype_for)
+        model = deploy_model
     verification = None
     if reference is not None:
         verification = _figures(model, reference, applied, dtype_for, options)
     dtypes.cast_in_place(model, dtype_for)
     state = {k: v.contiguous() for k, v in model.state_dict().items()}
     return Result(model, applied, verification, state, params_before, param_count(model))
+
+
+def _train_tensors_for(deploy_model: nn.Module | None, model: nn.Module) -> dict[str, Tensor]:
+    """The train tensors a deploy model has keys for, kept before fusing drops them (a deploy
+    class may keep dead train branches; they get the train values)."""
+    if deploy_model is None:
+        return {}
+    wanted = set(deploy_model.state_dict(keep_vars=True))
+    return {k: v for k, v in model.state_dict().items() if k in wanted}
+
+
+def _fill_deploy(
+    deploy_model: nn.Module,
+    fused: nn.Module,
+    kept: Mapping[str, Tensor],
+    dtype_for: dtypes.DtypeFor,
+    what: str = "the deploy model",
+) -> dtypes.DtypeFor:
+    """Assign the converted tensors to `deploy_model` (`deploy_map`); the dtype each of its
+    keys is written in (that of the tensor it came from)."""
+    wanted = {k: tuple(v.shape) for k, v in deploy_model.state_dict(keep_vars=True).items()}
+    converted = fused.state_dict()
+    shapes = {k: tuple(v.shape) for k, v in converted.items()}
+    placement = deploy_map.plan_mapping(
+        wanted, shapes, {k: tuple(v.shape) for k, v in kept.items()}
+    )
+    deploy_map.require_complete(placement, what, wanted, shapes)
+    state = {
+        key: converted[src.key] if src.side == "fused" else kept[src.key]
+        for key, src in placement.sources.items()
+    }
+    deploy_model.load_state_dict(state, strict=True, assign=True)
+    deploy_model.eval()
+    written = {
+        key: dtype_for(src.key) if src.side == "fused" else kept[src.key].dtype
+        for key, src in placement.sources.items()
+    }
+    return lambda key: written.get(key) or dtype_for(key)
 
 
 def _reference(model: nn.Module, plan: Plan, options: ConvertOptions) -> V.Reference:
@@ -264,15 +315,25 @@ def load_deploy(
     model_or_arch: nn.Module | str | None = None,
     arch_kwargs: Mapping[str, Any] | None = None,
     *,
+    deploy_arch: str | None = None,
+    deploy_arch_kwargs: Mapping[str, Any] | None = None,
     trust_metadata: bool = False,
 ) -> nn.Module:
     """Rebuild the deploy structure (from a train-form model or an arch spec) and load `path`.
 
     The weights are loaded strictly. With no architecture given, the one recorded in the file's
     metadata is used if it is a built-in zoo name, or any spec with `trust_metadata=True`.
+    With `deploy_arch` (or a file converted with one), that deploy model is built and the file
+    loaded into it as it is.
     """
     state, meta = checkpoint.read_deploy(path)
     record, what = metadata.read(meta), Path(path).name
+    train_spec = model_or_arch if isinstance(model_or_arch, str) else None
+    builder = _deploy_builder_for(
+        record, what, deploy_arch, deploy_arch_kwargs, train_spec, arch_kwargs, trust_metadata
+    )
+    if builder is not None:
+        return _loaded_into(arch.build_empty(*builder), state, what)
     recorded_plan = _recorded(record, "plan", what)
     if isinstance(model_or_arch, nn.Module):
         model = model_or_arch.eval()
@@ -297,7 +358,46 @@ def load_deploy(
     )
 
 
-@takes_options("model", "check")
+def _loaded_into(model: nn.Module, state: Mapping[str, Tensor], what: str) -> nn.Module:
+    arch.check_fit(model, state, what)
+    model.load_state_dict(state, strict=True, assign=True)
+    return model.eval()
+
+
+def _deploy_builder_for(
+    record: metadata.Recorded,
+    what: str,
+    deploy_arch: str | None,
+    deploy_arch_kwargs: Mapping[str, Any] | None,
+    train_spec: str | None,
+    train_kwargs: Mapping[str, Any] | None,
+    trust_metadata: bool,
+) -> tuple[str, dict[str, Any]] | None:
+    """The deploy model to load a file into: the one given, else the one the file was written
+    for (a recorded spec other than a zoo name needs trust, as `--arch` does)."""
+    if deploy_arch is not None:
+        return deploy_arch, dict(deploy_arch_kwargs or {})
+    recorded = _recorded(record, "options", what) or {}
+    spec, kwargs = recorded.get("deploy_arch"), recorded.get("deploy_arch_kwargs") or {}
+    extra = recorded.get("deploy_kwargs")
+    if spec is None and extra is None:
+        return None
+    if spec is None:  # --deploy-kwargs: the train builder with more arguments
+        if train_spec is not None:  # the caller's own builder: nothing to trust
+            base = train_kwargs
+            if base is None:
+                base = _recorded_kwargs_for(train_spec, record, what)
+            return train_spec, {**base, **extra}
+        spec, kwargs = record.arch, {**_recorded(record, "arch_kwargs", what), **extra}
+    if spec and (trust_metadata or zoo.get_entry(spec) is not None):
+        return spec, dict(kwargs)
+    raise BadInput(
+        f"{what} was written for the deploy model {spec!r}; repconv does not run code a file "
+        f"names: pass it yourself (--deploy-arch / deploy_arch=) or add --trust-metadata"
+    )
+
+
+@takes_options("model", "deploy", "check")
 def verify_files(
     train_path: str | Path,
     deploy_path: str | Path,
@@ -330,6 +430,11 @@ def verify_files(
         arch_kwargs = _recorded_kwargs_for(spec, record, what)
     model = _load_model(loaded, spec, arch_kwargs)
     loaded.state_dict = None  # the model holds what it needs
+    builder = deploy_builder(options) or _deploy_builder_for(
+        record, what, None, None, spec, arch_kwargs, trust_metadata
+    )
+    deploy_model = arch.build_empty(*builder) if builder else None
+    kept = _train_tensors_for(deploy_model, model)
     shape = arch.input_shape_for(model, input_shape)
     if samples < 1:
         raise BadInput("--samples must be at least 1")
@@ -339,6 +444,9 @@ def verify_files(
         model, shape, samples, seed, torch.float64, shape_given=bool(input_shape)
     )
     applied = engine.convert_model(model)
+    if deploy_model is not None:
+        _fill_deploy(deploy_model, model, kept, lambda _key: torch.float64)
+        model = deploy_model
     tensors = V.compare_tensors(model.state_dict(), state)
     written = None
     if tensors.fits:

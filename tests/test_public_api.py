@@ -83,7 +83,7 @@ def test_signatures_show_the_option_keywords_with_their_defaults():
         repconv.verify_files: {
             f.name
             for f in dataclasses.fields(ConvertOptions)
-            if f.metadata["setting"].group in ("model", "check")
+            if f.metadata["setting"].group in ("model", "deploy", "check")
         },
     }
     for function, names in expected.items():

@@ -1,0 +1,173 @@
+"""Map a fused train model's tensors onto the user's own deploy model, whatever its names.
+
+The conversion leaves the train model in a deploy form whose names are repconv's (or the block's
+own); the user's deploy class may call the fused conv otherwise (`rbr_reparam`, `reparam_conv`,
+`lkb_reparam`...), collapse a Sequential to its conv, or keep dead train branches. Each deploy
+tensor is found, in this order:
+
+1. the fused model's tensor at the same path, if its shape is the same;
+2. the train checkpoint's tensor at the same path (a dead branch the deploy form keeps);
+3. for what is left, module by module: the fused module holding tensors of the same names and
+   shapes, nearest in the tree (inside the deploy module's parent), if exactly one is nearest.
+
+Anything left on either side, or a tie, is an error naming the paths: never a guess. Pure
+bookkeeping on names and shapes; no torch computation.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+from repconv.errors import BadInput
+
+Shape = tuple[int, ...]
+SHOWN = 5
+
+
+@dataclass(frozen=True)
+class Source:
+    """Where a deploy tensor comes from: `fused` (the converted model) or `train` (the
+    checkpoint, for a dead branch), at `key`."""
+
+    side: str
+    key: str
+
+
+@dataclass
+class Placement:
+    """Every deploy key's source, or what could not be placed."""
+
+    sources: dict[str, Source] = field(default_factory=dict)
+    unplaced: list[str] = field(default_factory=list)  # deploy keys no tensor fits
+    unused: list[str] = field(default_factory=list)  # fused keys no deploy key takes
+    ambiguous: list[tuple[str, list[str]]] = field(default_factory=list)
+
+
+def _module(key: str) -> str:
+    return key.rpartition(".")[0]
+
+
+def _leaf(key: str) -> str:
+    return key.rpartition(".")[2]
+
+
+def _within(path: str, scope: str) -> bool:
+    return not scope or path == scope or path.startswith(scope + ".")
+
+
+def _shared_depth(a: str, b: str) -> int:
+    depth = 0
+    for x, y in zip(a.split("."), b.split(".")):
+        if x != y:
+            break
+        depth += 1
+    return depth
+
+
+def _signature(keys: Sequence[str], shapes: Mapping[str, Shape]) -> tuple:
+    return tuple(sorted((_leaf(k), shapes[k]) for k in keys))
+
+
+def _by_module(keys: Sequence[str]) -> dict[str, list[str]]:
+    groups: dict[str, list[str]] = {}
+    for key in keys:
+        groups.setdefault(_module(key), []).append(key)
+    return groups
+
+
+def plan_mapping(
+    deploy: Mapping[str, Shape], fused: Mapping[str, Shape], train: Mapping[str, Shape]
+) -> Placement:
+    """Which tensor fills each deploy key (see the module docstring for the order)."""
+    result = Placement()
+    taken: set[str] = set()
+    for key, shape in deploy.items():
+        if fused.get(key) == shape:
+            result.sources[key] = Source("fused", key)
+            taken.add(key)
+        elif key not in fused and train.get(key) == shape:
+            result.sources[key] = Source("train", key)
+    left = [k for k in deploy if k not in result.sources]
+    spare = {k for k in fused if k not in taken}
+    _match_modules(result, left, spare, deploy, fused)
+    result.unused = sorted(k for k in spare if k not in {s.key for s in result.sources.values()})
+    return result
+
+
+def _match_modules(
+    result: Placement,
+    left: list[str],
+    spare: set[str],
+    deploy: Mapping[str, Shape],
+    fused: Mapping[str, Shape],
+) -> None:
+    """Whole modules at once: a conv's weight and bias move together, so a weight can never
+    be paired with another conv's bias. Each deploy module takes the nearest fused module with
+    the same tensors; two at the same distance, or one wanted by two deploy modules alike, is
+    ambiguous."""
+    candidates = _by_module(sorted(spare))
+    signatures = {m: _signature(keys, fused) for m, keys in candidates.items()}
+    choices: dict[str, list[str]] = {}
+    for module, keys in sorted(_by_module(left).items()):
+        want = _signature(keys, deploy)
+        scope = _module(module) if module else ""
+        fits = [m for m, sig in signatures.items() if sig == want and _within(m, scope)]
+        if not fits:
+            result.unplaced += sorted(keys)
+            continue
+        best = max(_shared_depth(m, module) for m in fits)
+        choices[module] = [m for m in fits if _shared_depth(m, module) == best]
+    wanted_by: dict[str, list[str]] = {}
+    for module, nearest in choices.items():
+        for m in nearest:
+            wanted_by.setdefault(m, []).append(module)
+    for module, nearest in choices.items():
+        if len(nearest) > 1:
+            result.ambiguous.append((module, sorted(nearest)))
+            continue
+        rivals = wanted_by[nearest[0]]
+        if len(rivals) > 1:
+            result.ambiguous.append((nearest[0], sorted(rivals)))
+            continue
+        by_leaf = {_leaf(k): k for k in candidates[nearest[0]]}
+        for key in _by_module(left)[module]:
+            result.sources[key] = Source("fused", by_leaf[_leaf(key)])
+
+
+def _few(paths: Sequence[str]) -> str:
+    shown = ", ".join(paths[:SHOWN])
+    more = len(paths) - SHOWN
+    return shown + (f" (and {more} more)" if more > 0 else "")
+
+
+def require_complete(
+    mapping: Placement,
+    what: str,
+    deploy: Mapping[str, Shape] | None = None,
+    fused: Mapping[str, Shape] | None = None,
+) -> None:
+    """BadInput (one line, naming paths) unless every deploy and fused tensor found its place.
+
+    Given both shape maps, a key both sides have in different shapes is named with its shapes.
+    """
+    if mapping.ambiguous:
+        one, others = mapping.ambiguous[0]
+        raise BadInput(
+            f"{what}: `{one}` matches {_few(others)} alike (same tensors, same distance); "
+            "name them apart or convert without a deploy model"
+        )
+    problems = []
+    if deploy is not None and fused is not None:
+        clashes = [k for k in mapping.unplaced if k in fused and fused[k] != deploy[k]]
+        if clashes:
+            shown = ", ".join(
+                f"{k} {list(deploy[k])} (converted: {list(fused[k])})" for k in clashes[:SHOWN]
+            )
+            problems.append(f"shapes differ: {shown}")
+    if mapping.unplaced:
+        problems.append(f"the deploy model expects {_few(mapping.unplaced)}, which nothing fills")
+    if mapping.unused:
+        problems.append(f"the converted model's {_few(mapping.unused)} have no place in it")
+    if problems:
+        raise BadInput(f"{what} does not fit the converted model: " + "; ".join(problems))
