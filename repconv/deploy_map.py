@@ -154,8 +154,8 @@ def require_complete(
     if mapping.ambiguous:
         one, others = mapping.ambiguous[0]
         raise BadInput(
-            f"{what}: `{one}` matches {_few(others)} alike (same tensors, same distance); "
-            "name them apart or convert without a deploy model"
+            f"{what} is ambiguous: `{one}` matches {_few(others)} alike (same tensors, same "
+            "distance); name them apart or convert without a deploy model"
         )
     problems = []
     if deploy is not None and fused is not None:

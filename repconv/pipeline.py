@@ -127,8 +127,10 @@ def _fill_deploy(
         wanted, shapes, {k: tuple(v.shape) for k, v in kept.items()}
     )
     deploy_map.require_complete(placement, what, wanted, shapes)
+    # Train tensors (dead branches) are held like the converted ones, in the verification dtype.
+    held = next((t.dtype for t in converted.values() if t.is_floating_point()), None)
     state = {
-        key: converted[src.key] if src.side == "fused" else kept[src.key]
+        key: converted[src.key] if src.side == "fused" else _held(kept[src.key], held)
         for key, src in placement.sources.items()
     }
     deploy_model.load_state_dict(state, strict=True, assign=True)
@@ -138,6 +140,10 @@ def _fill_deploy(
         for key, src in placement.sources.items()
     }
     return lambda key: written.get(key) or dtype_for(key)
+
+
+def _held(tensor: Tensor, dtype: torch.dtype | None) -> Tensor:
+    return tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor
 
 
 def _reference(model: nn.Module, plan: Plan, options: ConvertOptions) -> V.Reference:
