@@ -30,9 +30,8 @@ def norms_in(model: nn.Module) -> list[str]:
     return [path for path, m in model.named_modules() if isinstance(m, _BatchNorm)]
 
 
-def test_norm_act_folds_exactly_and_keeps_its_activation():
-    torch.manual_seed(0)
-    model = randomized(build())
+def converted_keeping_activation(model: nn.Module, norms_in) -> engine.Applied:
+    """Convert; exact; both norms folded; the first stage still applies its ReLU."""
     x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
     with torch.no_grad():
         reference = model(x)
@@ -44,10 +43,17 @@ def test_norm_act_folds_exactly_and_keeps_its_activation():
     ]
     assert norms_in(model) == [] and applied.warnings == []
     assert isinstance(model[1], NormActTail) and isinstance(model[1].act, nn.ReLU)
-    assert isinstance(model[3].act, nn.Identity)
     with torch.no_grad():  # the ReLU is still applied: the first stage never goes negative
         first = model[1](model[0](x))
         assert float(first.min()) == 0.0 and float(model[0](x).min()) < 0
+    return applied
+
+
+def test_norm_act_folds_exactly_and_keeps_its_activation():
+    torch.manual_seed(0)
+    model = randomized(build())
+    converted_keeping_activation(model, norms_in)
+    assert isinstance(model[3].act, nn.Identity)
 
 
 def test_norm_act_with_other_math_is_left_and_warned():
@@ -134,20 +140,7 @@ def randomized_frozen(model: nn.Module, dtype: torch.dtype = torch.float64) -> n
 
 def test_frozen_norm_act_folds_exactly_and_keeps_its_activation():
     torch.manual_seed(0)
-    model = randomized_frozen(build_frozen())
-    x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
-    with torch.no_grad():
-        reference = model(x)
-        applied = engine.convert_model(model)
-        assert rel_error(model(x), reference) < 1e-12
-    assert [(e.path, e.norm_path, e.status) for e in applied.entries] == [
-        ("0", "1", "fused"),
-        ("2", "3", "fused"),
-    ]
-    assert frozen_norms_in(model) == [] and applied.warnings == []
-    assert isinstance(model[1], NormActTail) and isinstance(model[1].act, nn.ReLU)
-    with torch.no_grad():  # the ReLU is still applied
-        assert float(model[1](model[0](x)).min()) == 0.0 and float(model[0](x).min()) < 0
+    converted_keeping_activation(randomized_frozen(build_frozen()), frozen_norms_in)
 
 
 def test_frozen_norm_act_is_not_a_plain_frozen_norm():
