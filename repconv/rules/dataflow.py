@@ -13,7 +13,6 @@ on the instance (`GraphForward`). `load_deploy` rebuilds that form by replaying 
 
 from __future__ import annotations
 
-from collections import Counter
 from collections.abc import Set as AbstractSet
 from itertools import count, islice
 
@@ -139,7 +138,6 @@ def fuse_block(model: nn.Module, step: Step) -> tuple[int, ...]:
     if not regions or targets != sorted(step.parts):
         raise NotFusable("its linear regions are not the ones planned (the block changed)")
     values = analysis.values(regions, dataflow.as_is)
-    shared = _shared_modules(model)
     dtype = _weight_dtype(block)
     convs = [_fused_conv(v, dtype) for v in values]
     names = _fresh_names(block, len(regions))
@@ -147,7 +145,7 @@ def fuse_block(model: nn.Module, step: Step) -> tuple[int, ...]:
     shapes = []
     replaced: dict[fx.Node, fx.Node] = {}  # a region's output, by the conv call now making it
     for region, fused, name in zip(regions, convs, names):
-        target = _install(block, graph, region, fused, name, shared)
+        target = _install(block, graph, region, fused, name, model)
         replaced[region.output] = _rewire(graph, region, target, replaced)
         shapes.append(tuple(fused.kernel.shape))
     _drop_consumed(block, graph, consumed)
@@ -176,9 +174,9 @@ def _fresh_names(block: nn.Module, how_many: int) -> list[str]:
     return list(islice((name for name in candidates if name not in taken), how_many))
 
 
-def _shared_modules(model: nn.Module) -> set[int]:
-    uses = Counter(id(m) for _, m in model.named_modules(remove_duplicate=False))
-    return {key for key, n in uses.items() if n > 1}
+def _reached_once(model: nn.Module, module: nn.Module) -> bool:
+    paths = (p for p, m in model.named_modules(remove_duplicate=False) if m is module)
+    return len(list(islice(paths, 2))) == 1
 
 
 def _install(
@@ -187,12 +185,12 @@ def _install(
     region: dataflow.Region,
     fused: L.FusedConv,
     name: str,
-    shared: set[int],
+    model: nn.Module,
 ) -> str:
     """Put the fused conv in the block: into the region's only conv if it has that shape (and
     no other path of the model reaches that conv)."""
     absorbing = _absorbing_conv(block, graph, region, fused)
-    if absorbing is not None and id(block.get_submodule(absorbing)) in shared:
+    if absorbing is not None and not _reached_once(model, block.get_submodule(absorbing)):
         absorbing = None
     if absorbing is not None:
         conv = block.get_submodule(absorbing)
