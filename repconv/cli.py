@@ -44,7 +44,7 @@ Examples:
       --arch-kwargs '{"num_classes": 100}' --input-shape 3,256,256
   repconv convert last.ckpt out.safetensors --arch ./models.py:Net --key state_dict_ema
   repconv convert train.pth deploy.pt --config configs/demo.toml --json
-  repconv convert train.pth deploy.safetensors --arch ./repvgg.py:create_RepVGG_A0 \
+  repconv convert train.pth deploy.safetensors --arch ./repvgg.py:create_RepVGG_A0 \\
       --deploy-kwargs '{"deploy": true}'     # loads strictly into your deploy model
 """
 
