@@ -176,6 +176,108 @@ class QARepVGGBlock(L.QARepVGGBlock):
         return super().forward(inputs)
 
 
+# ---- YOLOv6 QARepVGGBlockV2: `rbr_reparam` (meituan/YOLOv6, yolov6/layers/common.py) -----------
+
+
+class QARepVGGBlockV2(L.QARepVGGBlockV2):
+    """Fully fused deploy form: `rbr_reparam` (bias=True), then se and the non-linearity.
+
+    Upstream's `deploy=True` constructor (RepVGGBlock's) builds only `rbr_reparam`, but its
+    forward still calls `bn`, which only `switch_to_deploy` leaves behind (live, "keep post bn
+    for QAT"), as in QARepVGGBlock; `keep_bn=True` builds that form (refused, as V1's)."""
+
+    def __init__(
+        self, in_channels, out_channels, kernel_size=3, stride=1, padding=1, groups=1,
+        deploy: bool = False, keep_bn: bool = False,
+    ):  # fmt: skip
+        super().__init__(in_channels, out_channels, kernel_size, stride, padding, groups)
+        self.deploy = deploy
+        if deploy:
+            drop_children(self, "rbr_dense", "rbr_1x1", "rbr_identity", "rbr_avg")
+            if not keep_bn:
+                drop_children(self, "bn")
+            self.rbr_reparam = fused_conv(
+                in_channels, out_channels, kernel_size, stride, padding, groups
+            )
+
+    def forward(self, inputs):
+        if hasattr(self, "rbr_reparam"):
+            out = self.se(self.rbr_reparam(inputs))
+            return self.nonlinearity(self.bn(out) if hasattr(self, "bn") else out)
+        return super().forward(inputs)
+
+
+# ---- mmyolo RepVGGBlock(use_alpha=True, deploy=True): `rbr_reparam`, `alpha` kept dead ---------
+
+
+class AlphaRepVGGBlock(L.AlphaRepVGGBlock):
+    """mmyolo builds `alpha` before its `if deploy:` and `rbr_reparam` (bias=True) in it; the
+    deploy forward is nonlinearity(se(rbr_reparam(x))), so `alpha` stays as a dead parameter."""
+
+    def __init__(
+        self, in_channels, out_channels, kernel_size=3, stride=1, padding=1, groups=1,
+        deploy: bool = False,
+    ):  # fmt: skip
+        super().__init__(in_channels, out_channels, kernel_size, stride, padding, groups)
+        self.deploy = deploy
+        if deploy:
+            drop_children(self, "rbr_identity", "rbr_dense", "rbr_1x1")
+            self.rbr_reparam = fused_conv(
+                in_channels, out_channels, kernel_size, stride, padding, groups
+            )
+
+    def forward(self, inputs):
+        if hasattr(self, "rbr_reparam"):
+            return self.nonlinearity(self.se(self.rbr_reparam(inputs)))
+        return super().forward(inputs)
+
+
+# ---- UniRepLKNet DilatedReparamBlock(deploy=True): `lk_origin` with a bias (AILab-CVC) -----------
+
+
+class DilatedReparamBlock(L.DilatedReparamBlock):
+    """Upstream builds `lk_origin` with `bias=deploy` and the BNs and dilated branches only when
+    not deploy; its forward returns lk_origin(x) when `origin_bn` is absent. The fused conv
+    keeps the train conv's name: `lk_origin.weight` is in the checkpoint, unfused."""
+
+    def __init__(self, channels: int, kernel_size: int, deploy: bool = False):
+        super().__init__(channels, kernel_size)
+        if deploy:
+            drop_children(self, "origin_bn")
+            for k, r in zip(self.kernel_sizes, self.dilates):
+                drop_children(self, f"dil_conv_k{k}_{r}", f"dil_bn_k{k}_{r}")
+            self.lk_origin = fused_conv(
+                channels, channels, kernel_size, 1, kernel_size // 2, channels
+            )
+
+    def forward(self, x):
+        if not hasattr(self, "origin_bn"):
+            return self.lk_origin(x)
+        return super().forward(x)
+
+
+# ---- YOLOv10 RepVGGDW after fuse(): `conv` becomes a bare conv (ultralytics) --------------------
+
+
+class RepVGGDW(L.RepVGGDW):
+    """Upstream has no deploy flag: `fuse()` sets `self.conv = fuse_conv_and_bn(conv.conv,
+    conv.bn)` (a bare nn.Conv2d with a bias: the `Conv` wrapper and its `bn` are gone, key
+    `conv.conv.weight` becomes `conv.weight`), deletes `conv1`, and `forward_fuse` is
+    act(conv(x)). `deploy=True` builds that form."""
+
+    def __init__(self, ed: int, deploy: bool = False):
+        super().__init__(ed)
+        self.deploy = deploy
+        if deploy:
+            drop_children(self, "conv1")
+            self.conv = fused_conv(ed, ed, 7, 1, 3, ed)
+
+    def forward(self, x):
+        if self.deploy:
+            return self.act(self.conv(x))
+        return super().forward(x)
+
+
 # ---- deploy forms that do NOT fit (error paths) --------------------------------------------------
 
 
@@ -246,8 +348,26 @@ def _blocks(layout: str, w: int, deploy: bool) -> list[nn.Module]:
             QARepVGGBlock(w, 2 * w, stride=2, deploy=d),
             QARepVGGBlock(2 * w, 2 * w, groups=2, deploy=d),
         ],
+        "yolov6_qarepvgg_v2": lambda: [
+            QARepVGGBlockV2(w, w, deploy=d),
+            QARepVGGBlockV2(w, 2 * w, stride=2, deploy=d),
+            QARepVGGBlockV2(2 * w, 2 * w, groups=2, deploy=d),
+        ],
+        "alpha_repvgg": lambda: [
+            AlphaRepVGGBlock(w, w, deploy=d),
+            AlphaRepVGGBlock(w, 2 * w, stride=2, deploy=d),
+            AlphaRepVGGBlock(2 * w, 2 * w, groups=2, deploy=d),
+        ],
+        "unireplknet": lambda: [
+            DilatedReparamBlock(w, 7, deploy=d),
+            nn.ReLU(),
+            DilatedReparamBlock(w, 5, deploy=d),
+            nn.ReLU(),
+        ],
+        "yolov10_repvggdw": lambda: [RepVGGDW(w, deploy=d), RepVGGDW(w, deploy=d)],
         # Error paths: these deploy forms do not fit their train form.
         "yolov6_live_bn": lambda: [QARepVGGBlock(w, w, deploy=d, keep_bn=True)],
+        "yolov6_v2_live_bn": lambda: [QARepVGGBlockV2(w, w, deploy=d, keep_bn=True)],
         "repvgg_extra": lambda: [RepVGGWithExtra(w, w, deploy=d)],
         "two_candidates": lambda: [TwoCandidates(w, deploy=d)],
     }
@@ -265,8 +385,15 @@ PAIRS = (
     "rtdetr_repvgg",
     "repghost",
     "yolov6_qarepvgg",
+    "yolov6_qarepvgg_v2",
+    "alpha_repvgg",
+    "yolov10_repvggdw",
 )
-# Each pair's fused conv attribute in deploy form (the name the mapping must find).
+# Pairs that fit but that the mapping cannot place (a one-line exit 2, never a wrong file):
+# UniRepLKNet's deploy form reuses the train conv's name `lk_origin` for the fused conv, so its
+# `lk_origin.weight` is taken for a dead train tensor and `lk_origin.bias` is left unfilled.
+UNMAPPED_PAIRS = ("unireplknet",)
+# Each pair's (and unmapped pair's) fused conv attribute in deploy form (the name to find).
 DEPLOY_CONV = {
     "repvgg": "rbr_reparam",
     "yolov7_repconv": "rbr_reparam",
@@ -275,6 +402,10 @@ DEPLOY_CONV = {
     "rtdetr_repvgg": "conv",
     "repghost": "cheap_operation",
     "yolov6_qarepvgg": "rbr_reparam",
+    "yolov6_qarepvgg_v2": "rbr_reparam",
+    "alpha_repvgg": "rbr_reparam",
+    "unireplknet": "lk_origin",
+    "yolov10_repvggdw": "conv",
 }
 BLOCK_TYPES = (
     RepVGGBlock,
@@ -284,6 +415,10 @@ BLOCK_TYPES = (
     RTDETRRepVggBlock,
     RepGhostModule,
     QARepVGGBlock,
+    QARepVGGBlockV2,
+    AlphaRepVGGBlock,
+    DilatedReparamBlock,
+    RepVGGDW,
 )
 
 
