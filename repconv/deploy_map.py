@@ -6,7 +6,8 @@ own); the user's deploy class may call the fused conv otherwise (`rbr_reparam`, 
 tensor is found, in this order:
 
 1. the fused model's tensor at the same path, if its shape is the same;
-2. the train checkpoint's tensor at the same path (a dead branch the deploy form keeps);
+2. the train checkpoint's tensor at the same path (a dead branch the deploy form keeps), when
+   it fills the whole module;
 3. for what is left, module by module: the fused module holding tensors of the same names and
    shapes, nearest in the tree (inside the deploy module's parent), if exactly one is nearest.
 
@@ -89,6 +90,13 @@ def plan_mapping(
         elif key not in fused and train.get(key) == shape:
             result.sources[key] = Source("train", key)
     left = [k for k in deploy if k not in result.sources]
+    # A module the train checkpoint only half fills is not a dead branch but a fused conv that
+    # kept a train name (UniRepLKNet's `lk_origin` gains a bias): it is matched whole.
+    unfinished = {_module(k) for k in left}
+    for key, source in list(result.sources.items()):
+        if source.side == "train" and _module(key) in unfinished:
+            del result.sources[key]
+            left.append(key)
     spare = {k for k in fused if k not in taken}
     _match_modules(result, left, spare, deploy, fused)
     result.unused = sorted(k for k in spare if k not in {s.key for s in result.sources.values()})

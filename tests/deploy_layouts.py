@@ -388,12 +388,10 @@ PAIRS = (
     "yolov6_qarepvgg_v2",
     "alpha_repvgg",
     "yolov10_repvggdw",
+    # Its deploy form keeps the train conv's name `lk_origin` for the fused conv (with a bias).
+    "unireplknet",
 )
-# Pairs that fit but that the mapping cannot place (a one-line exit 2, never a wrong file):
-# UniRepLKNet's deploy form reuses the train conv's name `lk_origin` for the fused conv, so its
-# `lk_origin.weight` is taken for a dead train tensor and `lk_origin.bias` is left unfilled.
-UNMAPPED_PAIRS = ("unireplknet",)
-# Each pair's (and unmapped pair's) fused conv attribute in deploy form (the name to find).
+# Each pair's fused conv attribute in deploy form (the name to find).
 DEPLOY_CONV = {
     "repvgg": "rbr_reparam",
     "yolov7_repconv": "rbr_reparam",

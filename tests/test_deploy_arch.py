@@ -8,7 +8,7 @@ hand from the fused train model it matches the train model. The others need repc
 NOTES: upstream deploy forms a fully fused conversion cannot fill, kept out of PAIRS: YOLOv6's
 QARepVGGBlock and QARepVGGBlockV2 keep their post-sum `bn` live after `rbr_reparam`
 ("yolov6_live_bn", "yolov6_v2_live_bn" here), and RepGhost's deploy model keeps `primary_conv`'s
-BN unfused. UniRepLKNet's deploy form fits but the mapping cannot place it (UNMAPPED_PAIRS).
+BN unfused.
 """
 
 from __future__ import annotations
@@ -185,7 +185,7 @@ def fill_by_hand(layout: str, train: nn.Module, deploy: nn.Module) -> None:
     deploy.load_state_dict(state, strict=True)
 
 
-@pytest.mark.parametrize("layout", D.PAIRS + D.UNMAPPED_PAIRS)
+@pytest.mark.parametrize("layout", D.PAIRS)
 def test_pair_filled_by_hand_matches_the_train_model(layout):
     train, deploy = train_net(layout), deploy_net(layout)
     x = sample()
@@ -445,19 +445,3 @@ def test_a_deploy_form_that_keeps_a_live_bn_is_refused(tmp_path, layout):
     result = invoke(convert_args(source, out, layout))
     assert result.exit_code in (1, 2), result.output
     assert not out.exists()
-
-
-@needs_deploy_map
-def test_unireplknet_deploy_form_reusing_the_train_conv_name_is_exit_2_naming_both(tmp_path):
-    """UniRepLKNet's deploy `lk_origin` is the train conv's name with a bias added: the mapping
-    takes `lk_origin.weight` for a dead train tensor (same path, same shape), so the bias is
-    left unfilled and the fused `reparam` unused. Refused with both named, never a file holding
-    the unfused weight (filled by hand, the pair does match: see the pair tests)."""
-    source, out = train_checkpoint(tmp_path, "unireplknet"), tmp_path / "o" / "d.safetensors"
-    out.parent.mkdir()
-    expect_mapping_error(
-        tmp_path,
-        convert_args(source, out, "unireplknet"),
-        "blocks.0.lk_origin.bias",
-        "blocks.0.reparam.weight",
-    )

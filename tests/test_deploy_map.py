@@ -87,3 +87,13 @@ def test_at_most_five_paths_are_named_on_each_side():
     message = str(info.value)
     assert "(and 3 more)" in message and "(and 2 more)" in message
     assert "\n" not in message
+
+
+def test_a_fused_conv_keeping_a_train_name_is_matched_whole_not_taken_as_dead():
+    # UniRepLKNet: deploy `lk_origin` (weight + bias) is the fused conv; the train checkpoint
+    # has `lk_origin.weight` (no bias), which must not be taken for a dead branch.
+    deploy = conv_at("block.lk_origin")
+    train = {"block.lk_origin.weight": CONV["weight"]}
+    placed = plan_mapping(deploy, conv_at("block.reparam"), train)
+    require_complete(placed, "x")
+    assert placed.sources["block.lk_origin.weight"] == Source("fused", "block.reparam.weight")
