@@ -11,7 +11,8 @@ Where an operation has no exact single-conv form (a padded 3x3 after a 3x3, a su
 two different sources...), the analysis cuts: the operand becomes a source of its own, and the
 analysis runs again, until every region is exact and no node is shared between regions. It
 decides from structure only (shapes, module types, which tensors are zero by construction),
-never from values, so it plans on meta tensors what the fuse later computes in float64.
+never from values, so a model rebuilt on the meta device (load_deploy) gets the plan its trained
+model got.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from repconv.geometry import Geometry
 from repconv.kernels import NormStats, norm_scale_shift
 from repconv.rules.base import is_foldable_norm, is_norm_like, is_plain_conv
 
-# How a tensor of the traced module is read: as itself (fusing) or as a meta stand-in (planning).
+# How a tensor of the traced module is read (as itself; a test may substitute stand-ins).
 Resolve = Callable[[Tensor], Tensor]
 
 _ADD = {operator.add, operator.iadd, torch.add, "add", "add_"}
@@ -48,11 +49,6 @@ _POOL_FUNCTIONS = {F.avg_pool1d: 1, F.avg_pool2d: 2, F.avg_pool3d: 3}
 _CONV_FUNCTIONS = {F.conv1d: 1, F.conv2d: 2, F.conv3d: 3}
 _NORM_RANKS = {nn.BatchNorm2d: 2, nn.BatchNorm3d: 3}
 PASS_THROUGH = (nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d)
-
-
-def as_meta(tensor: Tensor) -> Tensor:
-    dtype = torch.float64 if tensor.is_floating_point() else tensor.dtype
-    return torch.empty(tensor.shape, dtype=dtype, device="meta")
 
 
 def as_is(tensor: Tensor) -> Tensor:
@@ -224,7 +220,7 @@ class Analysis:
         self,
         root: nn.Module,
         graph: fx.Graph,
-        resolve: Resolve = as_meta,
+        resolve: Resolve = as_is,
         opaque: AbstractSet[int] = frozenset(),
     ):
         self.root = root
@@ -233,7 +229,7 @@ class Analysis:
         self.resolve = resolve
         self.modules = dict(root.named_modules())
         self.constants: dict[fx.Node, Any] = {}
-        self.device = _device_of(root, resolve)
+        self.device = _device_of(root)
         self.cuts: set[fx.Node] = set()
         # (owner, reason): sums of branches from one input that are not linear (see _refusals)
         self.refusals: list[tuple[str, str]] = []
@@ -588,9 +584,7 @@ def _absorbing_users(node: fx.Node, run: _Pass) -> list[fx.Node]:
     return [u for u in node.users if u in run.values and run.sources[u] is source]
 
 
-def _device_of(root: nn.Module, resolve: Resolve) -> torch.device:
-    if resolve is as_meta:
-        return torch.device("meta")
+def _device_of(root: nn.Module) -> torch.device:
     tensor = next(iter([*root.parameters(), *root.buffers()]), None)
     return tensor.device if tensor is not None else torch.device("cpu")
 
@@ -845,7 +839,7 @@ def analyse(
 ) -> list[Region]:
     """The regions worth fusing in `graph` (traced from `root`), in graph order; the modules
     in `opaque` (by id) are other passes' and count as non-linear."""
-    return Analysis(root, graph, as_meta, opaque).regions()
+    return Analysis(root, graph, as_is, opaque).regions()
 
 
 class GraphForward:
@@ -913,7 +907,6 @@ __all__ = [
     "Region",
     "analyse",
     "as_is",
-    "as_meta",
     "constant_inputs",
     "graph_of",
     "kind_of",

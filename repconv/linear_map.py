@@ -8,8 +8,8 @@ identity, average pooling, a per-channel scale) holds only the taps every channe
 identity over 2048 channels costs nothing until the region is summed into one kernel.
 
 Every operation here decides by shapes and structure only, never by values: run on meta tensors
-it takes the same branches and raises the same `NotExact`, which is how a plan is made without
-computing anything. Values are float64; `to_conv` rounds the summed kernel once.
+(a model rebuilt by `load_deploy`) it takes the same branches and raises the same `NotExact` as
+on the trained model's. Values are float64; `to_conv` rounds the summed kernel once.
 """
 
 from __future__ import annotations

@@ -52,7 +52,7 @@ def _search(module: nn.Module, prefix: str, claimed: AbstractSet[int]) -> list[S
         return [
             s for n, c in module.named_children() for s in _search(c, _join(prefix, n), claimed)
         ]
-    analysis = dataflow.Analysis(module, graph, dataflow.as_meta, claimed)
+    analysis = dataflow.Analysis(module, graph, dataflow.as_is, claimed)
     regions = analysis.regions()
     steps = [_step(module, prefix, owner, group, claimed) for owner, group in _by_owner(regions)]
     fused = {r.owner for r in regions}
@@ -132,7 +132,7 @@ def fuse_block(model: nn.Module, step: Step) -> tuple[int, ...]:
         raise
     except Exception as exc:
         raise NotFusable(f"its forward no longer traces ({type(exc).__name__}: {exc})") from None
-    analysis = dataflow.Analysis(block, graph, dataflow.as_meta, opaque)
+    analysis = dataflow.Analysis(block, graph, dataflow.as_is, opaque)
     regions = [r for r in analysis.regions() if r.owner == ""]
     targets = sorted({_join(step.path, t) for r in regions for t in r.module_targets()})
     if not regions or targets != sorted(step.parts):
