@@ -272,9 +272,13 @@ def _floating_dtype(module: nn.Module) -> torch.dtype | None:
 
 def _step_tensors(model: nn.Module, step: Step) -> list[torch.Tensor]:
     """The tensors of the modules a step consumes that are still in the model."""
-    modules = dict(model.named_modules())
-    paths = step.parts or step.chain
-    return [t for path in paths if path in modules for t in pages.tensors_of(modules[path])]
+    found = []
+    for path in step.parts or step.chain:
+        try:
+            found += pages.tensors_of(model.get_submodule(path))
+        except AttributeError:  # consumed: the data-flow pass deletes what it folds
+            continue
+    return found
 
 
 def _fuse(

@@ -44,7 +44,7 @@ def _join(prefix: str, name: str) -> str:
 
 def _search(module: nn.Module, prefix: str, claimed: AbstractSet[int]) -> list[Step]:
     """The smallest traceable modules from the top, as the conv -> BN pass scopes them."""
-    if id(module) in claimed or not any(is_plain_conv(m) for m in module.modules()):
+    if not _holds_unclaimed_conv(module, claimed):
         return []
     try:
         graph = dataflow.graph_of(module, claimed)
@@ -64,6 +64,15 @@ def _search(module: nn.Module, prefix: str, claimed: AbstractSet[int]) -> list[S
                 Step(path, PASS, PASS.family, "not linear", param_count(block), refusal=reason)
             )
     return steps
+
+
+def _holds_unclaimed_conv(module: nn.Module, claimed: AbstractSet[int]) -> bool:
+    """Whether a conv sits outside every claimed block (a RepVGG net: none, nothing to trace)."""
+    if id(module) in claimed:
+        return False
+    return is_plain_conv(module) or any(
+        _holds_unclaimed_conv(child, claimed) for child in module.children()
+    )
 
 
 def _by_owner(regions: list[dataflow.Region]) -> list[tuple[str, list[dataflow.Region]]]:
@@ -102,7 +111,34 @@ def _relative(target: str, owner: str) -> str:
 def sums_exactly(block: nn.Module, children: list[str]) -> bool:
     """Whether the block's forward is, by its data flow, one linear region made of exactly the
     leaves under `children` (no scalar or activation of its own on a branch). A block that does
-    not trace cannot be judged this way: True, as a match by names alone was before."""
+    not trace cannot be judged this way: True, as a match by names alone was before.
+
+    The answer depends on the block's code and structure, not on its widths or values, so it
+    is traced once per class and layout (a RepVGG net has a handful, not one per block).
+    """
+    key = _layout_key(block, children)
+    if key not in _AGREEMENT:
+        _AGREEMENT[key] = _traced_sum_is_exact(block, children)
+    return _AGREEMENT[key]
+
+
+_AGREEMENT: dict[tuple, bool] = {}
+
+
+def _layout_key(block: nn.Module, children: list[str]) -> tuple:
+    modules = tuple(
+        (path, type(m), getattr(m, "padding_mode", None), tuple(m._parameters), tuple(m._buffers))
+        for path, m in block.named_modules()
+    )
+    flags = tuple(
+        (name, value)
+        for name, value in sorted(vars(block).items())
+        if not name.startswith("_") and isinstance(value, (bool, type(None)))
+    )
+    return type(block), modules, flags, tuple(children)
+
+
+def _traced_sum_is_exact(block: nn.Module, children: list[str]) -> bool:
     try:
         graph = dataflow.graph_of(block)
     except Exception:
