@@ -248,6 +248,7 @@ def main() -> None:
       repconv convert train.pth deploy.safetensors --arch demo_mixed
       repconv verify train.pth deploy.safetensors --json
       repconv inspect train.pth --arch path/to/models.py:build_model
+      repconv lint deploy.onnx
       repconv rules
 
     \b
@@ -455,6 +456,46 @@ def bench(input_path: Path, **opts: Any) -> None:
         else:
             report.bench_report(report.console(), result)
         return EXIT_OK
+
+    run_command(as_json, verbose, body)
+
+
+@main.command()
+@click.argument("model_path", metavar="MODEL.onnx", type=click.Path(path_type=Path))
+@_json_option()
+@_verbose_option
+def lint(model_path: Path, as_json: bool, verbose: bool) -> None:
+    """Find unfused train-time branches and BatchNorms left in an ONNX model.
+
+    \b
+    Reports BatchNormalization after Conv/Gemm/MatMul, convs reading one tensor whose outputs
+    are summed, a conv's input added back to its output, and average-pool + conv branches
+    summed, each with its nodes and the family it looks like (RepVGG, ACB, DBB, conv-BN).
+    Exit 0 if none, 1 if any, 2 if MODEL is not a readable ONNX file. Needs repconv[onnx].
+    Example:  repconv lint deploy.onnx --json
+    """
+
+    def body() -> int:
+        from repconv.onnx_lint import lint_file
+
+        findings = lint_file(model_path)
+        code = EXIT_FAILED if findings else EXIT_OK
+        if as_json:
+            report.emit_json(
+                {
+                    "ok": not findings,
+                    "exit_code": code,
+                    "model": str(model_path),
+                    "findings": [f.to_dict() for f in findings],
+                }
+            )
+            return code
+        out = report.console()
+        if findings:
+            rows = [(f.pattern, f.family, f.message) for f in findings]
+            report.table(out, "unfused patterns", ("pattern", "looks like", "where"), rows)
+        out.print(f"{len(findings)} finding(s) in {model_path}", markup=False)
+        return code
 
     run_command(as_json, verbose, body)
 
