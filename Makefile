@@ -10,7 +10,7 @@ install: $(STAMP)
 # torch is pinned first so pip takes the CPU build on this machine instead of a CUDA download.
 $(STAMP): pyproject.toml
 	$(PIP) install --quiet torch==2.13.0
-	$(PIP) install --quiet -e ".[dev,dask]"
+	$(PIP) install --quiet -e ".[dev,dask,onnx]"
 	@touch $(STAMP)
 
 test: install

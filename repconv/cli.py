@@ -262,6 +262,13 @@ def main() -> None:
 @_common_model_options
 @_conversion_options("deploy", "check", "convert")
 @click.option("--dry-run", is_flag=True, help="Convert and verify, write nothing.")
+@click.option(
+    "--onnx",
+    "onnx_path",
+    type=click.Path(path_type=Path),
+    help="Also export the deploy model to this .onnx file, checked with onnxruntime "
+    "(needs repconv[onnx]; defaults of `repconv export`).",
+)
 def convert(input_path: Path, output_path: Path, **opts: Any) -> None:
     """Convert a train checkpoint INPUT into a verified deploy checkpoint OUTPUT.
 
@@ -274,15 +281,27 @@ def convert(input_path: Path, output_path: Path, **opts: Any) -> None:
         from repconv import pipeline
 
         options = _taken_options(opts)
+        onnx_path = opts["onnx_path"]
+        if onnx_path is not None:
+            from repconv import onnx_export
+
+            onnx_export.require_onnx()
+            files.check_report_path(onnx_path)
         with _status("converting...", as_json):
             result = pipeline.convert_file(
                 input_path, output_path, options, dry_run=opts["dry_run"]
             )
         code = EXIT_OK if result.passed else EXIT_FAILED
         written = None if opts["dry_run"] else str(output_path)
+        onnx_check = None
+        if onnx_path is not None and written and result.passed:
+            with _status("exporting to ONNX...", as_json):
+                onnx_check = onnx_export.export_conversion(result, onnx_path)
         if as_json:
+            onnx_dict = None if onnx_check is None else onnx_check.to_dict()
             report.emit_json(
                 {"ok": code == 0, "exit_code": code, "output": written, **result.to_dict()}
+                | {"onnx": onnx_dict}
             )
             return code
         out = report.console()
@@ -294,7 +313,72 @@ def convert(input_path: Path, output_path: Path, **opts: Any) -> None:
             if not result.passed:
                 out.print(result.verification.failure_message(), markup=False)
         out.print(f"wrote {written}" if written else "dry run: nothing written", markup=False)
+        if onnx_check is not None:
+            out.print(onnx_check.summary(), markup=False)
+            out.print(f"wrote {onnx_check.path}", markup=False)
         return code
+
+    run_command(as_json, verbose, body)
+
+
+EXPORT_EXAMPLES = """
+\b
+Examples:
+  repconv export deploy.safetensors model.onnx --arch demo_mixed
+  repconv export deploy.safetensors model.onnx --arch repvgg_a0 --dynamic-batch --fp16
+  repconv convert train.pth deploy.safetensors --arch demo_mixed --onnx model.onnx
+"""
+
+
+@main.command(epilog=EXPORT_EXAMPLES)
+@click.argument("deploy_path", metavar="DEPLOY", type=click.Path(path_type=Path))
+@click.argument("output_path", metavar="MODEL.onnx", type=click.Path(path_type=Path))
+@_common_model_options
+@_conversion_options("deploy")
+@_input_shape_option
+@click.option(
+    "--opset",
+    type=click.IntRange(9, 20),
+    default=17,
+    show_default=True,
+    help="ONNX opset to write.",
+)
+@click.option("--dynamic-batch", is_flag=True, help="Let the batch size vary (axis 0).")
+@click.option("--fp16", is_flag=True, help="Write float16 weights and activations.")
+@click.option(
+    "--trust-metadata",
+    is_flag=True,
+    help="Build any architecture DEPLOY's metadata names (runs the code it names).",
+)
+def export(deploy_path: Path, output_path: Path, **opts: Any) -> None:
+    """Export the deploy checkpoint DEPLOY to ONNX, checked with onnxruntime.
+
+    \b
+    The deploy model is rebuilt (as load_deploy does), exported with torch's TorchScript
+    exporter and the file run with onnxruntime (CPU) on the verification inputs; it is
+    written atomically, and only if its outputs match the deploy model's in float64 within
+    1e-4 relative (float32) or 1e-2 (--fp16): exit 1 if not. Needs repconv[onnx].
+    """
+    as_json, verbose = opts.pop("as_json"), opts.pop("verbose")
+
+    def body() -> int:
+        from repconv import onnx_export
+
+        settings = onnx_export.ExportSettings(
+            opset=opts.pop("opset"), dynamic_batch=opts.pop("dynamic_batch"), fp16=opts.pop("fp16")
+        )
+        trust = opts.pop("trust_metadata")
+        with _status("exporting...", as_json):
+            check = onnx_export.export_deploy_file(
+                deploy_path, output_path, _taken_options(opts), settings, trust_metadata=trust
+            )
+        if as_json:
+            report.emit_json({"ok": True, "exit_code": EXIT_OK, "onnx": check.to_dict()})
+        else:
+            out = report.console()
+            out.print(check.summary(), markup=False)
+            out.print(f"wrote {check.path}", markup=False)
+        return EXIT_OK
 
     run_command(as_json, verbose, body)
 

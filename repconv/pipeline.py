@@ -37,6 +37,9 @@ class Result:
     params_before: int
     params_after: int
     source: dict[str, Any] = field(default_factory=dict)
+    # The train model's outputs on the verification inputs (None without verification); the
+    # ONNX export is checked against them.
+    reference: V.Reference | None = field(default=None, repr=False)
 
     @property
     def passed(self) -> bool:
@@ -99,7 +102,9 @@ def convert(
         verification = _figures(model, reference, applied, dtype_for, options)
     dtypes.cast_in_place(model, dtype_for)
     state = {k: v.contiguous() for k, v in model.state_dict().items()}
-    return Result(model, applied, verification, state, params_before, param_count(model))
+    return Result(
+        model, applied, verification, state, params_before, param_count(model), reference=reference
+    )
 
 
 def _train_tensors_for(deploy_model: nn.Module | None, model: nn.Module) -> dict[str, Tensor]:
