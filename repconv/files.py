@@ -12,7 +12,8 @@ import os
 import tempfile
 import zipfile
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -229,22 +230,30 @@ def prove_writable(path: Path) -> None:
     Path(tmp).unlink(missing_ok=True)
 
 
-def write_atomically(path: str | Path, write: Callable[[BinaryIO], object]) -> None:
-    """Replace `path` with what `write` writes, in one step: readers see the old file or the
-    new one, never part of it. OS errors become BadInput."""
+@contextmanager
+def replacing(path: str | Path) -> Iterator[str]:
+    """A temp file beside `path` for the block to fill; it replaces `path` in one step when the
+    block ends, and is removed if the block raises (an OS error becomes BadInput): readers see
+    the old file or the new one, never part of it."""
     path = Path(path)
     fd, tmp = temp_file_beside(path)
+    os.close(fd)
     try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
+        yield tmp
         os.replace(tmp, path)
     except BaseException as exc:
         Path(tmp).unlink(missing_ok=True)
         if isinstance(exc, OSError):
             raise BadInput(f"cannot write {path}: {exc.strerror or exc}") from None
         raise
+
+
+def write_atomically(path: str | Path, write: Callable[[BinaryIO], object]) -> None:
+    """Replace `path` with what `write` writes, synced to disk first (see `replacing`)."""
+    with replacing(path) as tmp, open(tmp, "wb") as f:
+        write(f)
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def write_text_atomically(path: str | Path, text: str) -> None:

@@ -25,7 +25,6 @@ import contextlib
 import copy
 import io
 import json
-import os
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -137,9 +136,7 @@ def export_checked(
         raise BadInput(f"--opset must be from {MIN_OPSET} to {MAX_OPSET}, got {opset}")
     output_path = Path(output_path)
     dtype = torch.float16 if fp16 else torch.float32
-    fd, tmp = files.temp_file_beside(output_path)
-    os.close(fd)
-    try:
+    with files.replacing(output_path) as tmp:
         _export(model, tmp, inputs[0], dtype, opset, dynamic_batch)
         outputs = run_onnx(tmp, inputs, dtype, batch_of_three=dynamic_batch)
         # ONNX outputs are a flat list: compare them with the references' tensors in order.
@@ -155,12 +152,6 @@ def export_checked(
         # structure; findings are reported (and recorded), the file stays valid.
         check.lint = [f.to_dict() for f in onnx_lint.lint_model(onnx.load(tmp))]
         _write_metadata(onnx, tmp, {**(metadata or {}), "onnx_check": check.to_dict()})
-        os.replace(tmp, output_path)
-    except BaseException as exc:
-        Path(tmp).unlink(missing_ok=True)
-        if isinstance(exc, OSError):
-            raise BadInput(f"cannot write {output_path}: {exc.strerror or exc}") from None
-        raise
     return check
 
 
