@@ -427,24 +427,13 @@ def verify_files(
     Options used: the model's and the check's (`ConvertOptions` groups "model", "check").
     """
     options = ConvertOptions.merged(options, keywords)
-    arch_spec, arch_kwargs, key = options.arch, options.arch_kwargs, options.key
     input_shape, samples, seed = options.input_shape, options.samples, options.seed
-    trust_pickle, atol, rtol = options.trust_pickle, options.atol, options.rtol
     state, meta = checkpoint.read_deploy(deploy_path)
     record, what = metadata.read(meta), Path(deploy_path).name
-    loaded = checkpoint.read_checkpoint(train_path, key=key, trust_pickle=trust_pickle)
-    spec = arch_spec
-    if spec is None and loaded.module is None:
-        spec, recorded_kwargs = recorded_architecture(record, what, trust_metadata=trust_metadata)
-        arch_kwargs = recorded_kwargs if arch_kwargs is None else arch_kwargs
-    if arch_kwargs is None:
-        arch_kwargs = _recorded_kwargs_for(spec, record, what)
-    model = _load_model(loaded, spec, arch_kwargs)
-    loaded.state_dict = None  # the model holds what it needs
-    builder = deploy_builder(options) or _deploy_builder_for(
-        record, what, None, None, spec, arch_kwargs, trust_metadata
+    loaded = checkpoint.read_checkpoint(
+        train_path, key=options.key, trust_pickle=options.trust_pickle
     )
-    deploy_model = arch.build_empty(*builder) if builder else None
+    model, deploy_model = _models_to_verify(loaded, record, what, options, trust_metadata)
     kept = _train_tensors_for(deploy_model, model)
     shape = arch.input_shape_for(model, input_shape)
     if samples < 1:
@@ -474,9 +463,32 @@ def verify_files(
         written=written,
         exact_limit=V.EXACT_LIMIT,
         tensors=tensors,
-        **V.written_tolerances(file_dtypes, atol, rtol),
+        **V.written_tolerances(file_dtypes, options.atol, options.rtol),
     )
     return verification, _verify_notes(record, loaded.sha256, applied, what)
+
+
+def _models_to_verify(
+    loaded: checkpoint.LoadedCheckpoint,
+    record: metadata.Recorded,
+    what: str,
+    options: ConvertOptions,
+    trust_metadata: bool,
+) -> tuple[nn.Module, nn.Module | None]:
+    """The train model (from --arch, else the recorded architecture when it may be built, else
+    a trusted pickle) and the deploy model the file was written for, if any (meta, empty)."""
+    spec, arch_kwargs = options.arch, options.arch_kwargs
+    if spec is None and loaded.module is None:
+        spec, recorded_kwargs = recorded_architecture(record, what, trust_metadata=trust_metadata)
+        arch_kwargs = recorded_kwargs if arch_kwargs is None else arch_kwargs
+    if arch_kwargs is None:
+        arch_kwargs = _recorded_kwargs_for(spec, record, what)
+    model = _load_model(loaded, spec, arch_kwargs)
+    loaded.state_dict = None  # the model holds what it needs
+    builder = deploy_builder(options) or _deploy_builder_for(
+        record, what, None, None, spec, arch_kwargs, trust_metadata
+    )
+    return model, arch.build_empty(*builder) if builder else None
 
 
 def _load_in_float64(model: nn.Module, state: Mapping[str, Tensor]) -> None:
