@@ -445,3 +445,24 @@ def test_a_deploy_form_that_keeps_a_live_bn_is_refused(tmp_path, layout):
     result = invoke(convert_args(source, out, layout))
     assert result.exit_code in (1, 2), result.output
     assert not out.exists()
+
+
+def test_a_recorded_deploy_builder_is_not_run_without_being_asked(tmp_path):
+    """The deploy spec a file records is data: load_deploy and verify build it only when the
+    user passes it (or trusts the metadata), as for the recorded --arch."""
+    source, out = train_checkpoint(tmp_path, "repvgg"), tmp_path / "d.safetensors"
+    repconv.convert_file(
+        source, out, arch=ARCH, arch_kwargs={"layout": "repvgg", "deploy": False},
+        deploy_arch=ARCH, deploy_arch_kwargs={"layout": "repvgg", "deploy": True},
+        input_shape=SHAPE,
+    )  # fmt: skip
+    with pytest.raises(repconv.BadInput, match="--deploy-arch"):
+        repconv.load_deploy(out, ARCH, {"layout": "repvgg", "deploy": False})
+    trusted = repconv.load_deploy(
+        out, ARCH, {"layout": "repvgg", "deploy": False}, trust_metadata=True
+    )
+    assert hasattr(trusted.blocks[0], "rbr_reparam")
+    train_kwargs = json.dumps({"layout": "repvgg", "deploy": False})
+    args = ["verify", str(source), str(out), "--arch", ARCH, "--arch-kwargs", train_kwargs]
+    result = invoke([*args, "--input-shape", "3,8,8"])
+    assert result.exit_code == 2 and "--deploy-arch" in result.stderr
