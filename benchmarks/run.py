@@ -211,12 +211,60 @@ def speedup(ckpt: Path, name: str, runs: int) -> dict:
     try:
         ours = compare(train, deploy, SHAPE, (1, 8), runs=runs, warmup=2)
         theirs = compare(release, deploy, SHAPE, (1, 8), runs=runs, warmup=2)
+        runtimes = onnxruntime_latency(deploy, SHAPE, runs) or {}
     finally:
         torch.set_num_threads(threads)
     return {
         **{f"b{r.batch}": r.speedup for r in ours.rows},
         **{f"release_b{r.batch}": r.speedup for r in theirs.rows},
+        **runtimes,
     }
+
+
+def onnxruntime_latency(deploy: torch.nn.Module, shape: tuple, runs: int) -> dict | None:
+    """Batch-1 latency in ms of the deploy model in torch and of its ONNX export (repconv's
+    exporter settings) in onnxruntime, one thread each, taking turns run by run so a slow
+    spell of the machine falls on both; None when onnxruntime is not installed."""
+    try:
+        import onnxruntime
+    except ImportError:
+        return None
+    from repconv import onnx_export
+
+    deploy.eval()
+    x = torch.randn(1, *shape, dtype=next(deploy.parameters()).dtype)
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = options.inter_op_num_threads = 1
+    with tempfile.TemporaryDirectory() as tmp:
+        path = str(Path(tmp) / "deploy.onnx")
+        onnx_export._export(deploy, path, x, x.dtype, onnx_export.DEFAULT_OPSET, False)
+        session = onnxruntime.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+    feed = {onnx_export.INPUT_NAME: x.numpy()}
+    with torch.inference_mode():
+        torch_ms, ort_ms = _alternating_ms(
+            [lambda: deploy(x), lambda: session.run(None, feed)], runs, warmup=2
+        )
+    return {"torch_b1_ms": torch_ms, "onnxruntime_b1_ms": ort_ms}
+
+
+def _alternating_ms(calls: list, runs: int, warmup: int) -> list[float]:
+    """Median wall time in ms of each call, the calls taking turns (order reversed each run)."""
+    times: list[list[float]] = [[] for _ in calls]
+    order = list(range(len(calls)))
+    for i in range(warmup + runs):
+        for c in order:
+            start = time.perf_counter()
+            calls[c]()
+            if i >= warmup:
+                times[c].append((time.perf_counter() - start) * 1000)
+        order.reverse()
+    return [statistics.median(t) for t in times]
+
+
+def _runtime_cell(figures: dict) -> str:
+    if "onnxruntime_b1_ms" not in figures:
+        return "n/a (no onnxruntime)"
+    return f"{figures['torch_b1_ms']:.1f}, {figures['onnxruntime_b1_ms']:.1f}"
 
 
 def main() -> None:
@@ -323,8 +371,9 @@ def render(rows: list[dict], runs: int) -> str:
         "",
         "| model | ckpt MiB | step / load+save | convert / I/O process | --no-verify / I/O "
         "process | peak RSS MiB (verify, no-verify, I/O) | peak / (ckpt + imports) | "
-        "fidelity f32 | fidelity f64 | speed-up b1 | speed-up b8 | release deploy / ours b1, b8 |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "fidelity f32 | fidelity f64 | speed-up b1 | speed-up b8 | release deploy / ours b1, b8 | "
+        "deploy b1 ms: torch, onnxruntime |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         s, p, f, u = r["step"], r["process"], r["fidelity"], r["speedup"]
@@ -336,7 +385,7 @@ def render(rows: list[dict], runs: int) -> str:
             f"{p['peak_no_verify_mib']:.0f}, {p['peak_floor_mib']:.0f} | "
             f"{p['peak_verify_mib'] / base:.2f}, {p['peak_no_verify_mib'] / base:.2f} | "
             f"{f['float32']:.1e} | {f['float64']:.1e} | {u['b1']:.2f} | {u['b8']:.2f} | "
-            f"{u['release_b1']:.2f}, {u['release_b8']:.2f} |"
+            f"{u['release_b1']:.2f}, {u['release_b8']:.2f} | {_runtime_cell(u)} |"
         )
     lines += [
         "",
@@ -350,6 +399,10 @@ def render(rows: list[dict], runs: int) -> str:
         "- speed-up: train model in eval mode / deploy model latency, batch 1 and 8, one torch",
         "  thread. release deploy / ours: the release's deploy-mode model (the zoo's deploy form,",
         "  loaded with the same weights) / repconv's deploy model; 1.00 means equally fast.",
+        "- deploy b1 ms: repconv's deploy model in torch and its ONNX export (as `repconv",
+        "  export` writes it) in onnxruntime's CPU provider, batch 1, one thread each, taking",
+        "  turns; n/a without",
+        "  onnxruntime (`pip install 'repconv[onnx]'`).",
         "",
     ]
     return "\n".join(lines)

@@ -60,3 +60,56 @@ def test_generic_only_replaces_its_section_and_keeps_the_rest(suite):
     assert updated.count(suite.GENERIC_HEADING) == 1
     # A file without the section gets it appended.
     assert suite.replace_section("# results\n", first).endswith(first)
+
+
+def speedup_row(**runtimes) -> dict:
+    """A table row whose figures are placeholders, the speed-up carrying `runtimes`."""
+    step = {"ratio": 1.0, "step_s": 0.1, "floor_s": 0.1}
+    process = {"ratio_verify": 1.0, "ratio_no_verify": 1.0, "rss_after_imports_mib": 100.0}
+    process |= {"peak_verify_mib": 200.0, "peak_no_verify_mib": 150.0, "peak_floor_mib": 120.0}
+    speed = {"b1": 1.5, "b8": 1.4, "release_b1": 1.0, "release_b8": 1.0, **runtimes}
+    return {
+        "model": "m",
+        "ckpt_mib": 10.0,
+        "step": step,
+        "process": process,
+        "fidelity": {"float32": 1e-7, "float64": 1e-15},
+        "speedup": speed,
+    }
+
+
+def test_the_table_has_an_onnxruntime_column_beside_torch(suite):
+    table = suite.render([speedup_row(torch_b1_ms=2.4, onnxruntime_b1_ms=1.7)], runs=3)
+    header, rule, row = [line for line in table.splitlines() if line.startswith("|")]
+    assert header.rstrip(" |").endswith("deploy b1 ms: torch, onnxruntime")
+    assert header.count("|") == rule.count("|") == row.count("|")
+    assert row.endswith("| 2.4, 1.7 |"), row
+    without = suite.render([speedup_row()], runs=3)
+    assert "| n/a (no onnxruntime) |" in without
+
+
+def test_onnxruntime_latency_of_a_tiny_deploy_model(suite):
+    pytest.importorskip("onnxruntime")
+    import torch
+
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.ReLU())
+    figures = suite.onnxruntime_latency(model, (3, 8, 8), runs=2)
+    assert set(figures) == {"torch_b1_ms", "onnxruntime_b1_ms"}
+    assert all(ms > 0 for ms in figures.values())
+
+
+def test_onnxruntime_latency_is_skipped_without_onnxruntime(suite, monkeypatch):
+    import builtins
+
+    import torch
+
+    real_import = builtins.__import__
+
+    def without(name, *args, **kwargs):
+        if name == "onnxruntime":
+            raise ModuleNotFoundError("No module named 'onnxruntime'", name=name)
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", without)
+    model = torch.nn.Conv2d(3, 4, 1)
+    assert suite.onnxruntime_latency(model, (3, 8, 8), runs=1) is None
