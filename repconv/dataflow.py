@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import math
 import operator
-from collections.abc import Callable
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 from typing import Any
@@ -35,9 +34,6 @@ from repconv.geometry import Geometry
 from repconv.kernels import NormStats, norm_scale_shift
 from repconv.rules.base import is_foldable_norm, is_norm_like, is_plain_conv
 
-# How a tensor of the traced module is read (as itself; a test may substitute stand-ins).
-Resolve = Callable[[Tensor], Tensor]
-
 _ADD = {operator.add, operator.iadd, torch.add, "add", "add_"}
 _SUB = {operator.sub, operator.isub, torch.sub, "sub", "sub_"}
 _MUL = {operator.mul, operator.imul, torch.mul, "mul", "mul_"}
@@ -49,10 +45,6 @@ _POOL_FUNCTIONS = {F.avg_pool1d: 1, F.avg_pool2d: 2, F.avg_pool3d: 3}
 _CONV_FUNCTIONS = {F.conv1d: 1, F.conv2d: 2, F.conv3d: 3}
 _NORM_RANKS = {nn.BatchNorm2d: 2, nn.BatchNorm3d: 3}
 PASS_THROUGH = (nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d)
-
-
-def as_is(tensor: Tensor) -> Tensor:
-    return tensor.detach()
 
 
 class LeafTracer(fx.Tracer):
@@ -220,17 +212,14 @@ class Analysis:
         self,
         root: nn.Module,
         graph: fx.Graph,
-        resolve: Resolve = as_is,
         opaque: AbstractSet[int] = frozenset(),
     ):
         self.root = root
         self.opaque = opaque
         self.graph = graph
-        self.resolve = resolve
         self.modules = dict(root.named_modules())
         self.constants: dict[fx.Node, Any] = {}
         self.device = _device_of(root)
-        self.cuts: set[fx.Node] = set()
         # (owner, reason): sums of branches from one input that are not linear (see _refusals)
         self.refusals: list[tuple[str, str]] = []
         self.shapes = _Shapes()
@@ -259,7 +248,7 @@ class Analysis:
             value = _attribute(self.root, str(node.target))
             if not isinstance(value, Tensor):
                 raise _NotLinear
-            return self.resolve(value)
+            return value.detach()
         args = fx.node.map_arg(node.args, self.constant)
         kwargs = fx.node.map_arg(node.kwargs, self.constant)
         if node.op == "call_method":
@@ -302,23 +291,14 @@ class Analysis:
             run = self._run(cuts)
             found, shared = self._collect(run)
             if not run.new_cuts and not shared:
-                self.cuts = cuts
                 self.refusals = _refusals(self.graph, run, self.modules)
                 return [r for r in found if r.worth_fusing]
             cuts |= run.new_cuts | shared
         raise AssertionError("the cut points grow with every run; they cannot exceed the nodes")
 
-    def values(self, regions: list[Region], resolve: Resolve) -> list[L.LinearValue]:
-        """The regions' values computed from the module's tensors as `resolve` reads them."""
-        reading = Analysis(self.root, self.graph, resolve, self.opaque)
-        run = reading._run(self.cuts, only={n for r in regions for n in r.nodes})
-        return [run.values[r.output] for r in regions]
-
-    def _run(self, cuts: set[fx.Node], only: set[fx.Node] | None = None) -> _Pass:
+    def _run(self, cuts: set[fx.Node]) -> _Pass:
         run = _Pass(set(cuts))
         for node in self.graph.nodes:
-            if only is not None and node not in only:
-                continue
             try:
                 value, source = self._evaluate(node, run)
             except _Cut as cut:
@@ -402,7 +382,7 @@ class Analysis:
         """The map a leaf module applies, or None for a per-channel affine (see `_then`)."""
         if is_plain_conv(module):
             node.meta["repconv_kind"] = "conv"
-            return _conv_map(module, self.resolve)
+            return _conv_map(module)
         if module is not None and is_foldable_norm(module):
             node.meta["repconv_kind"] = "norm"
             return None
@@ -429,7 +409,7 @@ class Analysis:
         self, node: fx.Node, value: L.LinearValue, step: L.LinearValue | None
     ) -> L.LinearValue:
         if step is None:  # a norm: per-channel affine after the value
-            scale, shift = _norm_affine(self.modules[str(node.target)], self.resolve)
+            scale, shift = _norm_affine(self.modules[str(node.target)])
             return L.affine(value, scale, shift)
         return L.then(value, step)
 
@@ -660,32 +640,32 @@ def _per_channel(factor: Any, value: L.LinearValue) -> Tensor:
     return factor.to(torch.float64).reshape(-1)
 
 
-def _norm_affine(norm: nn.Module, resolve: Resolve) -> tuple[Tensor, Tensor]:
+def _norm_affine(norm: nn.Module) -> tuple[Tensor, Tensor]:
     affine = getattr(norm, "affine", True)
     stats = NormStats(
-        resolve(norm.running_mean),
-        resolve(norm.running_var),
-        resolve(norm.weight) if affine and norm.weight is not None else None,
-        resolve(norm.bias) if affine and norm.bias is not None else None,
+        norm.running_mean.detach(),
+        norm.running_var.detach(),
+        norm.weight.detach() if affine and norm.weight is not None else None,
+        norm.bias.detach() if affine and norm.bias is not None else None,
         float(norm.eps),
     )
     return norm_scale_shift(stats)
 
 
-def _conv_map(conv: nn.Module, resolve: Resolve) -> L.LinearValue:
+def _conv_map(conv: nn.Module) -> L.LinearValue:
     geometry = Geometry.of(conv)
     if conv.padding_mode != "zeros" and any(p > 0 for p in geometry.padding):
         raise _NotLinear  # reflect/replicate/circular padding depends on the input's border
     window = L.Window.conv(
         geometry.kernel_size, geometry.stride, geometry.padding, geometry.dilation
     )
-    bias = None if conv.bias is None else resolve(conv.bias)
+    bias = None if conv.bias is None else conv.bias.detach()
     label = "x".join(map(str, geometry.kernel_size))
     if any(d > 1 for d in geometry.dilation):
         label += "/d" + "x".join(map(str, geometry.dilation))
     if conv.groups > 1:
         label += " dw" if conv.groups == conv.in_channels else f" g{conv.groups}"
-    return L.conv(resolve(conv.weight), conv.groups, window, bias, label=label)
+    return L.conv(conv.weight.detach(), conv.groups, window, bias, label=label)
 
 
 def _module_rank(module: Any) -> int | None:
@@ -839,7 +819,7 @@ def analyse(
 ) -> list[Region]:
     """The regions worth fusing in `graph` (traced from `root`), in graph order; the modules
     in `opaque` (by id) are other passes' and count as non-linear."""
-    return Analysis(root, graph, as_is, opaque).regions()
+    return Analysis(root, graph, opaque).regions()
 
 
 class GraphForward:
@@ -906,7 +886,6 @@ __all__ = [
     "LeafTracer",
     "Region",
     "analyse",
-    "as_is",
     "constant_inputs",
     "graph_of",
     "kind_of",

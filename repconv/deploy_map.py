@@ -117,7 +117,8 @@ def _match_modules(
     candidates = _by_module(sorted(spare))
     signatures = {m: _signature(keys, fused) for m, keys in candidates.items()}
     choices: dict[str, list[str]] = {}
-    for module, keys in sorted(_by_module(left).items()):
+    wanted = _by_module(left)
+    for module, keys in sorted(wanted.items()):
         want = _signature(keys, deploy)
         scope = _module(module) if module else ""
         fits = [m for m, sig in signatures.items() if sig == want and _within(m, scope)]
@@ -139,7 +140,7 @@ def _match_modules(
             result.ambiguous.append((nearest[0], sorted(rivals)))
             continue
         by_leaf = {_leaf(k): k for k in candidates[nearest[0]]}
-        for key in _by_module(left)[module]:
+        for key in wanted[module]:
             result.sources[key] = Source("fused", by_leaf[_leaf(key)])
 
 

@@ -52,7 +52,7 @@ def _search(module: nn.Module, prefix: str, claimed: AbstractSet[int]) -> list[S
         return [
             s for n, c in module.named_children() for s in _search(c, _join(prefix, n), claimed)
         ]
-    analysis = dataflow.Analysis(module, graph, dataflow.as_is, claimed)
+    analysis = dataflow.Analysis(module, graph, claimed)
     regions = analysis.regions()
     steps = [_step(module, prefix, owner, group, claimed) for owner, group in _by_owner(regions)]
     fused = {r.owner for r in regions}
@@ -91,7 +91,7 @@ def _step(
 ) -> Step:
     block = root.get_submodule(owner)
     inside = _join(prefix, owner)
-    parts = sorted({_relative(t, owner) for r in regions for t in r.module_targets()})
+    parts = sorted({_join(prefix, t) for r in regions for t in r.module_targets()})
     opaque = [p for p, m in block.named_modules() if p and id(m) in claimed]
     return Step(
         path=inside,
@@ -99,13 +99,9 @@ def _step(
         family=PASS.family,
         structure="; ".join(r.describe() for r in regions),
         params_before=param_count(block),
-        parts=tuple(_join(inside, p) for p in parts),
+        parts=tuple(parts),
         opaque=tuple(_join(inside, p) for p in opaque),
     )
-
-
-def _relative(target: str, owner: str) -> str:
-    return target[len(owner) + 1 :] if owner else target
 
 
 def sums_exactly(block: nn.Module, children: list[str]) -> bool:
@@ -168,12 +164,12 @@ def fuse_block(model: nn.Module, step: Step) -> tuple[int, ...]:
         raise
     except Exception as exc:
         raise NotFusable(f"its forward no longer traces ({type(exc).__name__}: {exc})") from None
-    analysis = dataflow.Analysis(block, graph, dataflow.as_is, opaque)
+    analysis = dataflow.Analysis(block, graph, opaque)
     regions = [r for r in analysis.regions() if r.owner == ""]
     targets = sorted({_join(step.path, t) for r in regions for t in r.module_targets()})
     if not regions or targets != sorted(step.parts):
         raise NotFusable("its linear regions are not the ones planned (the block changed)")
-    values = analysis.values(regions, dataflow.as_is)
+    values = [r.value for r in regions]  # computed from the block's own tensors already
     dtype = _weight_dtype(block)
     convs = [_fused_conv(v, dtype) for v in values]
     names = _fresh_names(block, len(regions))
