@@ -466,3 +466,22 @@ def test_a_recorded_deploy_builder_is_not_run_without_being_asked(tmp_path):
     args = ["verify", str(source), str(out), "--arch", ARCH, "--arch-kwargs", train_kwargs]
     result = invoke([*args, "--input-shape", "3,8,8"])
     assert result.exit_code == 2 and "--deploy-arch" in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("extra", "named"),
+    [
+        (["--deploy-arch-kwargs", "{}"], "--deploy-arch-kwargs needs --deploy-arch"),
+        (["--deploy-arch", ARCH, "--deploy-kwargs", "{}"], "--deploy-arch-kwargs"),
+        (["--deploy-kwargs", "{oops"], "--deploy-kwargs is not valid JSON"),
+        (["--deploy-kwargs", "[1]"], "--deploy-kwargs must be a JSON object"),
+    ],
+)
+def test_deploy_options_that_do_not_go_together_are_one_line_exit_2(tmp_path, extra, named):
+    source, out = train_checkpoint(tmp_path, "repvgg"), tmp_path / "d.safetensors"
+    train_kwargs = json.dumps({"layout": "repvgg", "deploy": False})
+    args = ["convert", str(source), str(out), "--arch", ARCH, "--arch-kwargs", train_kwargs]
+    result = invoke([*args, "--input-shape", "3,8,8", *extra])
+    assert result.exit_code == 2, result.output
+    assert named in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    assert not out.exists()
