@@ -310,3 +310,44 @@ def test_demonet_builds_on_meta():
         model = DemoNet()
     out = model(torch.empty(2, 3, 32, 32, device="meta"))
     assert out.shape == (2, 10) and out.device.type == "meta"
+
+
+def test_the_zoo_registry_loads_once_for_threads_that_ask_at_the_same_time(tmp_path, monkeypatch):
+    """A thread asking while another imports the model modules waits for them (a Dask worker
+    converts two entries at once; one used to find the registry marked loaded but empty)."""
+    import sys
+    import textwrap
+    import threading
+
+    from repconv.zoo import registry
+
+    (tmp_path / "slow_zoo.py").write_text(
+        textwrap.dedent(
+            """
+            import time
+            from torch import nn
+            from repconv.zoo.registry import register_model
+
+            time.sleep(0.3)
+
+            @register_model(family="test")
+            def slow_net(deploy=False):
+                return nn.Identity()
+            """
+        )
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "slow_zoo", raising=False)
+    monkeypatch.setattr(registry, "_MODEL_MODULES", ("slow_zoo",))
+    monkeypatch.setattr(registry, "_entries", {})
+    monkeypatch.setattr(registry, "_loaded", False)
+    found = []
+    threads = [
+        threading.Thread(target=lambda: found.append(registry.get_entry("slow_net")))
+        for _ in range(2)
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert [entry.name for entry in found if entry is not None] == ["slow_net", "slow_net"]

@@ -7,6 +7,7 @@ Each entry is a factory `fn(deploy: bool = False, **kwargs) -> nn.Module` regist
 from __future__ import annotations
 
 import importlib
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -26,6 +27,7 @@ class ZooEntry:
 
 _entries: dict[str, ZooEntry] = {}
 _loaded = False
+_loading = threading.RLock()
 
 
 def register_model(
@@ -43,11 +45,17 @@ def register_model(
 
 
 def _load() -> None:
+    """Import the model modules once. Threads (a Dask worker converts two entries at once) wait
+    for the first to finish: marking the registry loaded before its imports ran let another
+    thread see it empty ("demo_mixed is not a built-in model")."""
     global _loaded
-    if not _loaded:
-        _loaded = True
-        for module in _MODEL_MODULES:
-            importlib.import_module(module)
+    if _loaded:
+        return
+    with _loading:  # re-entrant: a model module may look an entry up while it is imported
+        if not _loaded:
+            for module in _MODEL_MODULES:
+                importlib.import_module(module)
+            _loaded = True
 
 
 def list_models() -> list[str]:
