@@ -47,22 +47,6 @@ _NORM_RANKS = {nn.BatchNorm2d: 2, nn.BatchNorm3d: 3}
 PASS_THROUGH = (nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d)
 
 
-class LeafTracer(fx.Tracer):
-    """Convs, norms and the modules in `opaque` (by id) stay whole; other code is inlined."""
-
-    def __init__(self, opaque: AbstractSet[int] = frozenset()):
-        super().__init__()
-        self.opaque = opaque
-
-    def is_leaf_module(self, m: nn.Module, qualified_name: str) -> bool:
-        return (
-            id(m) in self.opaque
-            or is_plain_conv(m)
-            or is_norm_like(m)
-            or super().is_leaf_module(m, qualified_name)
-        )
-
-
 @dataclass
 class Region:
     """A value one conv can compute: `output` as a map of `source`, and the nodes it replaces."""
@@ -91,6 +75,21 @@ class Region:
     @property
     def convs(self) -> int:
         return sum(1 for n in self.nodes if kind_of(n) == "conv")
+
+    @property
+    def adds_leaves_only(self) -> bool:
+        """Whether the region is its modules' maps added up and nothing of its own: no scalar,
+        difference, constant, pad or pool written in the forward."""
+        for node in self.nodes:
+            kind = kind_of(node)
+            if kind == "sum":
+                # `branch + 0` is how RepVGG's release adds an absent identity
+                numbers = [a for a in node.args if not isinstance(a, fx.Node)]
+                if node.target not in _ADD or node.kwargs or any(a != 0 for a in numbers):
+                    return False
+            elif kind not in ("conv", "norm", "branch", "same"):
+                return False
+        return not constant_inputs(self.nodes)
 
     @property
     def worth_fusing(self) -> bool:
@@ -223,6 +222,7 @@ class Analysis:
         # (owner, reason): sums of branches from one input that are not linear (see _refusals)
         self.refusals: list[tuple[str, str]] = []
         self.shapes = _Shapes()
+        self._position = {node: i for i, node in enumerate(graph.nodes)}
         for node in graph.nodes:
             node.meta["repconv_constant"] = self._is_constant(node)
             node.meta["repconv_kind"] = ""
@@ -328,7 +328,7 @@ class Analysis:
                 if n in owner_of and owner_of[n] is not node:
                     shared.add(n)
                 owner_of[n] = node
-            ordered = [n for n in self.graph.nodes if n in set(nodes)]
+            ordered = sorted(nodes, key=self._position.__getitem__)
             found.append(Region(node, run.sources[node], ordered, value, _owner(ordered)))
         return found, shared
 
@@ -822,72 +822,10 @@ def analyse(
     return Analysis(root, graph, opaque).regions()
 
 
-class GraphForward:
-    """A block's forward after its regions were fused: the Python code fx generates from the
-    rewritten graph, run with the block as `self`.
-
-    Set on the instance, so the block keeps its class and every attribute. Copyable
-    (`copy.deepcopy`); not picklable, as the code exists only in this process: save the
-    state_dict and rebuild with `repconv.load_deploy`.
-    """
-
-    def __init__(self, block: nn.Module, graph: fx.Graph):
-        self.block = block
-        self.graph = graph
-        code = graph.python_code(root_module="self")
-        scope = dict(code.globals)
-        exec(compile(code.src, f"<repconv fused forward of {type(block).__name__}>", "exec"), scope)
-        self._function = scope["forward"]
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        return self._function(self.block, *args, **kwargs)
-
-    def __deepcopy__(self, memo: dict[int, Any]) -> GraphForward:
-        import copy
-
-        return GraphForward(copy.deepcopy(self.block, memo), self.graph)
-
-    def __reduce__(self) -> Any:
-        raise TypeError(
-            "a block fused by repconv's data-flow pass cannot be pickled; save its state_dict "
-            "and rebuild the deploy model with repconv.load_deploy"
-        )
-
-
-def graph_of(module: nn.Module, opaque: AbstractSet[int] = frozenset()) -> fx.Graph:
-    """The module's graph as its forward runs it, instance-level forwards included."""
-    own = vars(module).get("forward")
-    if isinstance(own, GraphForward):
-        return _copy_graph(own.graph)
-    tracer = LeafTracer(opaque)
-    if own is not None:
-        function = getattr(own, "__func__", None)
-        if getattr(own, "__self__", None) is not module or function is None:
-            raise NotFusable("its forward was replaced on the instance by something untraceable")
-        tracer.traced_func_name = function.__name__
-    return tracer.trace(module)
-
-
-def _copy_graph(graph: fx.Graph) -> fx.Graph:
-    copied = fx.Graph()
-    output = copied.graph_copy(graph, {})
-    copied.output(output)
-    return copied
-
-
-def trace(root: nn.Module, opaque: AbstractSet[int] = frozenset()) -> fx.Graph:
-    """`root`'s graph with convs, norms and `opaque` modules as leaves (fx errors propagate)."""
-    return LeafTracer(opaque).trace(root)
-
-
 __all__ = [
     "Analysis",
-    "GraphForward",
-    "LeafTracer",
     "Region",
     "analyse",
     "constant_inputs",
-    "graph_of",
     "kind_of",
-    "trace",
 ]

@@ -19,7 +19,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from repconv import pages
+from repconv import memo, pages
 from repconv.errors import CorruptCheckpoint, NotFusable, RepconvError, note_block
 from repconv.rules.base import Pass, Rule, Step, is_norm_like, norm_problem, param_count
 from repconv.rules.registry import passes as registered_passes
@@ -210,23 +210,23 @@ def check_finite(model: nn.Module) -> None:
 class _EarlierPasses:
     """A walk pass's scope: what the passes before it match in a module's subtree."""
 
-    def __init__(self, passes: Sequence[Pass], index: int, memo: dict[tuple[int, int], bool]):
-        self.passes, self.index, self.memo = passes, index, memo
+    def __init__(self, passes: Sequence[Pass], index: int, matched: dict[tuple[int, int], bool]):
+        self.passes, self.index, self.matched = passes, index, matched
 
     def matched_inside(self, module: nn.Module) -> bool:
         key = (self.index, id(module))
-        if key not in self.memo:
-            self.memo[key] = any(
-                p.match_module(module, _EarlierPasses(self.passes, i, self.memo))
+        if key not in self.matched:
+            self.matched[key] = any(
+                p.match_module(module, _EarlierPasses(self.passes, i, self.matched))
                 for i, p in enumerate(self.passes[: self.index])
             ) or any(self.matched_inside(child) for child in module.children())
-        return self.memo[key]
+        return self.matched[key]
 
 
 def _walk(model: nn.Module, passes: Sequence[Pass]) -> tuple[list[Step], set[int]]:
     """Top-down, the first pass matching a module claims it; claimed subtrees are opaque."""
-    memo: dict[tuple[int, int], bool] = {}
-    scopes = [_EarlierPasses(passes, i, memo) for i in range(len(passes))]
+    matched: dict[tuple[int, int], bool] = {}
+    scopes = [_EarlierPasses(passes, i, matched) for i in range(len(passes))]
     steps: list[Step] = []
     claimed: set[int] = set()
 
@@ -255,11 +255,12 @@ def plan(model: nn.Module, rules: Sequence[Rule] | None = None) -> Plan:
     passes = registered_passes(rules)
     check_norm_statistics(model)
     check_finite(model)
-    steps, claimed = _walk(model, passes)
-    for each in passes:
-        found = each.find(model, claimed)
-        steps += found
-        claimed = claimed | {id(model.get_submodule(p)) for s in found for p in s.claims}
+    with memo.scope():
+        steps, claimed = _walk(model, passes)
+        for each in passes:
+            found = each.find(model, claimed)
+            steps += found
+            claimed = claimed | {id(model.get_submodule(p)) for s in found for p in s.claims}
     return Plan(steps, list(passes))
 
 
@@ -348,7 +349,7 @@ def apply(
     model.eval()
     outcomes: list[Outcome] = []
     warnings: list[dict[str, str]] = []
-    with torch.no_grad(), pages.PageReleaser() as releaser:
+    with torch.no_grad(), memo.scope(), pages.PageReleaser() as releaser:
         for step in plan.entries:
             for outcome in [
                 _apply_step(model, step, releaser, observer, skip),

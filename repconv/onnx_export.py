@@ -2,7 +2,7 @@
 
 The exporter is torch's TorchScript-based one (`torch.onnx.export(..., dynamo=False)`): it runs
 the model's `__call__`, so blocks whose forward the data-flow pass replaced on the instance
-(`repconv.dataflow.GraphForward`) export as fused, and it writes the requested opset as is. The
+(`repconv.tracing.GraphForward`) export as fused, and it writes the requested opset as is. The
 torch.export-based exporter (`dynamo=True`) runs them too, but its lowest opset is 18 (it failed
 to convert the demo net down to 17), it needs onnxscript and it takes about ten times longer.
 

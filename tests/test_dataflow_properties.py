@@ -20,7 +20,7 @@ from hypothesis import assume, event, given, settings
 from hypothesis import strategies as st
 from torch import Tensor, nn
 
-from repconv import dataflow, engine
+from repconv import dataflow, engine, tracing
 from repconv import linear_map as L
 
 TOLERANCE = 1e-10
@@ -570,7 +570,7 @@ def test_no_region_crosses_a_non_linearity(seed, aligned, kind, data):
     upstream = conv_names(target, builder.modules)
     downstream = conv_names(tree, builder.modules) - upstream
 
-    graph = dataflow.trace(model)
+    graph = tracing.trace(model)
     cut = [n for n in graph.nodes if _is_non_linear(n)]
     assert cut, graph
     after = set().union(*(descendants(n) for n in cut))

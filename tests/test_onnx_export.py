@@ -21,7 +21,7 @@ import layouts as L  # noqa: E402
 import repconv  # noqa: E402
 from repconv import onnx_export as O  # noqa: E402
 from repconv.cli import main  # noqa: E402
-from repconv.dataflow import GraphForward  # noqa: E402
+from repconv.tracing import GraphForward  # noqa: E402
 from repconv.zoo.blocks import ACBlock, DiverseBranchBlock, RepVGGBlock  # noqa: E402
 from repconv.zoo.demo import DemoNet  # noqa: E402
 

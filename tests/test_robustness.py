@@ -338,7 +338,7 @@ from torch import nn
 
 
 class Shifted(nn.Module):
-    '''RepVGG-shaped, but the train form adds a constant no fused conv reproduces.'''
+    '''RepVGG-shaped, but its deploy forward adds a constant the train form does not.'''
 
     def __init__(self, deploy=False):
         super().__init__()
@@ -352,8 +352,8 @@ class Shifted(nn.Module):
 
     def forward(self, x):
         if hasattr(self, "rbr_reparam"):
-            return self.rbr_reparam(x)
-        return self.rbr_dense(x) + self.rbr_1x1(x) + self.rbr_identity(x) + 0.1
+            return self.rbr_reparam(x) + 0.1
+        return self.rbr_dense(x) + self.rbr_1x1(x) + self.rbr_identity(x)
 
 
 def build():

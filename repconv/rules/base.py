@@ -437,3 +437,13 @@ def install_fused(
 
 def param_count(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
+
+
+def holds_unclaimed(
+    module: nn.Module, claimed: AbstractSet[int], wanted: Callable[[nn.Module], bool]
+) -> bool:
+    """Whether a `wanted` module sits in `module` outside every claimed one (ids): a find pass
+    with nothing left to look at need not trace the model (a RepVGG net after the rules)."""
+    if id(module) in claimed:
+        return False
+    return wanted(module) or any(holds_unclaimed(c, claimed, wanted) for c in module.children())

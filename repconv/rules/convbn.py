@@ -18,12 +18,13 @@ from dataclasses import dataclass
 import torch.fx as fx
 from torch import nn
 
-from repconv import dataflow
 from repconv import kernels as K
+from repconv import tracing
 from repconv.rules.base import (
     NormActTail,
     Pass,
     Step,
+    holds_unclaimed,
     is_foldable_norm,
     is_norm_act,
     is_norm_like,
@@ -103,10 +104,10 @@ def find_pairs(model: nn.Module, opaque: AbstractSet[int]) -> list[Pair]:
 
 
 def _search(module: nn.Module, prefix: str, opaque: AbstractSet[int]) -> list[Pair]:
-    if id(module) in opaque or not any(is_norm_like(m) for m in module.modules()):
+    if not holds_unclaimed(module, opaque, is_norm_like):
         return []
     try:
-        graph = dataflow.graph_of(module, opaque)
+        graph = tracing.graph_of(module, opaque)
     except Exception:
         graph = None
     if graph is not None:

@@ -20,10 +20,10 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from repconv import dataflow
+from repconv import dataflow, memo, tracing
 from repconv import linear_map as L
 from repconv.errors import NotFusable
-from repconv.rules.base import Pass, Step, is_plain_conv, param_count
+from repconv.rules.base import Pass, Step, holds_unclaimed, is_plain_conv, param_count
 
 NAME = "dataflow"
 SUMMARY = (
@@ -44,10 +44,10 @@ def _join(prefix: str, name: str) -> str:
 
 def _search(module: nn.Module, prefix: str, claimed: AbstractSet[int]) -> list[Step]:
     """The smallest traceable modules from the top, as the conv -> BN pass scopes them."""
-    if not _holds_unclaimed_conv(module, claimed):
+    if not holds_unclaimed(module, claimed, is_plain_conv):
         return []
     try:
-        graph = dataflow.graph_of(module, claimed)
+        graph = tracing.graph_of(module, claimed)
     except Exception:  # untraceable here: its children may trace
         return [
             s for n, c in module.named_children() for s in _search(c, _join(prefix, n), claimed)
@@ -64,15 +64,6 @@ def _search(module: nn.Module, prefix: str, claimed: AbstractSet[int]) -> list[S
                 Step(path, PASS, PASS.family, "not linear", param_count(block), refusal=reason)
             )
     return steps
-
-
-def _holds_unclaimed_conv(module: nn.Module, claimed: AbstractSet[int]) -> bool:
-    """Whether a conv sits outside every claimed block (a RepVGG net: none, nothing to trace)."""
-    if id(module) in claimed:
-        return False
-    return is_plain_conv(module) or any(
-        _holds_unclaimed_conv(child, claimed) for child in module.children()
-    )
 
 
 def _by_owner(regions: list[dataflow.Region]) -> list[tuple[str, list[dataflow.Region]]]:
@@ -109,34 +100,20 @@ def sums_exactly(block: nn.Module, children: list[str]) -> bool:
     leaves under `children` (no scalar or activation of its own on a branch). A block that does
     not trace cannot be judged this way: True, as a match by names alone was before.
 
-    The answer depends on the block's code and structure, not on its widths or values, so it
-    is traced once per class and layout (a RepVGG net has a handful, not one per block).
+    The answer depends on the block's code and layout, not on its values, so it is found once
+    per layout (`memo.kept`).
     """
-    key = _layout_key(block, children)
-    if key not in _AGREEMENT:
-        _AGREEMENT[key] = _traced_sum_is_exact(block, children)
-    return _AGREEMENT[key]
-
-
-_AGREEMENT: dict[tuple, bool] = {}
-
-
-def _layout_key(block: nn.Module, children: list[str]) -> tuple:
-    modules = tuple(
-        (path, type(m), getattr(m, "padding_mode", None), tuple(m._parameters), tuple(m._buffers))
-        for path, m in block.named_modules()
+    key = tracing.layout_key(block)
+    return memo.kept(
+        "sums exactly",
+        None if key is None else (key, tuple(children)),
+        lambda: _traced_sum_is_exact(block, children),
     )
-    flags = tuple(
-        (name, value)
-        for name, value in sorted(vars(block).items())
-        if not name.startswith("_") and isinstance(value, (bool, type(None)))
-    )
-    return type(block), modules, flags, tuple(children)
 
 
 def _traced_sum_is_exact(block: nn.Module, children: list[str]) -> bool:
     try:
-        graph = dataflow.graph_of(block)
+        graph = tracing.graph_of(block)
     except Exception:
         return True
     expected = {
@@ -146,7 +123,7 @@ def _traced_sum_is_exact(block: nn.Module, children: list[str]) -> bool:
         if not m._modules
     }
     regions = [r for r in dataflow.analyse(block, graph) if r.owner == ""]
-    return any(set(r.module_targets()) == expected and not r.attribute_targets() for r in regions)
+    return any(set(r.module_targets()) == expected and r.adds_leaves_only for r in regions)
 
 
 # ---- fusing one block ---------------------------------------------------------------------------
@@ -156,10 +133,9 @@ def fuse_block(model: nn.Module, step: Step) -> tuple[int, ...]:
     """Fuse the regions of the block at `step.path`; NotFusable before any change if the block
     no longer holds the regions the plan found."""
     block = model.get_submodule(step.path)
-    modules = dict(model.named_modules())
-    opaque = {id(modules[p]) for p in step.opaque if p in modules}
+    opaque = {id(m) for m in _present(model, step.opaque)}
     try:
-        graph = dataflow.graph_of(block, opaque)
+        graph = tracing.graph_of(block, opaque, by_layout=True)
     except NotFusable:
         raise
     except Exception as exc:
@@ -182,8 +158,18 @@ def fuse_block(model: nn.Module, step: Step) -> tuple[int, ...]:
         shapes.append(tuple(fused.kernel.shape))
     _drop_consumed(block, graph, consumed)
     graph.lint()
-    block.forward = dataflow.GraphForward(block, graph)
+    block.forward = tracing.GraphForward(block, graph)
     return shapes[0]
+
+
+def _present(model: nn.Module, paths: tuple[str, ...]) -> list[nn.Module]:
+    found = []
+    for path in paths:
+        try:
+            found.append(model.get_submodule(path))
+        except AttributeError:  # fused away by its own step
+            continue
+    return found
 
 
 def _weight_dtype(block: nn.Module) -> torch.dtype:

@@ -1,0 +1,175 @@
+"""fx graphs of modules as the passes see them, and the forward a rewritten graph becomes.
+
+Convs, norms and the modules other passes own are leaves; every other module's code is
+inlined. A graph is what fx records from a module's Python code, its structure and the plain
+values its code can read, never from tensor values: two modules equal in all of that (their
+`layout_key`) trace to the same graph, so inside one `memo.scope` a layout is traced once and
+each module gets its own copy.
+"""
+
+from __future__ import annotations
+
+import copy
+import enum
+import functools
+import types
+from collections.abc import Hashable
+from collections.abc import Set as AbstractSet
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from repconv import memo
+from repconv.errors import NotFusable
+from repconv.rules.base import is_norm_like, is_plain_conv
+
+# What torch keeps in every module's __dict__: registries and hooks, not the model's own values.
+_BOOKKEEPING = frozenset(vars(nn.Module()))
+_HOOK_TABLES = tuple(sorted(name for name in _BOOKKEEPING if "hook" in name))
+_PLAIN = (bool, int, float, complex, str, bytes, type(None), torch.dtype, torch.device, enum.Enum)
+_BY_IDENTITY = (types.FunctionType, types.BuiltinFunctionType, type)
+
+
+class LeafTracer(fx.Tracer):
+    """Convs, norms and the modules in `opaque` (by id) stay whole; other code is inlined."""
+
+    def __init__(self, opaque: AbstractSet[int] = frozenset()):
+        super().__init__()
+        self.opaque = opaque
+
+    def is_leaf_module(self, m: nn.Module, qualified_name: str) -> bool:
+        return (
+            id(m) in self.opaque
+            or is_plain_conv(m)
+            or is_norm_like(m)
+            or super().is_leaf_module(m, qualified_name)
+        )
+
+
+def trace(root: nn.Module, opaque: AbstractSet[int] = frozenset()) -> fx.Graph:
+    """`root`'s graph with convs, norms and `opaque` modules as leaves (fx errors propagate)."""
+    return LeafTracer(opaque).trace(root)
+
+
+def graph_of(
+    module: nn.Module, opaque: AbstractSet[int] = frozenset(), *, by_layout: bool = False
+) -> fx.Graph:
+    """The module's graph as its forward runs it, instance-level forwards included; a graph
+    the caller owns (it may rewrite it). `by_layout`: inside a `memo.scope`, modules of one
+    `layout_key` share one trace (worth it for blocks, not for a model traced once)."""
+    own = vars(module).get("forward")
+    if isinstance(own, GraphForward):
+        return copy.deepcopy(own.graph)
+    if own is not None:
+        function = getattr(own, "__func__", None)
+        if getattr(own, "__self__", None) is not module or function is None:
+            raise NotFusable("its forward was replaced on the instance by something untraceable")
+        tracer = LeafTracer(opaque)
+        tracer.traced_func_name = function.__name__
+        return tracer.trace(module)
+    if not by_layout:
+        return trace(module, opaque)
+    key = layout_key(module, opaque)
+    traced = []
+
+    def first_of_its_layout() -> fx.Graph:
+        traced.append(trace(module, opaque))
+        return copy.deepcopy(traced[0])
+
+    shared = memo.remembered("fx graph", key, first_of_its_layout)
+    if not traced:
+        return copy.deepcopy(shared)
+    if key is not None and layout_key(module, opaque) != key:
+        # Tracing changed the module (fx stored a tensor constant on it, or the forward set an
+        # attribute): the graph may name what only this module has.
+        memo.forget("fx graph", key)
+    return traced[0]
+
+
+class _NotPlain(Exception):
+    pass
+
+
+def layout_key(module: nn.Module, opaque: AbstractSet[int] = frozenset()) -> Hashable | None:
+    """Everything tracing `module` can depend on besides code: for each module inside, its
+    path, class and forward, whether it is opaque or shared, its training flag, its parameter and
+    buffer names, and every plain value (numbers, strings, tuples of them, dtypes; functions and
+    classes by identity) in its `__dict__`. None when something a forward could read is not
+    plain (a tensor or any other object kept as an attribute, a hook): no key is safe then.
+    Tensor shapes are left out, as fx hands a forward proxies, not tensors."""
+    first_path: dict[int, str] = {}
+    parts = []
+    try:
+        for path, m in module.named_modules(remove_duplicate=False):
+            shared = first_path.setdefault(id(m), path)
+            code = getattr(type(m), "forward", None)  # a class's forward can be reassigned
+            parts.append((path, type(m), code, shared, id(m) in opaque, _own_values(m)))
+    except _NotPlain:
+        return None
+    return tuple(parts)
+
+
+def _own_values(module: nn.Module) -> tuple:
+    if any(getattr(module, table, None) for table in _HOOK_TABLES):
+        raise _NotPlain
+    values = tuple(
+        (name, _frozen(value)) for name, value in vars(module).items() if name not in _BOOKKEEPING
+    )
+    params = tuple((name, p is None) for name, p in module._parameters.items())
+    buffers = tuple((name, b is None) for name, b in module._buffers.items())
+    return module.training, values, params, buffers
+
+
+def _frozen(value: Any) -> Hashable:
+    """A hashable stand-in equal only for values no forward can tell apart (1 and True differ)."""
+    if isinstance(value, _PLAIN):
+        return type(value), value
+    if isinstance(value, (tuple, list)):
+        return type(value), tuple(_frozen(v) for v in value)
+    if isinstance(value, dict):
+        return dict, tuple((_frozen(k), _frozen(v)) for k, v in value.items())
+    if isinstance(value, _BY_IDENTITY):
+        return "same object", value  # compared by identity, and kept alive by the key
+    raise _NotPlain
+
+
+class GraphForward:
+    """A block's forward after its regions were fused: the Python code fx generates from the
+    rewritten graph, run with the block as `self`.
+
+    Set on the instance, so the block keeps its class and every attribute. Copyable
+    (`copy.deepcopy`); not picklable, as the code exists only in this process: save the
+    state_dict and rebuild with `repconv.load_deploy`.
+    """
+
+    def __init__(self, block: nn.Module, graph: fx.Graph):
+        self.block = block
+        self.graph = graph
+        code = graph.python_code(root_module="self")
+        scope = dict(code.globals)
+        exec(_compiled(code.src, f"<repconv fused forward of {type(block).__name__}>"), scope)
+        self._function = scope["forward"]
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self._function(self.block, *args, **kwargs)
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> GraphForward:
+        return GraphForward(copy.deepcopy(self.block, memo), self.graph)
+
+    def __reduce__(self) -> Any:
+        raise TypeError(
+            "a block fused by repconv's data-flow pass cannot be pickled; save its state_dict "
+            "and rebuild the deploy model with repconv.load_deploy"
+        )
+
+
+@functools.lru_cache(maxsize=256)
+def _compiled(source: str, filename: str) -> types.CodeType:
+    """Blocks of one layout get the same source: it is compiled once (a code object depends
+    on nothing else)."""
+    return compile(source, filename, "exec")
+
+
+__all__ = ["GraphForward", "LeafTracer", "graph_of", "layout_key", "trace"]

@@ -1,0 +1,182 @@
+"""Blocks of one layout share a trace inside a conversion, and only blocks that trace alike."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import randomized, rel_error
+from torch import nn
+
+from repconv import engine, memo, tracing
+from repconv.zoo.blocks import RepVGGBlock, conv_bn
+
+
+class ScaledSum(nn.Module):
+    """3x3 conv-BN + `k` * 1x1 conv-BN: `k` is a plain float the forward reads."""
+
+    def __init__(self, width: int, k: float):
+        super().__init__()
+        self.k = k
+        self.dense = conv_bn(width, width, 3, padding=1)
+        self.one = conv_bn(width, width, 1)
+
+    def forward(self, x):
+        return torch.relu(self.dense(x) + self.k * self.one(x))
+
+
+class ModedRepVGG(nn.Module):
+    """RepVGG's child names; `mode` (a string) decides whether the 1x1 branch counts twice, so
+    the repvgg rule may fuse the "sum" blocks only."""
+
+    def __init__(self, width: int, mode: str):
+        super().__init__()
+        self.mode = mode
+        self.rbr_dense = conv_bn(width, width, 3, padding=1)
+        self.rbr_1x1 = conv_bn(width, width, 1)
+        self.rbr_identity = nn.BatchNorm2d(width)
+        self.nonlinearity = nn.ReLU()
+
+    def forward(self, x):
+        if hasattr(self, "rbr_reparam"):  # the rule's deploy form
+            return self.nonlinearity(self.rbr_reparam(x))
+        one = self.rbr_1x1(x)
+        if self.mode == "double":
+            one = 2 * one
+        return self.nonlinearity(self.rbr_dense(x) + one + self.rbr_identity(x))
+
+
+class ConstantBias(nn.Module):
+    """fx stores the tensor made in forward on the traced module as `_tensor_constant0`."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(4, 4, 3, padding=1)
+
+    def forward(self, x):
+        return self.conv(x) + torch.ones(4, 1, 1)
+
+
+@pytest.fixture
+def traces(monkeypatch) -> list[nn.Module]:
+    """The modules `tracing` traces, in order."""
+    seen: list[nn.Module] = []
+    original = tracing.trace
+
+    def counted(root, opaque=frozenset()):
+        seen.append(root)
+        return original(root, opaque)
+
+    monkeypatch.setattr(tracing, "trace", counted)
+    return seen
+
+
+def test_layout_key_tells_apart_what_a_forward_can_read():
+    a, b = RepVGGBlock(4, 4), RepVGGBlock(4, 4)
+    assert tracing.layout_key(a) == tracing.layout_key(b)
+    assert tracing.layout_key(a) != tracing.layout_key(RepVGGBlock(4, 8))
+    assert tracing.layout_key(a) != tracing.layout_key(a, opaque={id(a.rbr_1x1)})
+    b.groups = True  # 1 == True, but a forward can tell them apart
+    assert tracing.layout_key(a) != tracing.layout_key(b)
+    assert tracing.layout_key(ScaledSum(4, 1.0)) != tracing.layout_key(ScaledSum(4, 2.0))
+
+
+@pytest.mark.parametrize(
+    "spoil",
+    [
+        lambda m: setattr(m, "table", torch.ones(3)),  # a tensor outside the registries
+        lambda m: setattr(m, "config", object()),
+        lambda m: m.register_forward_hook(lambda *args: None),
+        lambda m: setattr(m.rbr_dense, "cache", [object()]),
+    ],
+    ids=["tensor", "object", "hook", "nested-object"],
+)
+def test_no_layout_key_when_a_forward_could_read_something_unplain(spoil):
+    block = RepVGGBlock(4, 4)
+    spoil(block)
+    assert tracing.layout_key(block) is None
+
+
+def test_blocks_of_one_layout_are_traced_once_per_scope(traces):
+    blocks = [RepVGGBlock(4, 4) for _ in range(3)]
+    with memo.scope():
+        graphs = [tracing.graph_of(b, by_layout=True) for b in blocks]
+    assert traces == blocks[:1]
+    assert len({id(g) for g in graphs}) == 3  # each caller owns its copy
+    assert [len(g.nodes) for g in graphs] == [len(graphs[0].nodes)] * 3
+    for b in blocks:
+        tracing.graph_of(b, by_layout=True)  # no scope: nothing is kept
+    assert len(traces) == 4
+
+
+def test_a_trace_that_changes_its_module_is_not_shared(traces):
+    first, second = ConstantBias(), ConstantBias()
+    with memo.scope():
+        tracing.graph_of(first, by_layout=True)
+        graph = tracing.graph_of(second, by_layout=True)
+    assert traces == [first, second]
+    targets = [str(n.target) for n in graph.nodes if n.op == "get_attr"]
+    assert targets and all(hasattr(second, t) for t in targets)
+
+
+def test_blocks_that_differ_in_a_plain_value_are_fused_each_by_its_own_graph():
+    model = randomized(nn.Sequential(ScaledSum(4, 1.0), ScaledSum(4, 2.0), ScaledSum(4, 1.0)))
+    x = torch.randn(2, 4, 9, 9, dtype=torch.float64)
+    with torch.no_grad():
+        want = model(x)
+        applied = engine.convert_model(model)
+        assert rel_error(model(x), want) < 1e-12
+    assert [(e.rule, e.status) for e in applied.entries] == [("dataflow", "fused")] * 3
+
+
+def test_the_rule_check_is_answered_per_layout_not_per_class():
+    """The repvgg rule's data-flow check must not carry a "sum" block's answer over to a
+    "double" block of the same structure."""
+    model = randomized(nn.Sequential(ModedRepVGG(4, "sum"), ModedRepVGG(4, "double")))
+    x = torch.randn(2, 4, 9, 9, dtype=torch.float64)
+    with torch.no_grad():
+        want = model(x)
+        applied = engine.convert_model(model)
+        assert rel_error(model(x), want) < 1e-12
+    assert [(e.path, e.rule) for e in applied.entries] == [("0", "repvgg"), ("1", "dataflow")]
+
+
+def test_memo_keeps_answers_for_one_scope_only():
+    calls = []
+
+    def compute():
+        calls.append(1)
+        return len(calls)
+
+    assert memo.remembered("k", 1, compute) == 1  # no scope: computed every time
+    with memo.scope():
+        assert memo.remembered("k", 1, compute) == 2
+        with memo.scope():  # nested: the outer scope's answers
+            assert memo.remembered("k", 1, compute) == 2
+        assert memo.remembered("k", None, compute) == 3  # no key: never kept
+        memo.forget("k", 1)
+        assert memo.remembered("k", 1, compute) == 4
+    with memo.scope():
+        assert memo.remembered("k", 1, compute) == 5
+
+
+def test_kept_answers_last_the_process_within_a_bound(monkeypatch):
+    monkeypatch.setattr(memo, "PROCESS_LIMIT", 2)
+    calls = []
+
+    def compute():
+        calls.append(1)
+        return len(calls)
+
+    kind = "test answers"
+    assert [memo.kept(kind, k, compute) for k in (1, 2, 1)] == [1, 2, 1]
+    assert memo.kept(kind, 3, compute) == 3  # the bound drops the oldest: 2
+    assert memo.kept(kind, 1, compute) == 1
+    assert memo.kept(kind, 2, compute) == 4
+    assert memo.kept(kind, None, compute) == 5  # no key: never kept
+
+
+def test_a_class_whose_forward_is_reassigned_gets_a_new_key(monkeypatch):
+    block = ModedRepVGG(4, "sum")
+    before = tracing.layout_key(block)
+    monkeypatch.setattr(ModedRepVGG, "forward", lambda self, x: x)
+    assert tracing.layout_key(block) != before
