@@ -290,7 +290,9 @@ def main() -> None:
         old = options.out.read_text() if options.out.exists() else ""
         options.out.write_text(replace_section(old, generic))
     else:
-        options.out.write_text(render(rows, options.runs) + "\n" + generic)
+        old = options.out.read_text() if options.out.exists() else ""
+        kept = "".join("\n" + section for section in hand_written_sections(old))
+        options.out.write_text(render(rows, options.runs) + kept + "\n" + generic)
     print(f"wrote {options.out}", file=sys.stderr)
 
 
@@ -348,6 +350,13 @@ def render_generic(rows: list[dict], runs: int) -> str:
 
 def _counted(counts: dict[str, int]) -> str:
     return ", ".join(f"{n}x {what}" for what, n in counts.items())
+
+
+def hand_written_sections(text: str) -> list[str]:
+    """The `## ` sections of `text` that no run writes (measured by hand): a full run keeps
+    them, between its table and the generic-vs-rule section."""
+    sections = ["## " + part for part in text.split("\n## ")[1:]]
+    return [s.rstrip("\n") + "\n" for s in sections if not s.startswith(GENERIC_HEADING)]
 
 
 def replace_section(text: str, section: str) -> str:

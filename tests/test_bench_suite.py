@@ -62,6 +62,13 @@ def test_generic_only_replaces_its_section_and_keeps_the_rest(suite):
     assert suite.replace_section("# results\n", first).endswith(first)
 
 
+def test_a_full_run_keeps_the_sections_measured_by_hand(suite):
+    hand = "## Measured by hand\n\nkept\n"
+    text = "# results\n\ntable\n\n" + hand + "\n" + suite.GENERIC_HEADING + "\nold\n"
+    assert suite.hand_written_sections(text) == [hand]
+    assert suite.hand_written_sections("# results\n\ntable\n") == []
+
+
 def speedup_row(**runtimes) -> dict:
     """A table row whose figures are placeholders, the speed-up carrying `runtimes`."""
     step = {"ratio": 1.0, "step_s": 0.1, "floor_s": 0.1}
