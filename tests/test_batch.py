@@ -617,3 +617,30 @@ def test_only_the_patterns_own_wildcards_count(tmp_path):
     assert [Path(j.input).name for j in jobs] == ["a.pth", "b.pth", "b.pth"]
     assert all(Path(j.input).parent == folder / "ckpts" for j in jobs)
     assert jobs[0].output == str(tmp_path / "deploy" / "a.safetensors")
+
+
+@pytest.mark.slow
+def test_forked_workers_exit_codes_survive_other_threads_polling_children(tmp_path):
+    """CPython's forkserver reports exit code 255 when two threads poll one process at once
+    (python/cpython#130895), and every `Process.start()` or `active_children()` in any thread
+    polls all the children multiprocessing tracks: a batch entry was failed as "crashed"."""
+    import multiprocessing
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    job = Job("missing", str(tmp_path / "missing.pth"), str(tmp_path / "out.safetensors"), 1)
+    done = threading.Event()
+
+    def poll_children() -> None:
+        while not done.is_set():
+            multiprocessing.active_children()
+
+    poller = threading.Thread(target=poll_children)
+    poller.start()
+    try:
+        with ThreadPoolExecutor(2) as pool:
+            outcomes = list(pool.map(lambda _: _convert_in_worker(job, fork=True), range(10)))
+    finally:
+        done.set()
+        poller.join()
+    assert {(o["status"], o["failure"]) for o in outcomes} == {("failed", "bad input")}, outcomes

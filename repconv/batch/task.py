@@ -191,6 +191,13 @@ class _ForkedWorker:
             name="repconv-batch-worker",
         )
         self._process.start()
+        # Only `finish` may poll this process. CPython's forkserver reports exit code 255 to
+        # the loser when two threads poll one process at once (python/cpython#130895), and
+        # every Process.start() and active_children(), in any thread (another entry's, Dask's),
+        # polls each child multiprocessing tracks. Private, hence guarded.
+        children = getattr(multiprocessing.process, "_children", None)
+        if isinstance(children, set):
+            children.discard(self._process)
 
     @classmethod
     def context(cls):
