@@ -255,12 +255,11 @@ def plan(model: nn.Module, rules: Sequence[Rule] | None = None) -> Plan:
     passes = registered_passes(rules)
     check_norm_statistics(model)
     check_finite(model)
-    with memo.scope():
-        steps, claimed = _walk(model, passes)
-        for each in passes:
-            found = each.find(model, claimed)
-            steps += found
-            claimed = claimed | {id(model.get_submodule(p)) for s in found for p in s.claims}
+    steps, claimed = _walk(model, passes)
+    for each in passes:
+        found = each.find(model, claimed)
+        steps += found
+        claimed = claimed | {id(model.get_submodule(p)) for s in found for p in s.claims}
     return Plan(steps, list(passes))
 
 

@@ -4,7 +4,7 @@ A plan or an apply asks the same question of many blocks (a RepVGG net has a han
 layouts for dozens of blocks): what fx records for a block's forward, whether its data flow
 agrees with a rule. Two lifetimes:
 
-- `remembered`: for one scope (`engine.plan`, `engine.apply`), then forgotten. For graphs,
+- `remembered`: for one scope (an `engine.apply`), then forgotten. For graphs,
   which become the code of deploy forwards: nothing a forward reads from its module's globals
   can go stale between two conversions. The scope is a context variable, one per thread.
 - `kept`: for the process, a bounded number of small answers (a rule's data-flow check), so
