@@ -1,12 +1,13 @@
-"""Answers asked of many blocks that share a layout, computed once per layout.
+"""What a pass keeps between the steps it is given: answers computed once per layout, copies.
 
 A plan or an apply asks the same question of many blocks (a RepVGG net has a handful of
 layouts for dozens of blocks): what fx records for a block's forward, whether its data flow
 agrees with a rule. Two lifetimes:
 
-- `remembered`: for one scope (an `engine.apply`), then forgotten. For graphs,
-  which become the code of deploy forwards: nothing a forward reads from its module's globals
-  can go stale between two conversions. The scope is a context variable, one per thread.
+- `remembered`: for one scope (an `engine.apply`), then forgotten. For graphs, which become
+  the code of deploy forwards (nothing a forward reads from its module's globals can go stale
+  between two conversions), and for the deploy-method pass's copy of a parent taken before its
+  children were fused. The scope is a context variable, one per thread.
 - `kept`: for the process, a bounded number of small answers (a rule's data-flow check), so
   converting many checkpoints of one architecture checks each layout once. The key must hold
   everything the answer depends on but the module-level globals a forward reads.
@@ -52,6 +53,12 @@ def remembered(kind: str, key: Hashable | None, compute: Callable[[], T]) -> T:
     if slot not in table:
         table[slot] = compute()
     return table[slot]
+
+
+def recall(kind: str, key: Hashable) -> Any:
+    """What the scope remembers for `key`, or None (nothing is computed)."""
+    table = _ACTIVE.get()
+    return None if table is None else table.get((kind, key))
 
 
 def forget(kind: str, key: Hashable) -> None:

@@ -298,9 +298,9 @@ def right_yolov7_net() -> nn.Module:
 
 
 class CallsChildFuse(nn.Module):
-    """timm RepViT `RepVggDw` style: its `fuse()` calls its child's `fuse()` (which returns a
-    conv), so once the child is fused first it fails; the block itself sums
-    conv(x) + conv1(x) + x and normalises the sum."""
+    """Its `fuse()` calls its child's `fuse()` (which returns a conv), so once the child is
+    fused first it fails; called first, it leaves out the identity and the norm, so it is wrong
+    either way. The block itself sums conv(x) + conv1(x) + x and normalises the sum."""
 
     def __init__(self, c: int):
         super().__init__()
@@ -316,3 +316,51 @@ class CallsChildFuse(nn.Module):
         conv = self.conv.fuse()  # AttributeError once the child is a plain Conv2d
         conv.weight += nn.functional.pad(self.conv1.weight, [1, 1, 1, 1])
         return conv
+
+
+class DepthwiseConvNorm(ReturnsConv):
+    """RepViT `ConvNorm` style, depthwise: `fuse()` returns the folded conv."""
+
+    def __init__(self, c: int):
+        super().__init__(c, c)
+        self.c = nn.Conv2d(c, c, 3, padding=1, groups=c, bias=False)
+
+    @torch.no_grad()
+    def fuse(self):
+        kernel, bias = folded(self.c, self.bn)
+        conv = nn.Conv2d(
+            self.c.in_channels, self.c.out_channels, 3, padding=1, groups=self.c.groups
+        )
+        conv.weight.copy_(kernel)
+        conv.bias.copy_(bias)
+        return conv
+
+
+class RepVggDwLike(nn.Module):
+    """timm RepViT `RepVggDw` style: bn(conv(x) + conv1(x) + x), depthwise; its `fuse()` calls
+    `self.conv.fuse()` and folds the rest itself, so it works only before its child is fused
+    (timm's `reparameterize_model` goes parent first)."""
+
+    def __init__(self, c: int):
+        super().__init__()
+        self.conv = DepthwiseConvNorm(c)
+        self.conv1 = nn.Conv2d(c, c, 1, groups=c)
+        self.bn = nn.BatchNorm2d(c)
+
+    def forward(self, x):
+        return self.bn(self.conv(x) + self.conv1(x) + x)
+
+    @torch.no_grad()
+    def fuse(self):
+        conv = self.conv.fuse()  # AttributeError once the child is a plain Conv2d
+        kernel = conv.weight + F.pad(self.conv1.weight, [1, 1, 1, 1])
+        kernel[:, :, 1, 1] += 1.0  # the identity
+        bias = conv.bias + self.conv1.bias
+        scale = self.bn.weight / (self.bn.running_var + self.bn.eps).sqrt()
+        conv.weight.copy_(kernel * scale.view(-1, 1, 1, 1))
+        conv.bias.copy_(self.bn.bias + (bias - self.bn.running_mean) * scale)
+        return conv
+
+
+def repvggdw_net() -> nn.Module:
+    return nn.Sequential(nn.Conv2d(3, 4, 1), RepVggDwLike(4), nn.ReLU(), RepVggDwLike(4))

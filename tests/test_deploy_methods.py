@@ -187,7 +187,8 @@ def test_cli_exits_0_and_writes_a_verified_file_when_a_method_is_undone(tmp_path
 
 
 @pytest.mark.parametrize(
-    "name", ["raising_net", "grouped_yolov7_net", "forgetful_net", "right_yolov7_net"]
+    "name",
+    ["raising_net", "grouped_yolov7_net", "forgetful_net", "right_yolov7_net", "repvggdw_net"],
 )
 def test_the_file_loads_into_the_deploy_structure_rebuilt_on_meta(tmp_path, name):
     """Rebuilt on the meta device, where no method can be checked again, the deploy structure
@@ -234,12 +235,27 @@ def test_the_recorded_plan_rebuilds_an_undone_method_on_meta_without_a_second_bu
     assert len(builds) == 1
 
 
-def test_a_parent_method_that_needs_unfused_children_leaves_the_block_to_the_data_flow():
+def test_a_parent_method_that_needs_unfused_children_is_called_before_them():
+    """timm's RepVggDw: children first, its fuse() finds a Conv2d child and fails; called on
+    the block as it was before its child was fused (timm's order), it folds the whole block."""
+    model = B.repvggdw_net()
+    result = converted(model)
+    assert [o for o in outcomes(result) if o[2] != "fused"] == []
+    assert ("1", "deploy_method", "fused") in outcomes(result)
+    assert result.plan.warnings == []
+    assert type(model[1]) is nn.Conv2d and type(model[3]) is nn.Conv2d  # timm's deploy form
+    assert norms_left(model) == []
+    assert worst(result.verification.exact) < 1e-12
+
+
+def test_a_parent_method_wrong_both_ways_leaves_the_block_to_the_data_flow():
     model = nn.Sequential(nn.Conv2d(3, 4, 1), B.CallsChildFuse(4), nn.ReLU())
     result = converted(model)
     by_step = {(o.path, o.rule): o for o in result.plan.entries}
     assert by_step["1.conv", "deploy_method"].status == "fused"
-    assert by_step["1", "deploy_method"].status == "skipped"  # its fuse() found a Conv2d child
+    undone = by_step["1", "deploy_method"]
+    assert undone.status == "skipped"  # its fuse() found a Conv2d child, and was wrong before
+    assert "AttributeError" in undone.reason and "called before its children's too" in undone.reason
     assert by_step["1", "dataflow"].status == "fused"  # conv + conv1 + identity, post-BN
     assert norms_left(model) == [] and set(model[1].state_dict()) == {
         "reparam.weight",

@@ -20,6 +20,12 @@ library's own model-level tooling does, and trusts none of it:
   and the step is skipped (NotFusable) with the method and the error in the warning. A block the
   probe cannot run (its input is not a conv's) is judged by the whole-model verification only.
 
+A parent whose method fails (or is wrong) on its fused children is tried once more the other way
+round, as timm's `reparameterize_model` goes: put back as it was before its first child was fused
+(a copy taken then, inside the apply), its method calls its children's own (RepViT's `RepVggDw`
+calls its `ConvNorm`s' `fuse()`). Checked the same way; if that fails too, the block is left as
+its children's methods left it. The root is not copied this way (a copy of the whole model).
+
 Whatever a method leaves (fused or undone) is offered to the passes after this one (conv -> BN
 pairs): the engine does that for passes with `reopens = True`.
 """
@@ -37,6 +43,7 @@ import torch
 from torch import nn
 from torch.nn.modules.conv import _ConvNd
 
+from repconv import memo
 from repconv.errors import NotFusable, RepconvError
 from repconv.rules.base import Pass, Step, is_norm_like, param_count
 
@@ -264,7 +271,45 @@ class DeployMethodPass(Pass):
         method = deploy_method(model.get_submodule(step.path))
         if method is None:
             raise NotFusable(f"{step.family} has no deploy method any more")
-        run_checked(model, step.path, method)
+        _keep_parents_as_they_are(model, step.path)
+        before_children = memo.recall(_UNFUSED, (id(model), step.path))
+        memo.forget(_UNFUSED, (id(model), step.path))
+        try:
+            run_checked(model, step.path, method)
+        except NotFusable as children_first:
+            if before_children is None:
+                raise
+            _run_parent_first(model, step.path, method, before_children, children_first)
+
+
+# A parent's copy from before its first child was fused, kept for the length of one apply.
+_UNFUSED = "deploy method: parent before its children"
+
+
+def _keep_parents_as_they_are(model: nn.Module, path: str) -> None:
+    """Copy each ancestor of `path` that has a method of its own, the first time one of its
+    descendants is about to be fused (children come first, so nothing inside it has changed
+    yet); the root excepted."""
+    parts = path.split(".") if path else []
+    for depth in range(1, len(parts)):
+        ancestor = ".".join(parts[:depth])
+        module = model.get_submodule(ancestor)
+        if deploy_method(module) and holds_norm(module):
+            memo.remembered(_UNFUSED, (id(model), ancestor), lambda m=module: copy.deepcopy(m))
+
+
+def _run_parent_first(
+    model: nn.Module, path: str, method: str, unfused: nn.Module, first: NotFusable
+) -> None:
+    """The block's method on the copy from before its children were fused; on failure, the
+    block as the children's methods left it, and the first error with this one."""
+    children_fused = model.get_submodule(path)
+    put(model, path, unfused)
+    try:
+        run_checked(model, path, method)
+    except NotFusable as parent_first:
+        put(model, path, children_fused)
+        raise NotFusable(f"{first} (called before its children's too: {parent_first})") from None
 
 
 PASS = DeployMethodPass()
