@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import enum
 import functools
+import struct
 import types
 from collections.abc import Hashable
 from collections.abc import Set as AbstractSet
@@ -97,12 +98,19 @@ def layout_key(module: nn.Module, opaque: AbstractSet[int] = frozenset()) -> Has
     path, class and forward, whether it is opaque or shared, its training flag, its parameter and
     buffer names, and every plain value (numbers, strings, tuples of them, dtypes; functions and
     classes by identity) in its `__dict__`. None when something a forward could read is not
-    plain (a tensor or any other object kept as an attribute, a hook): no key is safe then.
+    plain (a tensor or any other object kept as an attribute, a hook, a buffer of a module whose
+    code is inlined): no key is safe then. Floats are compared by their bits (0.0 is not -0.0).
     Tensor shapes are left out, as fx hands a forward proxies, not tensors."""
     first_path: dict[int, str] = {}
     parts = []
     try:
+        leaves = LeafTracer(opaque)
         for path, m in module.named_modules(remove_duplicate=False):
+            inlined_code = not path or not leaves.is_leaf_module(m, path)
+            if inlined_code and any(b is not None for b in m._buffers.values()):
+                # fx hands an inlined forward its buffers as tensors, not proxies: `if
+                # self.flag` or `float(self.scale)` records the value in the graph
+                raise _NotPlain
             shared = first_path.setdefault(id(m), path)
             code = getattr(type(m), "forward", None)  # a class's forward can be reassigned
             parts.append((path, type(m), code, shared, id(m) in opaque, _own_values(m)))
@@ -124,6 +132,9 @@ def _own_values(module: nn.Module) -> tuple:
 
 def _frozen(value: Any) -> Hashable:
     """A hashable stand-in equal only for values no forward can tell apart (1 and True differ)."""
+    if isinstance(value, (float, complex)):
+        # by bits: 0.0 == -0.0, yet math.copysign or 1 / x in a forward tells them apart
+        return type(value), struct.pack("<dd", value.real, value.imag)
     if isinstance(value, _PLAIN):
         return type(value), value
     if isinstance(value, (tuple, list)):

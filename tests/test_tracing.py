@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from helpers import randomized, rel_error
@@ -270,3 +272,61 @@ def test_the_rule_check_keeps_every_spelling_of_the_plain_sum(block):
 def test_the_rule_check_keeps_the_zoo_block_with_se():
     model = nn.Sequential(RepVGGBlock(16, 16, use_se=True), RepVGGBlock(16, 16))
     assert _converted_by(model, width=16) == [("0", "repvgg"), ("1", "repvgg")]
+
+
+class SignedSum(nn.Module):
+    """3x3 conv-BN +/- 1x1 conv-BN, the sign taken from a float at trace time."""
+
+    def __init__(self, k: float):
+        super().__init__()
+        self.k = k
+        self.dense = conv_bn(4, 4, 3, padding=1)
+        self.one = conv_bn(4, 4, 1)
+
+    def forward(self, x):
+        return torch.relu(self.dense(x) + math.copysign(1.0, self.k) * self.one(x))
+
+
+class BufferScaledSum(nn.Module):
+    """3x3 conv-BN + k * 1x1 conv-BN, `k` a buffer the forward reads as a number."""
+
+    def __init__(self, k: float):
+        super().__init__()
+        self.register_buffer("k", torch.tensor(k))
+        self.dense = conv_bn(4, 4, 3, padding=1)
+        self.one = conv_bn(4, 4, 1)
+
+    def forward(self, x):
+        return torch.relu(self.dense(x) + float(self.k) * self.one(x))
+
+
+class BufferModedRepVGG(RepVGGForm):
+    """A bool buffer decides whether the 1x1 branch counts twice."""
+
+    def __init__(self, twice: bool):
+        super().__init__()
+        self.register_buffer("one_twice", torch.tensor(twice))
+
+    def body(self, x):
+        one = self.rbr_1x1(x)
+        if self.one_twice:
+            one = 2 * one
+        return self.rbr_dense(x) + one + self.rbr_identity(x)
+
+
+def test_floats_equal_but_not_alike_are_different_layouts():
+    assert tracing.layout_key(SignedSum(0.0)) != tracing.layout_key(SignedSum(-0.0))
+    model = nn.Sequential(SignedSum(0.0), SignedSum(-0.0))
+    assert _converted_by(model) == [("0", "dataflow"), ("1", "dataflow")]
+
+
+def test_no_layout_key_when_an_inlined_forward_could_read_a_buffer():
+    assert tracing.layout_key(BufferScaledSum(1.0)) is None
+    assert tracing.layout_key(RepVGGBlock(4, 4)) is not None  # the norms' buffers: leaves
+    model = nn.Sequential(BufferScaledSum(1.0), BufferScaledSum(2.0))
+    assert _converted_by(model) == [("0", "dataflow"), ("1", "dataflow")]
+
+
+def test_the_rule_check_is_not_kept_for_a_block_whose_buffer_steers_its_forward():
+    model = nn.Sequential(BufferModedRepVGG(False), BufferModedRepVGG(True))
+    assert _converted_by(model) == [("0", "repvgg"), ("1", "dataflow")]
