@@ -330,3 +330,21 @@ def test_no_layout_key_when_an_inlined_forward_could_read_a_buffer():
 def test_the_rule_check_is_not_kept_for_a_block_whose_buffer_steers_its_forward():
     model = nn.Sequential(BufferModedRepVGG(False), BufferModedRepVGG(True))
     assert _converted_by(model) == [("0", "repvgg"), ("1", "dataflow")]
+
+
+class ClassModedRepVGG(RepVGGForm):
+    """A class attribute decides whether the 1x1 branch counts twice."""
+
+    mode = "sum"
+
+    def body(self, x):
+        one = self.rbr_1x1(x)
+        if self.mode == "double":
+            one = 2 * one
+        return self.rbr_dense(x) + one + self.rbr_identity(x)
+
+
+def test_the_rule_check_kept_for_the_process_sees_a_class_attribute_change(monkeypatch):
+    assert _converted_by(nn.Sequential(ClassModedRepVGG())) == [("0", "repvgg")]
+    monkeypatch.setattr(ClassModedRepVGG, "mode", "double")
+    assert _converted_by(nn.Sequential(ClassModedRepVGG())) == [("0", "dataflow")]
