@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import enum
 import functools
+import struct
 import types
 from collections.abc import Hashable
 from collections.abc import Set as AbstractSet
@@ -28,6 +29,7 @@ from repconv.rules.base import is_norm_like, is_plain_conv
 # What torch keeps in every module's __dict__: registries and hooks, not the model's own values.
 _BOOKKEEPING = frozenset(vars(nn.Module()))
 _HOOK_TABLES = tuple(sorted(name for name in _BOOKKEEPING if "hook" in name))
+_CLASS_BOOKKEEPING = frozenset(vars(type("Empty", (), {}))) | {"__annotations__"}
 _PLAIN = (bool, int, float, complex, str, bytes, type(None), torch.dtype, torch.device, enum.Enum)
 _BY_IDENTITY = (types.FunctionType, types.BuiltinFunctionType, type)
 
@@ -93,22 +95,66 @@ class _NotPlain(Exception):
 
 
 def layout_key(module: nn.Module, opaque: AbstractSet[int] = frozenset()) -> Hashable | None:
-    """Everything tracing `module` can depend on besides code: for each module inside, its
-    path, class and forward, whether it is opaque or shared, its training flag, its parameter and
-    buffer names, and every plain value (numbers, strings, tuples of them, dtypes; functions and
-    classes by identity) in its `__dict__`. None when something a forward could read is not
-    plain (a tensor or any other object kept as an attribute, a hook): no key is safe then.
+    """Everything tracing `module` can depend on: for each module inside, its path, class and
+    forward, what its classes outside torch hold (class attributes, methods), whether it is
+    opaque or shared, its training flag, its parameter and buffer names, and every plain value
+    (numbers, strings, tuples of them, dtypes; functions and classes by identity) in its
+    `__dict__`. None when something a forward could read is not
+    plain (a tensor or any other object kept as an attribute, a hook, a buffer of a module whose
+    code is inlined): no key is safe then. Floats are compared by their bits (0.0 is not -0.0).
     Tensor shapes are left out, as fx hands a forward proxies, not tensors."""
     first_path: dict[int, str] = {}
     parts = []
     try:
+        leaves = LeafTracer(opaque)
         for path, m in module.named_modules(remove_duplicate=False):
+            inlined_code = not path or not leaves.is_leaf_module(m, path)
+            if inlined_code and any(b is not None for b in m._buffers.values()):
+                # fx hands an inlined forward its buffers as tensors, not proxies: `if
+                # self.flag` or `float(self.scale)` records the value in the graph
+                raise _NotPlain
             shared = first_path.setdefault(id(m), path)
-            code = getattr(type(m), "forward", None)  # a class's forward can be reassigned
-            parts.append((path, type(m), code, shared, id(m) in opaque, _own_values(m)))
+            code = getattr(type(m), "forward", None)  # torch's classes' too can be reassigned
+            parts.append((path, type(m), code, _class_values(type(m)), shared, id(m) in opaque))
+            parts.append(_own_values(m))
     except _NotPlain:
         return None
     return tuple(parts)
+
+
+def _class_values(cls: type) -> tuple:
+    """What a forward reads from its class and the classes it inherits outside torch: a class
+    attribute (`mode = "sum"`), a method, the forward itself. A class is mutable, and the
+    rule check's answers last the process: plain values by value, the rest by identity."""
+    return tuple(
+        (name, _frozen_or_same(value))
+        for owner in cls.__mro__
+        if owner is not object and not owner.__module__.startswith("torch")
+        for name, value in vars(owner).items()
+        if name not in _CLASS_BOOKKEEPING
+    )
+
+
+def _frozen_or_same(value: Any) -> Hashable:
+    try:
+        return _frozen(value)
+    except _NotPlain:
+        return _Same(value)
+
+
+class _Same:
+    """Equal only to itself's object (kept alive, so its id is not reused)."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value: Any):
+        self.value = value
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, _Same) and other.value is self.value
+
+    def __hash__(self) -> int:
+        return id(self.value)
 
 
 def _own_values(module: nn.Module) -> tuple:
@@ -124,6 +170,9 @@ def _own_values(module: nn.Module) -> tuple:
 
 def _frozen(value: Any) -> Hashable:
     """A hashable stand-in equal only for values no forward can tell apart (1 and True differ)."""
+    if isinstance(value, (float, complex)):
+        # by bits: 0.0 == -0.0, yet math.copysign or 1 / x in a forward tells them apart
+        return type(value), struct.pack("<dd", value.real, value.imag)
     if isinstance(value, _PLAIN):
         return type(value), value
     if isinstance(value, (tuple, list)):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from helpers import randomized, rel_error
@@ -180,3 +182,169 @@ def test_a_class_whose_forward_is_reassigned_gets_a_new_key(monkeypatch):
     before = tracing.layout_key(block)
     monkeypatch.setattr(ModedRepVGG, "forward", lambda self, x: x)
     assert tracing.layout_key(block) != before
+
+
+class RepVGGForm(nn.Module):
+    """RepVGG's child names; `body` is the training forward under test, the deploy form is
+    the repvgg rule's."""
+
+    def __init__(self, width: int = 4, identity: bool = True):
+        super().__init__()
+        self.rbr_dense = conv_bn(width, width, 3, padding=1)
+        self.rbr_1x1 = conv_bn(width, width, 1)
+        self.rbr_identity = nn.BatchNorm2d(width) if identity else None
+        self.nonlinearity = nn.ReLU()
+
+    def forward(self, x):
+        if hasattr(self, "rbr_reparam"):
+            return self.nonlinearity(self.rbr_reparam(x))
+        return self.nonlinearity(self.body(x))
+
+
+class ChildFeedsChild(RepVGGForm):
+    def body(self, x):
+        return self.rbr_dense(x) + self.rbr_1x1(self.rbr_identity(x))
+
+
+class ChildAddedTwice(RepVGGForm):
+    def body(self, x):
+        one = self.rbr_1x1(x)
+        return self.rbr_dense(x) + one + one + self.rbr_identity(x)
+
+
+class BareInputAdded(RepVGGForm):
+    def body(self, x):
+        return self.rbr_dense(x) + self.rbr_1x1(x) + self.rbr_identity(x) + x
+
+
+class InPlaceSum(RepVGGForm):
+    def body(self, x):
+        out = self.rbr_dense(x)
+        out += self.rbr_1x1(x)
+        out += self.rbr_identity(x)
+        return out
+
+
+class TorchAddSum(RepVGGForm):
+    def body(self, x):
+        return torch.add(torch.add(self.rbr_dense(x), self.rbr_1x1(x)), self.rbr_identity(x))
+
+
+class BuiltinSum(RepVGGForm):
+    def body(self, x):
+        return sum([self.rbr_dense(x), self.rbr_1x1(x), self.rbr_identity(x)])
+
+
+class ReleaseSum(RepVGGForm):
+    """The RepVGG release's forward: `id_out = 0` when there is no identity branch."""
+
+    def body(self, x):
+        id_out = 0 if self.rbr_identity is None else self.rbr_identity(x)
+        return self.rbr_dense(x) + self.rbr_1x1(x) + id_out
+
+
+def _converted_by(model: nn.Module, width: int = 4) -> list[tuple[str, str]]:
+    model = randomized(model)
+    x = torch.randn(2, width, 9, 9, dtype=torch.float64)
+    with torch.no_grad():
+        want = model(x)
+        applied = engine.convert_model(model)
+        assert rel_error(model(x), want) < 1e-12
+    return [(e.path, e.rule) for e in applied.entries]
+
+
+@pytest.mark.parametrize("block", [ChildFeedsChild, ChildAddedTwice, BareInputAdded])
+def test_the_rule_check_refuses_the_children_arranged_other_than_one_sum(block):
+    """The same leaves, added only, in another arrangement than the sum the repvgg rule
+    folds: the rule must leave the block to the data-flow pass."""
+    assert _converted_by(nn.Sequential(block())) == [("0", "dataflow")]
+
+
+@pytest.mark.parametrize(
+    "block",
+    [InPlaceSum, TorchAddSum, BuiltinSum, ReleaseSum, lambda: ReleaseSum(identity=False)],
+    ids=["in-place", "torch.add", "builtin-sum", "release", "release-no-identity"],
+)
+def test_the_rule_check_keeps_every_spelling_of_the_plain_sum(block):
+    assert _converted_by(nn.Sequential(block())) == [("0", "repvgg")]
+
+
+def test_the_rule_check_keeps_the_zoo_block_with_se():
+    model = nn.Sequential(RepVGGBlock(16, 16, use_se=True), RepVGGBlock(16, 16))
+    assert _converted_by(model, width=16) == [("0", "repvgg"), ("1", "repvgg")]
+
+
+class SignedSum(nn.Module):
+    """3x3 conv-BN +/- 1x1 conv-BN, the sign taken from a float at trace time."""
+
+    def __init__(self, k: float):
+        super().__init__()
+        self.k = k
+        self.dense = conv_bn(4, 4, 3, padding=1)
+        self.one = conv_bn(4, 4, 1)
+
+    def forward(self, x):
+        return torch.relu(self.dense(x) + math.copysign(1.0, self.k) * self.one(x))
+
+
+class BufferScaledSum(nn.Module):
+    """3x3 conv-BN + k * 1x1 conv-BN, `k` a buffer the forward reads as a number."""
+
+    def __init__(self, k: float):
+        super().__init__()
+        self.register_buffer("k", torch.tensor(k))
+        self.dense = conv_bn(4, 4, 3, padding=1)
+        self.one = conv_bn(4, 4, 1)
+
+    def forward(self, x):
+        return torch.relu(self.dense(x) + float(self.k) * self.one(x))
+
+
+class BufferModedRepVGG(RepVGGForm):
+    """A bool buffer decides whether the 1x1 branch counts twice."""
+
+    def __init__(self, twice: bool):
+        super().__init__()
+        self.register_buffer("one_twice", torch.tensor(twice))
+
+    def body(self, x):
+        one = self.rbr_1x1(x)
+        if self.one_twice:
+            one = 2 * one
+        return self.rbr_dense(x) + one + self.rbr_identity(x)
+
+
+def test_floats_equal_but_not_alike_are_different_layouts():
+    assert tracing.layout_key(SignedSum(0.0)) != tracing.layout_key(SignedSum(-0.0))
+    model = nn.Sequential(SignedSum(0.0), SignedSum(-0.0))
+    assert _converted_by(model) == [("0", "dataflow"), ("1", "dataflow")]
+
+
+def test_no_layout_key_when_an_inlined_forward_could_read_a_buffer():
+    assert tracing.layout_key(BufferScaledSum(1.0)) is None
+    assert tracing.layout_key(RepVGGBlock(4, 4)) is not None  # the norms' buffers: leaves
+    model = nn.Sequential(BufferScaledSum(1.0), BufferScaledSum(2.0))
+    assert _converted_by(model) == [("0", "dataflow"), ("1", "dataflow")]
+
+
+def test_the_rule_check_is_not_kept_for_a_block_whose_buffer_steers_its_forward():
+    model = nn.Sequential(BufferModedRepVGG(False), BufferModedRepVGG(True))
+    assert _converted_by(model) == [("0", "repvgg"), ("1", "dataflow")]
+
+
+class ClassModedRepVGG(RepVGGForm):
+    """A class attribute decides whether the 1x1 branch counts twice."""
+
+    mode = "sum"
+
+    def body(self, x):
+        one = self.rbr_1x1(x)
+        if self.mode == "double":
+            one = 2 * one
+        return self.rbr_dense(x) + one + self.rbr_identity(x)
+
+
+def test_the_rule_check_kept_for_the_process_sees_a_class_attribute_change(monkeypatch):
+    assert _converted_by(nn.Sequential(ClassModedRepVGG())) == [("0", "repvgg")]
+    monkeypatch.setattr(ClassModedRepVGG, "mode", "double")
+    assert _converted_by(nn.Sequential(ClassModedRepVGG())) == [("0", "dataflow")]

@@ -123,7 +123,50 @@ def _traced_sum_is_exact(block: nn.Module, children: list[str]) -> bool:
         if not m._modules
     }
     regions = [r for r in dataflow.analyse(block, graph) if r.owner == ""]
-    return any(set(r.module_targets()) == expected and r.adds_leaves_only for r in regions)
+    return any(
+        set(r.module_targets()) == expected
+        and r.adds_leaves_only
+        and _adds_each_child_once(r, children)
+        for r in regions
+    )
+
+
+def _adds_each_child_once(region: dataflow.Region, children: list[str]) -> bool:
+    """Whether the region is a tree of additions whose terms are the children, each once and
+    each applied to the region's input itself: the sum the rule folds. The same leaves in
+    another arrangement (a child fed by another, a child's output added twice, the bare input
+    added) compute something else."""
+    terms: list[str] = []
+    visited: set[fx.Node] = set()
+
+    def walk(node: fx.Node) -> bool:
+        visited.add(node)
+        kind = dataflow.kind_of(node)
+        if kind == "sum":
+            return all(walk(a) for a in node.args if isinstance(a, fx.Node))
+        if kind == "same" and len(node.all_input_nodes) == 1:
+            return walk(node.all_input_nodes[0])
+        child = _child_of(node, children)
+        while child is not None and _child_of(node, children) == child:
+            visited.add(node)
+            if len(node.all_input_nodes) != 1:
+                return False
+            node = node.all_input_nodes[0]
+            if node is region.source:
+                terms.append(child)
+                return True
+        return False
+
+    return (
+        walk(region.output) and sorted(terms) == sorted(children) and visited == set(region.nodes)
+    )
+
+
+def _child_of(node: fx.Node, children: list[str]) -> str | None:
+    if node.op != "call_module":
+        return None
+    target = str(node.target)
+    return next((c for c in children if target == c or target.startswith(c + ".")), None)
 
 
 # ---- fusing one block ---------------------------------------------------------------------------
