@@ -94,14 +94,18 @@ class Region:
     @property
     def worth_fusing(self) -> bool:
         """A lone conv, a bare scale or an identity is already as cheap as it gets, and a conv
-        followed by its norm alone is the conv -> BN pass's (it keeps the conv's own name)."""
+        module followed by its norm alone is the conv -> BN pass's (it keeps the conv's own
+        name). A functional conv is not that pass's: its kernel is computed in the forward
+        (OREPA's weight_gen), so one with its norm is fused here."""
         kinds = [kind_of(n) for n in self.nodes]
         if "conv" not in kinds and "norm" not in kinds:
             return False
         substantive = [k for k in kinds if k not in ("same", "branch")]
         if len(substantive) < 2:
             return False
-        return substantive != ["conv", "norm"]
+        if substantive == ["conv", "norm"]:
+            return any(kind_of(n) == "conv" and n.op == "call_function" for n in self.nodes)
+        return True
 
 
 def kind_of(node: fx.Node) -> str:
@@ -279,9 +283,32 @@ class Analysis:
                 self.shapes.join(node, tensors[0])
                 self.shapes.fix(node, None, pool_rank)
             return
+        if node.target in _CONV_FUNCTIONS and tensors:
+            self._learn_functional_conv_shapes(node, tensors[0])
+            return
         if node.op in ("call_function", "call_method") and _preserves_shape(node):
             for tensor in tensors:
                 self.shapes.join(node, tensor)
+
+    def _learn_functional_conv_shapes(self, node: fx.Node, operand: fx.Node) -> None:
+        """F.conv2d(x, w, ...) with a constant kernel fixes x's and its output's channels as a
+        conv module does (OREPA computes its kernel in the forward)."""
+        bound = dict(zip(["input", "weight", "bias", "stride", "padding", "dilation", "groups"],
+                         node.args)) | dict(node.kwargs)  # fmt: skip
+        weight, groups = bound.get("weight"), bound.get("groups", 1)
+        if bound.get("input") is not operand or not isinstance(groups, int):
+            return
+        if not isinstance(weight, fx.Node) or weight.meta.get("repconv_constant") is not True:
+            return
+        try:
+            kernel = self.constant(weight)
+        except Exception:  # not a tensor or not computable: the conv stays out of any region
+            return
+        if not isinstance(kernel, Tensor) or kernel.dim() < 3:
+            return
+        rank = kernel.dim() - 2
+        self.shapes.fix(operand, kernel.shape[1] * groups, rank)
+        self.shapes.fix(node, kernel.shape[0], rank)
 
     # -- the fixed point --
 

@@ -12,9 +12,11 @@ generic data-flow fuser (issue 13) can fold them. `build` makes a small net per 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -342,6 +344,276 @@ class RepVGGDW(nn.Module):
         return self.act(self.conv(x) + self.conv1(x))
 
 
+# ---- ultralytics RepConv (ultralytics/ultralytics, nn/modules/conv.py) ---------------------------
+
+
+class UltralyticsRepConv(nn.Module):
+    """ultralytics `RepConv(c1, c2, k=3, s=1, p=1, g=1, d=1, act=True, bn=False)`: `conv1` a 3x3
+    `Conv` and `conv2` a 1x1 `Conv` (both act=False), `bn` an identity BN when bn=True, c1 == c2
+    and s == 1 (else None); `act(conv1(x) + conv2(x) + id_out)`, SiLU by default."""
+
+    def __init__(self, c1, c2, k=3, s=1, p=1, g=1, act=True, bn=False):
+        super().__init__()
+        assert k == 3 and p == 1
+        self.g, self.c1, self.c2 = g, c1, c2
+        self.act = ultralytics_act(act)
+        self.bn = nn.BatchNorm2d(c1) if bn and c2 == c1 and s == 1 else None
+        self.conv1 = UltralyticsConv(c1, c2, k, s, p=p, g=g, act=False)
+        self.conv2 = UltralyticsConv(c1, c2, 1, s, p=p - k // 2, g=g, act=False)
+
+    def forward(self, x):
+        id_out = 0 if self.bn is None else self.bn(x)
+        return self.act(self.conv1(x) + self.conv2(x) + id_out)
+
+
+# ---- super-gradients QARepVGGBlock (Deci-AI/super-gradients, modules/qarepvgg_block.py) ---------
+
+
+class Residual(nn.Module):
+    """super-gradients `Residual`: returns its input (a marker for the identity branch)."""
+
+    def forward(self, x):
+        return x
+
+
+class SGQARepVGGBlock(nn.Module):
+    """super-gradients `QARepVGGBlock(in, out, stride=1, dilation=1, groups=1, ...,
+    use_residual_connection=True, use_alpha=False, use_1x1_bias=True, use_post_bn=True)` (the
+    YOLO-NAS block): `branch_3x3` conv-BN (padding = dilation), `branch_1x1` conv with a bias,
+    `identity` a `Residual` (or None), `alpha` a [1] parameter or the float 1.0, `post_bn` a BN
+    (or Identity) after the sum, then `nonlinearity` and `se`. Upstream also builds the
+    `rbr_reparam` conv in __init__ (a placeholder its fusion methods fill; the train forward never
+    calls it) and the non-persistent `id_tensor` buffer: both kept here."""
+
+    def __init__(
+        self, in_channels, out_channels, stride=1, dilation=1, groups=1,
+        use_residual_connection=True, use_alpha=False, use_1x1_bias=True, use_post_bn=True,
+    ):  # fmt: skip
+        super().__init__()
+        self.groups, self.in_channels, self.out_channels = groups, in_channels, out_channels
+        self.stride, self.dilation = stride, dilation
+        self.nonlinearity = nn.ReLU()
+        self.se = nn.Identity()
+        self.branch_3x3 = nn.Sequential()
+        self.branch_3x3.add_module(
+            "conv",
+            nn.Conv2d(in_channels, out_channels, 3, stride, dilation, dilation, groups, bias=False),
+        )
+        self.branch_3x3.add_module("bn", nn.BatchNorm2d(out_channels))
+        self.branch_1x1 = nn.Conv2d(
+            in_channels, out_channels, 1, stride, 0, groups=groups, bias=use_1x1_bias
+        )
+        if use_residual_connection:
+            assert out_channels == in_channels and stride == 1
+            self.identity = Residual()
+            per_group = in_channels // groups
+            id_tensor = torch.zeros(in_channels, per_group, 3, 3)
+            for i in range(in_channels):
+                id_tensor[i, i % per_group, 1, 1] = 1.0
+            self.register_buffer("id_tensor", id_tensor, persistent=False)
+        else:
+            self.identity = None
+        self.alpha = nn.Parameter(torch.tensor([1.0])) if use_alpha else 1.0
+        self.post_bn = nn.BatchNorm2d(out_channels) if use_post_bn else nn.Identity()
+        self.rbr_reparam = nn.Conv2d(
+            in_channels, out_channels, 3, stride, dilation, dilation, groups, bias=True
+        )
+        self.partially_fused = False
+        self.fully_fused = False
+
+    def forward(self, inputs):
+        if self.fully_fused:
+            return self.se(self.nonlinearity(self.rbr_reparam(inputs)))
+        if self.partially_fused:
+            return self.se(self.nonlinearity(self.post_bn(self.rbr_reparam(inputs))))
+        id_out = 0.0 if self.identity is None else self.identity(inputs)
+        x_3x3 = self.branch_3x3(inputs)
+        x_1x1 = self.alpha * self.branch_1x1(inputs)
+        branches = x_3x3 + x_1x1 + id_out
+        return self.se(self.nonlinearity(self.post_bn(branches)))
+
+
+# ---- RepGhost (ChengpengChen/RepGhost, model/repghost.py) ---------------------------------------
+
+
+class RepGhostModule(nn.Module):
+    """RepGhost `RepGhostModule(inp, oup, kernel_size=1, dw_size=3, stride=1, relu=True,
+    reparam_bn=True, reparam_identity=False)`: `primary_conv` (conv, BN, ReLU or an empty
+    Sequential), `cheap_operation` (depthwise conv, BN) whose output gains `bn(conv(x1))` for
+    each pair of `fusion_conv` / `fusion_bn` (nn.Sequential of Identity / BN, plus Identity /
+    Identity for reparam_identity), then `relu` (ReLU or an empty Sequential)."""
+
+    def __init__(
+        self, inp, oup, kernel_size=1, dw_size=3, stride=1, relu=True, reparam_bn=True,
+        reparam_identity=False,
+    ):  # fmt: skip
+        super().__init__()
+        init_channels = new_channels = oup
+        self.primary_conv = nn.Sequential(
+            nn.Conv2d(inp, init_channels, kernel_size, stride, kernel_size // 2, bias=False),
+            nn.BatchNorm2d(init_channels),
+            nn.ReLU(inplace=True) if relu else nn.Sequential(),
+        )
+        fusion_conv, fusion_bn = [], []
+        if reparam_bn:
+            fusion_conv.append(nn.Identity())
+            fusion_bn.append(nn.BatchNorm2d(init_channels))
+        if reparam_identity:
+            fusion_conv.append(nn.Identity())
+            fusion_bn.append(nn.Identity())
+        self.fusion_conv = nn.Sequential(*fusion_conv)
+        self.fusion_bn = nn.Sequential(*fusion_bn)
+        self.cheap_operation = nn.Sequential(
+            nn.Conv2d(
+                init_channels,
+                new_channels,
+                dw_size,
+                1,
+                dw_size // 2,
+                groups=init_channels,
+                bias=False,
+            ),
+            nn.BatchNorm2d(new_channels),
+        )
+        self.relu = nn.ReLU(inplace=False) if relu else nn.Sequential()
+
+    def forward(self, x):
+        x1 = self.primary_conv(x)
+        x2 = self.cheap_operation(x1)
+        for conv, bn in zip(self.fusion_conv, self.fusion_bn):
+            x2 = x2 + bn(conv(x1))
+        return self.relu(x2)
+
+
+# ---- OREPA (JUGGHM/OREPA_CVPR2022, blocks.py) ---------------------------------------------------
+
+
+class OREPA(nn.Module):
+    """OREPA `OREPA(in, out, kernel_size, stride=1, padding=0, dilation=1, groups=1,
+    internal_channels_1x1_3x3=None, nonlinear=None)`: no conv modules; `weight_gen()` builds one
+    kernel from six parameter branches, each scaled per output channel by a row of `vector`
+    (origin kxk; 1x1 times the avg prior `weight_orepa_avg_avg`; 1x1 times the frequency prior
+    `weight_orepa_prior`; identity-based 1x1 (`weight_orepa_1x1_kxk_idconv1` + `id_tensor`) times
+    kxk; 1x1 padded to kxk; depthwise times pointwise), combined with einsum and summed; the
+    forward runs F.conv2d with it, then `bn`, then `nonlinear`. All six branches are kept.
+
+    Upstream reads sizes with `t, ig = w.size()`, which torch.fx cannot unpack; this copy takes
+    the same sizes from the constructor's arguments (the arithmetic is unchanged)."""
+
+    def __init__(
+        self, in_channels, out_channels, kernel_size, stride=1, padding=0, dilation=1, groups=1,
+        internal_channels_1x1_3x3=None, nonlinear=None,
+    ):  # fmt: skip
+        super().__init__()
+        assert padding == kernel_size // 2
+        self.nonlinear = nn.Identity() if nonlinear is None else nonlinear
+        self.kernel_size, self.in_channels, self.out_channels = (
+            kernel_size,
+            in_channels,
+            out_channels,
+        )
+        self.groups, self.stride, self.padding, self.dilation = groups, stride, padding, dilation
+        per_group = in_channels // groups
+        self.weight_orepa_origin = _kaiming(out_channels, per_group, kernel_size, kernel_size)
+        self.weight_orepa_avg_conv = _kaiming(out_channels, per_group, 1, 1)
+        self.weight_orepa_pfir_conv = _kaiming(out_channels, per_group, 1, 1)
+        avg = torch.ones(kernel_size, kernel_size) / kernel_size / kernel_size
+        self.register_buffer("weight_orepa_avg_avg", avg)
+        self.weight_orepa_1x1 = _kaiming(out_channels, per_group, 1, 1)
+        if internal_channels_1x1_3x3 is None:
+            internal_channels_1x1_3x3 = in_channels if groups <= 4 else 2 * in_channels
+        self.internal_channels = internal_channels_1x1_3x3
+        self.weight_orepa_1x1_kxk_idconv1 = nn.Parameter(
+            torch.zeros(internal_channels_1x1_3x3, per_group, 1, 1)
+        )
+        id_tensor = torch.zeros(internal_channels_1x1_3x3, per_group, 1, 1)
+        for i in range(internal_channels_1x1_3x3):
+            id_tensor[i, i % per_group, 0, 0] = 1.0
+        self.register_buffer("id_tensor", id_tensor)
+        self.weight_orepa_1x1_kxk_conv2 = _kaiming(
+            out_channels, internal_channels_1x1_3x3 // groups, kernel_size, kernel_size
+        )
+        expand_ratio = 8
+        self.weight_orepa_gconv_dw = _kaiming(
+            in_channels * expand_ratio, 1, kernel_size, kernel_size
+        )
+        self.weight_orepa_gconv_pw = _kaiming(
+            out_channels, in_channels * expand_ratio // groups, 1, 1
+        )
+        self.vector = nn.Parameter(torch.empty(6, out_channels))
+        self.bn = nn.BatchNorm2d(out_channels)
+        self.register_buffer("weight_orepa_prior", _frequency_prior(out_channels, kernel_size))
+        with torch.no_grad():  # upstream's initial branch scales: origin, avg, prior, ...
+            for row, scale in enumerate((0.25, 0.25, 0.0, 0.5, 1.0, 0.5)):
+                self.vector[row].fill_(scale)
+
+    def weight_gen(self):
+        origin = torch.einsum("oihw,o->oihw", self.weight_orepa_origin, self.vector[0, :])
+        avg_conv = self.weight_orepa_avg_conv.squeeze(3).squeeze(2)
+        avg = torch.einsum("oi,hw->oihw", avg_conv, self.weight_orepa_avg_avg)
+        avg = torch.einsum("oihw,o->oihw", avg, self.vector[1, :])
+        pfir_conv = self.weight_orepa_pfir_conv.squeeze(3).squeeze(2)
+        pfir = torch.einsum("oi,ohw->oihw", pfir_conv, self.weight_orepa_prior)
+        pfir = torch.einsum("oihw,o->oihw", pfir, self.vector[2, :])
+        conv1 = (self.weight_orepa_1x1_kxk_idconv1 + self.id_tensor).squeeze(3).squeeze(2)
+        one_kxk = self._1x1_kxk(conv1, self.weight_orepa_1x1_kxk_conv2)
+        one_kxk = torch.einsum("oihw,o->oihw", one_kxk, self.vector[3, :])
+        pad = (self.kernel_size - 1) // 2  # upstream's transVI_multiscale
+        one = F.pad(self.weight_orepa_1x1, [pad, pad, pad, pad])
+        one = torch.einsum("oihw,o->oihw", one, self.vector[4, :])
+        gconv = self._dwsc2full(self.weight_orepa_gconv_dw, self.weight_orepa_gconv_pw)
+        gconv = torch.einsum("oihw,o->oihw", gconv, self.vector[5, :])
+        return origin + avg + one + one_kxk + pfir + gconv
+
+    def _1x1_kxk(self, conv1, conv2):
+        g, k = self.groups, self.kernel_size
+        if g == 1:
+            return torch.einsum("ti,othw->oihw", conv1, conv2)
+        t, ig, o = self.internal_channels, self.in_channels // g, self.out_channels
+        conv1 = conv1.view(g, t // g, ig)
+        conv2 = conv2.view(g, o // g, t // g, k, k)
+        return torch.einsum("gti,gothw->goihw", conv1, conv2).reshape(o, ig, k, k)
+
+    def _dwsc2full(self, weight_dw, weight_pw):
+        # upstream's dwsc2full(weight_dw, weight_pw, groups=in_channels, groups_conv=groups)
+        groups, groups_conv, k = self.in_channels, self.groups, self.kernel_size
+        t, ig, o = self.in_channels * 8, 1, self.out_channels
+        tg, i = t // groups, ig * groups
+        groups_gc = groups // groups_conv
+        weight_dw = weight_dw.view(groups_conv, groups_gc, tg, ig, k, k)
+        weight_pw = weight_pw.squeeze().view(o // groups_conv, groups_conv, groups_gc, tg)
+        weight_dsc = torch.einsum("cgtihw,ocgt->cogihw", weight_dw, weight_pw)
+        return weight_dsc.reshape(o, i // groups_conv, k, k)
+
+    def forward(self, inputs):
+        weight = self.weight_gen()
+        out = F.conv2d(
+            inputs, weight, bias=None, stride=self.stride, padding=self.padding,
+            dilation=self.dilation, groups=self.groups,
+        )  # fmt: skip
+        return self.nonlinear(self.bn(out))
+
+
+def _kaiming(*shape: int) -> nn.Parameter:
+    weight = nn.Parameter(torch.empty(*shape))
+    nn.init.kaiming_uniform_(weight, a=0.0)
+    return weight
+
+
+def _frequency_prior(channels: int, k: int) -> torch.Tensor:
+    """OREPA's `fre_init`: cosines along h for the first half of the channels, along w after."""
+    prior = torch.zeros(channels, k, k)
+    half = channels / 2
+    for i in range(channels):
+        for h in range(k):
+            for w in range(k):
+                if i < half:
+                    prior[i, h, w] = math.cos(math.pi * (h + 0.5) * (i + 1) / 3)
+                else:
+                    prior[i, h, w] = math.cos(math.pi * (w + 0.5) * (i + 1 - half) / 3)
+    return prior
+
+
 # ---- look-alikes that are not linear -------------------------------------------------------------
 
 
@@ -402,6 +674,13 @@ class ReflectPaddedBlock(nn.Module):
         return self.act(self.rbr_dense(x) + self.rbr_reflect(x))
 
 
+def _scaled_branches(block: OREPA) -> OREPA:
+    """Upstream starts the prior branch at scale 0: random scales make every branch count."""
+    with torch.no_grad():
+        block.vector.uniform_(0.2, 1.0)
+    return block
+
+
 # ---- nets ----------------------------------------------------------------------------------------
 
 
@@ -450,6 +729,27 @@ def _blocks(layout: str, w: int) -> list[nn.Module]:
             nn.ReLU(),
         ],
         "yolov10_repvggdw": lambda: [RepVGGDW(w), RepVGGDW(w)],
+        "ultralytics_repconv": lambda: [
+            UltralyticsRepConv(w, w, bn=True),
+            UltralyticsRepConv(w, 2 * w, s=2, bn=True),  # no identity at stride 2
+            UltralyticsRepConv(2 * w, 2 * w, g=2),
+        ],
+        "sg_qarepvgg": lambda: [
+            SGQARepVGGBlock(w, w),
+            SGQARepVGGBlock(w, 2 * w, stride=2, use_residual_connection=False, use_alpha=True),
+            SGQARepVGGBlock(2 * w, 2 * w, groups=2, use_alpha=True, use_1x1_bias=False),
+            SGQARepVGGBlock(2 * w, 2 * w, dilation=2, use_post_bn=False),
+        ],
+        "repghost": lambda: [
+            RepGhostModule(w, w),
+            RepGhostModule(w, 2 * w, stride=2, reparam_identity=True),
+            RepGhostModule(2 * w, 2 * w, relu=False),
+        ],
+        "orepa": lambda: [
+            _scaled_branches(OREPA(w, w, 3, 1, 1, nonlinear=nn.ReLU())),
+            _scaled_branches(OREPA(w, 2 * w, 3, 2, 1, nonlinear=nn.ReLU())),
+            _scaled_branches(OREPA(2 * w, 2 * w, 3, 1, 1, groups=2, nonlinear=nn.ReLU())),
+        ],
         "act_between": lambda: [ActBetweenBlock(w)],
         "mean_scaled": lambda: [MeanScaledBlock(w)],
         "input_gated": lambda: [InputGatedBlock(w)],
@@ -470,10 +770,22 @@ LAYOUTS = (
     "replknet",
     "unireplknet",
     "yolov10_repvggdw",
+    "ultralytics_repconv",
+    "sg_qarepvgg",
+    "repghost",
+    "orepa",
 )
 # The pass expected to fuse each layout's blocks, and the conv it leaves: the repvgg rule knows
 # yolov7's names and leaves its upstream deploy form; the others are the data-flow pass's.
-FUSED_BY = {"yolov7_repconv": ("repvgg", "rbr_reparam")}
+# RepGhost's fused kernel has its depthwise conv's shape, so that conv is kept with the fold.
+FUSED_BY = {
+    "yolov7_repconv": ("repvgg", "rbr_reparam"),
+    "repghost": ("dataflow", "cheap_operation.0"),
+}
+# Convs a fused block keeps besides its fused one: RepGhost's primary conv (a conv -> BN before a
+# ReLU, the conv -> BN pass's) and the `rbr_reparam` placeholder super-gradients builds in
+# __init__ (the train forward never calls it, so nothing folds or deletes it).
+KEPT_CONVS = {"repghost": ("primary_conv.0",), "sg_qarepvgg": ("rbr_reparam",)}
 DEFAULT_FUSED_BY = ("dataflow", "reparam")
 
 
@@ -493,6 +805,10 @@ BLOCK_TYPES = (
     ReparamLargeKernelConv,
     DilatedReparamBlock,
     RepVGGDW,
+    UltralyticsRepConv,
+    SGQARepVGGBlock,
+    RepGhostModule,
+    OREPA,
 )
 NEGATIVE_TYPES = (ActBetweenBlock, MeanScaledBlock, InputGatedBlock, ReflectPaddedBlock)
 

@@ -668,3 +668,34 @@ def test_pointwise_terms_then_1x1_is_one_conv():
     model = TwoIdentitiesThen1x1().double().eval()
     converted(model, randn(torch.Generator(), 2, CHANNELS, 6, 6))
     assert len(convs_of(model)) == 1
+
+
+class ComputedKernelThenNorm(nn.Module):
+    """No conv module: the forward builds its kernel from parameters (OREPA's weight_gen, here
+    grouped) and runs F.conv2d with it, then a BN."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight_a = nn.Parameter(torch.randn(CHANNELS, CHANNELS // 2, 3, 3))
+        self.weight_1x1 = nn.Parameter(torch.randn(CHANNELS, CHANNELS // 2, 1, 1))
+        self.vector = nn.Parameter(torch.rand(2, CHANNELS) + 0.5)
+        self.bn = nn.BatchNorm2d(CHANNELS)
+
+    def forward(self, x):
+        one = F.pad(self.weight_1x1, [1, 1, 1, 1])
+        weight = torch.einsum("oihw,o->oihw", self.weight_a, self.vector[0]) + torch.einsum(
+            "oihw,o->oihw", one, self.vector[1]
+        )
+        return torch.relu(self.bn(F.conv2d(x, weight, None, 2, 1, 1, 2)))
+
+
+def test_computed_kernel_then_norm_is_one_conv():
+    """Fails without the three parts of the fix: a module holding no conv module is traced, a
+    functional conv fixes its input's channels (else the input has no known shape), and a
+    functional conv with its norm is the data-flow pass's (the conv -> BN pass cannot fold it)."""
+    model = randomized(ComputedKernelThenNorm())
+    applied = converted(model, randn(torch.Generator().manual_seed(3), 2, CHANNELS, 7, 7))
+    assert [(e.path, e.rule, e.status) for e in applied.entries] == [("", "dataflow", "fused")]
+    assert not norms_of(model) and len(convs_of(model)) == 1
+    assert model.reparam.groups == 2 and model.reparam.stride == (2, 2)
+    assert set(model.state_dict()) == {"reparam.weight", "reparam.bias"}

@@ -23,7 +23,14 @@ from torch import nn
 from repconv import dataflow, memo, tracing
 from repconv import linear_map as L
 from repconv.errors import NotFusable
-from repconv.rules.base import Pass, Step, holds_unclaimed, is_plain_conv, param_count
+from repconv.rules.base import (
+    Pass,
+    Step,
+    holds_unclaimed,
+    is_foldable_norm,
+    is_plain_conv,
+    param_count,
+)
 
 NAME = "dataflow"
 SUMMARY = (
@@ -42,9 +49,15 @@ def _join(prefix: str, name: str) -> str:
     return f"{prefix}.{name}" if prefix else name
 
 
+def _conv_or_norm(module: nn.Module) -> bool:
+    # A norm with no conv module beside it may still follow a functional conv whose kernel the
+    # forward computes (OREPA): such a module is worth tracing too.
+    return is_plain_conv(module) or is_foldable_norm(module)
+
+
 def _search(module: nn.Module, prefix: str, claimed: AbstractSet[int]) -> list[Step]:
     """The smallest traceable modules from the top, as the conv -> BN pass scopes them."""
-    if not holds_unclaimed(module, claimed, is_plain_conv):
+    if not holds_unclaimed(module, claimed, _conv_or_norm):
         return []
     try:
         graph = tracing.graph_of(module, claimed)
