@@ -297,27 +297,6 @@ def right_yolov7_net() -> nn.Module:
     return nn.Sequential(nn.Conv2d(3, 4, 1), DiagonalIdentityRepConv(4, groups=1))
 
 
-class CallsChildFuse(nn.Module):
-    """Its `fuse()` calls its child's `fuse()` (which returns a conv), so once the child is
-    fused first it fails; called first, it leaves out the identity and the norm, so it is wrong
-    either way. The block itself sums conv(x) + conv1(x) + x and normalises the sum."""
-
-    def __init__(self, c: int):
-        super().__init__()
-        self.conv = ReturnsConv(c, c)
-        self.conv1 = nn.Conv2d(c, c, 1, groups=c)
-        self.bn = nn.BatchNorm2d(c)
-
-    def forward(self, x):
-        return self.bn(self.conv(x) + self.conv1(x) + x)
-
-    @torch.no_grad()
-    def fuse(self):
-        conv = self.conv.fuse()  # AttributeError once the child is a plain Conv2d
-        conv.weight += nn.functional.pad(self.conv1.weight, [1, 1, 1, 1])
-        return conv
-
-
 class DepthwiseConvNorm(ReturnsConv):
     """RepViT `ConvNorm` style, depthwise: `fuse()` returns the folded conv."""
 
@@ -359,6 +338,17 @@ class RepVggDwLike(nn.Module):
         scale = self.bn.weight / (self.bn.running_var + self.bn.eps).sqrt()
         conv.weight.copy_(kernel * scale.view(-1, 1, 1, 1))
         conv.bias.copy_(self.bn.bias + (bias - self.bn.running_mean) * scale)
+        return conv
+
+
+class CallsChildFuse(RepVggDwLike):
+    """As RepVggDwLike, but its `fuse()` leaves out the identity and the norm: wrong whether its
+    child was fused first (it fails) or not (it computes something else)."""
+
+    @torch.no_grad()
+    def fuse(self):
+        conv = self.conv.fuse()  # AttributeError once the child is a plain Conv2d
+        conv.weight += F.pad(self.conv1.weight, [1, 1, 1, 1])
         return conv
 
 
