@@ -21,7 +21,15 @@ from torch import nn
 
 from repconv import memo, pages
 from repconv.errors import CorruptCheckpoint, NotFusable, RepconvError, note_block
-from repconv.rules.base import Pass, Rule, Step, is_norm_like, norm_problem, param_count
+from repconv.rules.base import (
+    Pass,
+    Rule,
+    Step,
+    is_norm_like,
+    join_path,
+    norm_problem,
+    param_count,
+)
 from repconv.rules.registry import passes as registered_passes
 
 __all__ = ["Applied", "Outcome", "Plan", "Step", "apply", "convert_model", "plan"]
@@ -145,10 +153,6 @@ class Applied:
         }
 
 
-def _join(prefix: str, name: str) -> str:
-    return f"{prefix}.{name}" if prefix else name
-
-
 def check_norm_statistics(model: nn.Module) -> None:
     """Refuse a model whose norms hold statistics no trained model has (NaN, Inf, var < 0)."""
     for path, module in model.named_modules():
@@ -201,7 +205,7 @@ def check_finite(model: nn.Module) -> None:
                 bad = non_finite_count(tensor)
                 if bad:
                     raise CorruptCheckpoint(
-                        f"corrupt checkpoint: tensor {_join(path, name)} holds {bad} NaN or "
+                        f"corrupt checkpoint: tensor {join_path(path, name)} holds {bad} NaN or "
                         f"Inf value(s) of {tensor.numel()}"
                     )
                 releaser.release([tensor])
@@ -241,7 +245,7 @@ def _walk(model: nn.Module, passes: Sequence[Pass]) -> tuple[list[Step], set[int
                 steps.append(Step(path, each, family, structure, param_count(module)))
                 return
         for name, child in module.named_children():
-            visit(child, _join(path, name))
+            visit(child, join_path(path, name))
 
     visit(model, "")
     return steps, claimed

@@ -314,3 +314,37 @@ def test_broken_rule_is_caught_by_verification_and_named():
     assert verification.to_dict()["exact_max"] > 1e-3
     assert [s["path"] for s in verification.suspects] == ["0"]
     assert "0 (bad_repvgg" in verification.failure_message()
+
+
+class SummedConvs(nn.Module):
+    """Its own forward sums its two convs: the region belongs to this module itself."""
+
+    def __init__(self, c: int):
+        super().__init__()
+        self.a = nn.Conv2d(c, c, 3, padding=1, bias=False)
+        self.b = nn.Conv2d(c, c, 1, bias=False)
+        self.bn = nn.BatchNorm2d(c)
+
+    def forward(self, x):
+        return torch.relu(self.bn(self.a(x) + self.b(x)))
+
+
+class DataDependentRoot(nn.Module):
+    """fx cannot trace this root (a branch on a value), so its children are traced alone."""
+
+    def __init__(self):
+        super().__init__()
+        self.block = SummedConvs(4)
+
+    def forward(self, x):
+        if x.sum() > 0:
+            x = x * 1
+        return self.block(x)
+
+
+def test_a_region_of_a_child_traced_alone_is_planned_at_the_childs_path():
+    """The region's owner is the traced child itself: its step was planned at "block." (an
+    internal error on apply)."""
+    model = randomized(DataDependentRoot())
+    applied = converted(model, torch.randn(2, 4, 8, 8, dtype=torch.float64))
+    assert [(e.path, e.rule, e.status) for e in applied.entries] == [("block", "dataflow", "fused")]

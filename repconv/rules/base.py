@@ -81,7 +81,7 @@ class Step:
             return self
 
         def join(path: str) -> str:
-            return f"{prefix}.{path}" if path else prefix
+            return join_path(prefix, path)
 
         return replace(
             self,
@@ -433,6 +433,11 @@ def install_fused(
     removed = [name for name in train_children if hasattr(block, name)]
     replace_children(block, attribute, fused_conv_like(like, fused, target), removed)
     return Fused(attribute, tuple(fused.kernel.shape), removed)
+
+
+def join_path(prefix: str, path: str) -> str:
+    """A module path under `prefix`; either may be "" (the module itself, the root)."""
+    return f"{prefix}.{path}" if prefix and path else prefix or path
 
 
 def param_count(module: nn.Module) -> int:

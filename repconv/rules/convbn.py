@@ -29,6 +29,7 @@ from repconv.rules.base import (
     is_norm_act,
     is_norm_like,
     is_plain_conv,
+    join_path,
     norm_stats,
     param_count,
 )
@@ -58,10 +59,6 @@ def _fits(conv: nn.Module, norm: nn.Module) -> bool:
     return _is_linear(conv) and isinstance(norm, nn.BatchNorm1d) and conv.out_features == width
 
 
-def _join(prefix: str, name: str) -> str:
-    return f"{prefix}.{name}" if prefix else name
-
-
 def _pairs_in_graph(root: nn.Module, graph: fx.Graph, prefix: str) -> list[Pair]:
     calls = Counter(n.target for n in graph.nodes if n.op == "call_module")
     found = []
@@ -75,7 +72,9 @@ def _pairs_in_graph(root: nn.Module, graph: fx.Graph, prefix: str) -> list[Pair]
             continue
         conv, norm = root.get_submodule(source.target), root.get_submodule(node.target)
         if _fits(conv, norm):
-            found.append(Pair(_join(prefix, source.target), _join(prefix, node.target), "trace"))
+            found.append(
+                Pair(join_path(prefix, source.target), join_path(prefix, node.target), "trace")
+            )
     return found
 
 
@@ -84,7 +83,7 @@ def _pairs_in_sequential(seq: nn.Sequential, prefix: str) -> list[Pair]:
     found = []
     for first, second in itertools.pairwise(names):
         if _fits(seq._modules[first], seq._modules[second]):
-            found.append(Pair(_join(prefix, first), _join(prefix, second), "sequential"))
+            found.append(Pair(join_path(prefix, first), join_path(prefix, second), "sequential"))
     return found
 
 
@@ -116,7 +115,7 @@ def _search(module: nn.Module, prefix: str, opaque: AbstractSet[int]) -> list[Pa
     if isinstance(module, nn.Sequential) and type(module).forward is nn.Sequential.forward:
         found += _pairs_in_sequential(module, prefix)
     for name, child in module.named_children():
-        found += _search(child, _join(prefix, name), opaque)
+        found += _search(child, join_path(prefix, name), opaque)
     return found
 
 

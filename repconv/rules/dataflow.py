@@ -29,6 +29,7 @@ from repconv.rules.base import (
     holds_unclaimed,
     is_foldable_norm,
     is_plain_conv,
+    join_path,
     param_count,
 )
 
@@ -45,10 +46,6 @@ FUSED_NAME = "reparam"
 _CONV_BY_DIMS = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
 
 
-def _join(prefix: str, name: str) -> str:
-    return f"{prefix}.{name}" if prefix else name
-
-
 def _conv_or_norm(module: nn.Module) -> bool:
     # A norm with no conv module beside it may still follow a functional conv whose kernel the
     # forward computes (OREPA): such a module is worth tracing too.
@@ -63,7 +60,7 @@ def _search(module: nn.Module, prefix: str, claimed: AbstractSet[int]) -> list[S
         graph = tracing.graph_of(module, claimed)
     except Exception:  # untraceable here: its children may trace
         return [
-            s for n, c in module.named_children() for s in _search(c, _join(prefix, n), claimed)
+            s for n, c in module.named_children() for s in _search(c, join_path(prefix, n), claimed)
         ]
     analysis = dataflow.Analysis(module, graph, claimed)
     regions = analysis.regions()
@@ -71,7 +68,7 @@ def _search(module: nn.Module, prefix: str, claimed: AbstractSet[int]) -> list[S
     fused = {r.owner for r in regions}
     for owner, reason in dict(analysis.refusals).items():
         if owner not in fused:  # a block with a region says what it fused, not what it left
-            path = _join(prefix, owner)
+            path = join_path(prefix, owner)
             block = module.get_submodule(owner)
             steps.append(
                 Step(path, PASS, PASS.family, "not linear", param_count(block), refusal=reason)
@@ -94,8 +91,8 @@ def _step(
     claimed: AbstractSet[int],
 ) -> Step:
     block = root.get_submodule(owner)
-    inside = _join(prefix, owner)
-    parts = sorted({_join(prefix, t) for r in regions for t in r.module_targets()})
+    inside = join_path(prefix, owner)
+    parts = sorted({join_path(prefix, t) for r in regions for t in r.module_targets()})
     opaque = [p for p, m in block.named_modules() if p and id(m) in claimed]
     return Step(
         path=inside,
@@ -104,7 +101,7 @@ def _step(
         structure="; ".join(r.describe() for r in regions),
         params_before=param_count(block),
         parts=tuple(parts),
-        opaque=tuple(_join(inside, p) for p in opaque),
+        opaque=tuple(join_path(inside, p) for p in opaque),
     )
 
 
@@ -130,7 +127,7 @@ def _traced_sum_is_exact(block: nn.Module, children: list[str]) -> bool:
     except Exception:
         return True
     expected = {
-        _join(name, path) if path else name
+        join_path(name, path) if path else name
         for name in children
         for path, m in block.get_submodule(name).named_modules()
         if not m._modules
@@ -198,7 +195,7 @@ def fuse_block(model: nn.Module, step: Step) -> tuple[int, ...]:
         raise NotFusable(f"its forward no longer traces ({type(exc).__name__}: {exc})") from None
     analysis = dataflow.Analysis(block, graph, opaque)
     regions = [r for r in analysis.regions() if r.owner == ""]
-    targets = sorted({_join(step.path, t) for r in regions for t in r.module_targets()})
+    targets = sorted({join_path(step.path, t) for r in regions for t in r.module_targets()})
     if not regions or targets != sorted(step.parts):
         raise NotFusable("its linear regions are not the ones planned (the block changed)")
     values = [r.value for r in regions]  # computed from the block's own tensors already

@@ -45,7 +45,7 @@ from torch.nn.modules.conv import _ConvNd
 
 from repconv import memo
 from repconv.errors import NotFusable, RepconvError
-from repconv.rules.base import Pass, Step, is_norm_like, param_count
+from repconv.rules.base import Pass, Step, is_norm_like, join_path, param_count
 
 NAME = "deploy_method"
 SUMMARY = "a block's own deploy method, for blocks no structural rule matches (children first)"
@@ -258,7 +258,7 @@ class DeployMethodPass(Pass):
                 return
             seen.add(id(module))
             for child_name, child in module.named_children():
-                visit(child, f"{path}.{child_name}" if path else child_name)
+                visit(child, join_path(path, child_name))
             method = deploy_method(module) if holds_norm(module) else None
             if method:
                 family = self.family_of(module)
