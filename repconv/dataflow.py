@@ -293,8 +293,7 @@ class Analysis:
     def _learn_functional_conv_shapes(self, node: fx.Node, operand: fx.Node) -> None:
         """F.conv2d(x, w, ...) with a constant kernel fixes x's and its output's channels as a
         conv module does (OREPA computes its kernel in the forward)."""
-        bound = dict(zip(["input", "weight", "bias", "stride", "padding", "dilation", "groups"],
-                         node.args)) | dict(node.kwargs)  # fmt: skip
+        bound = _conv_arguments(node)
         weight, groups = bound.get("weight"), bound.get("groups", 1)
         if bound.get("input") is not operand or not isinstance(groups, int):
             return
@@ -798,9 +797,14 @@ def _pad_map(node: fx.Node, shape: tuple[int, int] | None, device) -> L.LinearVa
     return L.diagonal(channels, taps, window, label="pad")
 
 
-def _functional_conv(node: fx.Node, analysis: Analysis) -> L.LinearValue:
+def _conv_arguments(node: fx.Node) -> dict[str, Any]:
+    """F.conv*d's arguments by name, however the call passed them."""
     names = ["input", "weight", "bias", "stride", "padding", "dilation", "groups"]
-    bound = dict(zip(names, node.args)) | dict(node.kwargs)
+    return dict(zip(names, node.args)) | dict(node.kwargs)
+
+
+def _functional_conv(node: fx.Node, analysis: Analysis) -> L.LinearValue:
+    bound = _conv_arguments(node)
     weight, bias = bound.get("weight"), bound.get("bias")
     if not _is_coefficient(weight) or isinstance(weight, (int, float)):
         raise _NotLinear
