@@ -781,11 +781,13 @@ LAYOUTS = (
 FUSED_BY = {
     "yolov7_repconv": ("repvgg", "rbr_reparam"),
     "repghost": ("dataflow", "cheap_operation.0"),
+    # the fold goes into the deploy conv super-gradients builds in __init__ and the train
+    # forward never calls, so the block ends with upstream's deploy keys
+    "sg_qarepvgg": ("dataflow", "rbr_reparam"),
 }
 # Convs a fused block keeps besides its fused one: RepGhost's primary conv (a conv -> BN before a
-# ReLU, the conv -> BN pass's) and the `rbr_reparam` placeholder super-gradients builds in
-# __init__ (the train forward never calls it, so nothing folds or deletes it).
-KEPT_CONVS = {"repghost": ("primary_conv.0",), "sg_qarepvgg": ("rbr_reparam",)}
+# ReLU, the conv -> BN pass's).
+KEPT_CONVS = {"repghost": ("primary_conv.0",)}
 DEFAULT_FUSED_BY = ("dataflow", "reparam")
 
 

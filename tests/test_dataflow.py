@@ -348,3 +348,35 @@ def test_a_region_of_a_child_traced_alone_is_planned_at_the_childs_path():
     model = randomized(DataDependentRoot())
     applied = converted(model, torch.randn(2, 4, 8, 8, dtype=torch.float64))
     assert [(e.path, e.rule, e.status) for e in applied.entries] == [("block", "dataflow", "fused")]
+
+
+class WithDeployConvs(nn.Module):
+    """super-gradients style: deploy convs built at init that the train forward never calls."""
+
+    def __init__(self, spare_convs: int):
+        super().__init__()
+        self.dense = nn.Sequential(nn.Conv2d(4, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4))
+        self.point = nn.Conv2d(4, 4, 1)
+        for i in range(spare_convs):
+            self.add_module(f"deploy_{i}", nn.Conv2d(4, 4, 3, padding=1))
+        self.spare_1x1 = nn.Conv2d(4, 4, 1)  # unused, but not of the fused shape
+
+    def forward(self, x):
+        return torch.relu(self.dense(x) + self.point(x) + x)
+
+
+def test_the_fold_goes_into_the_one_unused_conv_of_its_shape():
+    model = randomized(nn.Sequential(WithDeployConvs(1)))
+    converted(model, torch.randn(2, 4, 8, 8, dtype=torch.float64))
+    assert set(model[0].state_dict()) == {
+        "deploy_0.weight",
+        "deploy_0.bias",
+        "spare_1x1.weight",
+        "spare_1x1.bias",
+    }
+
+
+def test_with_two_unused_convs_of_its_shape_the_fold_gets_a_conv_of_its_own():
+    model = randomized(nn.Sequential(WithDeployConvs(2)))
+    converted(model, torch.randn(2, 4, 8, 8, dtype=torch.float64))
+    assert {"reparam.weight", "reparam.bias"} <= set(model[0].state_dict())

@@ -5,10 +5,12 @@ them by the module whose code holds them (the block), and fuses a block's region
 
 Deploy form: the block keeps its path, its class and its non-linear parts. Each region becomes
 one conv: the region's only conv when the fused kernel has that conv's shape (it gains the
-fold, as a conv -> BN fold leaves it), else a new child conv named `reparam` (`reparam_1`, ...
-for more regions in one block). The modules and parameters the regions consumed are deleted,
-and the block's forward becomes its traced code with each region replaced by its conv call, set
-on the instance (`GraphForward`). `load_deploy` rebuilds that form by replaying the plan.
+fold, as a conv -> BN fold leaves it), else the one conv of that shape the forward never used
+(a deploy conv its library builds at init), else a new child conv named `reparam`
+(`reparam_1`, ... for more regions in one block). The modules and parameters the regions
+consumed are deleted, and the block's forward becomes its traced code with each region replaced
+by its conv call, set on the instance (`GraphForward`). `load_deploy` rebuilds that form by
+replaying the plan.
 """
 
 from __future__ import annotations
@@ -258,9 +260,10 @@ def _install(
     name: str,
     model: nn.Module,
 ) -> str:
-    """Put the fused conv in the block: into the region's only conv if it has that shape (and
-    no other path of the model reaches that conv)."""
-    absorbing = _absorbing_conv(block, graph, region, fused)
+    """Put the fused conv in the block: into the region's only conv if it has that shape, else
+    into a conv of that shape the forward never uses (and no other path of the model reaches
+    the conv either way)."""
+    absorbing = _absorbing_conv(block, graph, region, fused) or _unused_conv(block, graph, fused)
     if absorbing is not None and not _reached_once(model, block.get_submodule(absorbing)):
         absorbing = None
     if absorbing is not None:
@@ -282,8 +285,24 @@ def _absorbing_conv(
     target = str(convs[0].target)
     if sum(1 for n in graph.nodes if n.op == "call_module" and n.target == target) != 1:
         return None  # called elsewhere too: its weights must stay as they are
-    conv = block.get_submodule(target)
-    same = (
+    return target if _same_geometry(block.get_submodule(target), fused) else None
+
+
+def _unused_conv(block: nn.Module, graph: fx.Graph, fused: L.FusedConv) -> str | None:
+    """The one conv of the fused conv's shape that the block holds and its forward never uses:
+    a deploy conv its library builds at init and fills when it fuses (super-gradients'
+    `rbr_reparam`), so the block ends with its library's deploy keys. None if there are several."""
+    used = _graph_targets(graph)
+    found = [
+        path
+        for path, m in block.named_modules()
+        if path and is_plain_conv(m) and not _referenced(path, used) and _same_geometry(m, fused)
+    ]
+    return found[0] if len(found) == 1 else None
+
+
+def _same_geometry(conv: nn.Module, fused: L.FusedConv) -> bool:
+    return (
         tuple(conv.weight.shape) == tuple(fused.kernel.shape)
         and tuple(conv.stride) == fused.stride
         and conv.padding == fused.padding
@@ -291,7 +310,15 @@ def _absorbing_conv(
         and conv.groups == fused.groups
         and conv.padding_mode == "zeros"
     )
-    return target if same else None
+
+
+def _graph_targets(graph: fx.Graph) -> set[str]:
+    return {str(n.target) for n in graph.nodes if n.op in ("call_module", "get_attr")}
+
+
+def _referenced(path: str, targets: set[str]) -> bool:
+    """Whether the graph reaches the module at `path`: itself, inside it, or a module holding it."""
+    return any(t == path or t.startswith(path + ".") or path.startswith(t + ".") for t in targets)
 
 
 def _module(block: nn.Module, node: fx.Node) -> nn.Module | None:
@@ -343,17 +370,13 @@ def _position(graph: fx.Graph):
 def _drop_consumed(block: nn.Module, graph: fx.Graph, consumed: set[str]) -> None:
     """Delete what the regions consumed and nothing in the new graph reads, then the
     containers left empty by that (a Sequential whose conv and norm are gone)."""
-    used = {str(n.target) for n in graph.nodes if n.op in ("call_module", "get_attr")}
-
-    def referenced(path: str) -> bool:
-        return any(t == path or t.startswith(path + ".") or path.startswith(t + ".") for t in used)
-
+    used = _graph_targets(graph)
     for path in sorted(consumed, key=len, reverse=True):
-        if referenced(path):
+        if _referenced(path, used):
             continue
         _delete(block, path)
         parent = path.rpartition(".")[0]
-        while parent and not referenced(parent) and _is_empty(block.get_submodule(parent)):
+        while parent and not _referenced(parent, used) and _is_empty(block.get_submodule(parent)):
             _delete(block, parent)
             parent = parent.rpartition(".")[0]
 
