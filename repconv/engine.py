@@ -31,6 +31,7 @@ from repconv.rules.base import (
     param_count,
 )
 from repconv.rules.registry import passes as registered_passes
+from repconv.tracing import one_at_a_time
 
 __all__ = ["Applied", "Outcome", "Plan", "Step", "apply", "convert_model", "plan"]
 
@@ -251,6 +252,7 @@ def _walk(model: nn.Module, passes: Sequence[Pass]) -> tuple[list[Step], set[int
     return steps, claimed
 
 
+@one_at_a_time
 def plan(model: nn.Module, rules: Sequence[Rule] | None = None) -> Plan:
     """Which pass fuses which block, without changing anything.
 
@@ -331,6 +333,7 @@ def _apply_step(
     return Outcome(step, "fused", None, params_after, kernel_shape, error)
 
 
+@one_at_a_time
 def apply(
     model: nn.Module,
     plan: Plan,
@@ -415,6 +418,7 @@ def leftover_norm_warnings(model: nn.Module) -> list[dict[str, str]]:
     return warnings
 
 
+@one_at_a_time
 def convert_model(model: nn.Module, *, rules: Sequence[Rule] | None = None) -> Applied:
     """Plan and apply in one go; returns every step's outcome."""
     return apply(model, plan(model, rules))

@@ -37,6 +37,7 @@ from torch import nn
 from repconv import __version__, files, onnx_lint
 from repconv import verification as V
 from repconv.errors import BadInput, VerificationFailed
+from repconv.tracing import one_at_a_time
 
 INSTALL_HINT = "pip install 'repconv[onnx]'"
 DEFAULT_OPSET = 17
@@ -116,6 +117,7 @@ def reference_of(
     return inputs, V.reference_outputs(held, inputs, shape)
 
 
+@one_at_a_time
 def export_checked(
     model: nn.Module,
     output_path: str | Path,
@@ -249,6 +251,7 @@ class ExportSettings:
     fp16: bool = False
 
 
+@one_at_a_time
 def export_deploy_file(
     deploy_path: str | Path,
     output_path: str | Path,
@@ -309,6 +312,7 @@ def _check_paths(source: Path, output: Path) -> None:
     files.check_report_path(output)
 
 
+@one_at_a_time
 def export_conversion(
     result: Any, output_path: str | Path, settings: ExportSettings | None = None
 ) -> OnnxCheck:

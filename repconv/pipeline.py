@@ -23,6 +23,7 @@ from repconv.engine import Applied, Plan
 from repconv.errors import BadInput, VerificationFailed
 from repconv.options import ConvertOptions, deploy_builder, recorded_options, takes_options
 from repconv.rules.base import Rule, param_count
+from repconv.tracing import one_at_a_time
 from repconv.zoo import registry as zoo
 
 
@@ -55,6 +56,7 @@ class Result:
         }
 
 
+@one_at_a_time
 @takes_options("deploy", "check", "convert", omit=("strict", "force"))
 def convert(
     model: nn.Module,
@@ -221,6 +223,7 @@ def metadata_for(
     )
 
 
+@one_at_a_time
 @takes_options()
 def convert_file(
     input_path: str | Path,
@@ -321,6 +324,7 @@ def _recorded_kwargs_for(spec: str | None, record: metadata.Recorded, what: str)
     return _recorded(record, "arch_kwargs", what)
 
 
+@one_at_a_time
 def load_deploy(
     path: str | Path,
     model_or_arch: nn.Module | str | None = None,
@@ -408,6 +412,7 @@ def _deploy_builder_for(
     )
 
 
+@one_at_a_time
 @takes_options("model", "deploy", "check")
 def verify_files(
     train_path: str | Path,
@@ -537,6 +542,7 @@ def _recorded_plan_note(record: metadata.Recorded, plan: Plan, what: str) -> str
     )
 
 
+@one_at_a_time
 @takes_options("model")
 def inspect_file(
     input_path: str | Path, options: ConvertOptions | None = None, **keywords: Any
@@ -556,6 +562,7 @@ def inspect_file(
     return applied, before, param_count(model)
 
 
+@one_at_a_time
 @takes_options("model", "check", omit=("samples", "seed", "atol", "rtol"))
 def bench_file(
     input_path: str | Path,

@@ -13,10 +13,11 @@ import copy
 import enum
 import functools
 import struct
+import threading
 import types
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable
 from collections.abc import Set as AbstractSet
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 import torch.fx as fx
@@ -32,6 +33,26 @@ _HOOK_TABLES = tuple(sorted(name for name in _BOOKKEEPING if "hook" in name))
 _CLASS_BOOKKEEPING = frozenset(vars(type("Empty", (), {}))) | {"__annotations__"}
 _PLAIN = (bool, int, float, complex, str, bytes, type(None), torch.dtype, torch.device, enum.Enum)
 _BY_IDENTITY = (types.FunctionType, types.BuiltinFunctionType, type)
+
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+# While fx traces, torch.nn.Module.__call__ is patched for every thread: a model that another
+# thread runs meanwhile goes through the tracer and fails ("module is not installed as a
+# submodule"). So repconv's work on models runs one call at a time per process; reentrant,
+# as the API's functions call each other.
+_ONE_AT_A_TIME = threading.RLock()
+
+
+def one_at_a_time(function: F) -> F:
+    """`function` waits for any other thread's repconv call on a model to end first."""
+
+    @functools.wraps(function)
+    def exclusive(*args: Any, **kwargs: Any) -> Any:
+        with _ONE_AT_A_TIME:
+            return function(*args, **kwargs)
+
+    return exclusive  # type: ignore[return-value]
 
 
 class LeafTracer(fx.Tracer):

@@ -348,3 +348,45 @@ def test_the_rule_check_kept_for_the_process_sees_a_class_attribute_change(monke
     assert _converted_by(nn.Sequential(ClassModedRepVGG())) == [("0", "repvgg")]
     monkeypatch.setattr(ClassModedRepVGG, "mode", "double")
     assert _converted_by(nn.Sequential(ClassModedRepVGG())) == [("0", "dataflow")]
+
+
+def test_repconv_calls_in_threads_take_turns(monkeypatch):
+    """fx patches torch.nn.Module for every thread while it traces, so another thread's model
+    run meanwhile fails ('module is not installed as a submodule'): a second thread's plan
+    starts only when the first thread's call has ended."""
+    import threading
+    import time
+
+    from repconv.rules import Rule
+
+    inside, release = threading.Event(), threading.Event()
+
+    def blocking_match(module):
+        if isinstance(module, RepVGGBlock):
+            inside.set()
+            release.wait(10)
+        return None
+
+    def never_fuses(module):
+        raise AssertionError("never matched")
+
+    rule = Rule("blocking", "test", "blocks the first plan", blocking_match, never_fuses)
+    seen: list[bool] = []
+    check = engine.check_norm_statistics
+
+    def recording(model):
+        if isinstance(model, ModedRepVGG):
+            seen.append(release.is_set())  # True: the first plan had ended
+        return check(model)
+
+    monkeypatch.setattr(engine, "check_norm_statistics", recording)
+    first = threading.Thread(target=engine.plan, args=(RepVGGBlock(4, 4).eval(), [rule]))
+    first.start()
+    assert inside.wait(10)
+    second = threading.Thread(target=engine.plan, args=(ModedRepVGG(4, "sum").eval(),))
+    second.start()
+    time.sleep(0.3)  # room for the second plan to run, were it not waiting
+    release.set()
+    first.join(10)
+    second.join(10)
+    assert seen == [True]
