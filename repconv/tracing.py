@@ -4,7 +4,8 @@ Convs, norms and the modules other passes own are leaves; every other module's c
 inlined. A graph is what fx records from a module's Python code, its structure and the plain
 values its code can read, never from tensor values: two modules equal in all of that (their
 `layout_key`) trace to the same graph, so inside one `memo.scope` a layout is traced once and
-each module gets its own copy.
+each module gets its own copy. fx patches `torch.nn.Module` for every thread while it traces:
+repconv's entry points take turns (`one_at_a_time`).
 """
 
 from __future__ import annotations
@@ -120,10 +121,10 @@ def layout_key(module: nn.Module, opaque: AbstractSet[int] = frozenset()) -> Has
     forward, what its classes outside torch hold (class attributes, methods), whether it is
     opaque or shared, its training flag, its parameter and buffer names, and every plain value
     (numbers, strings, tuples of them, dtypes; functions and classes by identity) in its
-    `__dict__`. None when something a forward could read is not
-    plain (a tensor or any other object kept as an attribute, a hook, a buffer of a module whose
-    code is inlined): no key is safe then. Floats are compared by their bits (0.0 is not -0.0).
-    Tensor shapes are left out, as fx hands a forward proxies, not tensors."""
+    `__dict__`. None when something a forward could read is not plain (a tensor or any other
+    object kept as an attribute, a hook, a buffer of a module whose code is inlined): no key is
+    safe then. Floats are compared by their bits (0.0 is not -0.0). Tensor shapes are left out,
+    as fx hands a forward proxies, not tensors."""
     first_path: dict[int, str] = {}
     parts = []
     try:
