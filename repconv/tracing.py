@@ -165,7 +165,7 @@ def _frozen_or_same(value: Any) -> Hashable:
 
 
 class _Same:
-    """Equal only to itself's object (kept alive, so its id is not reused)."""
+    """Equal only to a `_Same` of the very same object (kept alive, so its id is not reused)."""
 
     __slots__ = ("value",)
 
