@@ -287,16 +287,25 @@ def convert(input_path: Path, output_path: Path, **opts: Any) -> None:
 
             onnx_export.require_onnx()
             files.check_report_path(onnx_path)
-        with _status("converting...", as_json):
+        checks = []
+        with _status("converting...", as_json) as status:
+
+            def export_first(result) -> None:  # a failed ONNX check: no checkpoint written
+                if onnx_path is not None and result.passed:
+                    if status is not None:
+                        status.update("exporting to ONNX...")
+                    checks.append(onnx_export.export_conversion(result, onnx_path))
+
             result = pipeline.convert_file(
-                input_path, output_path, options, dry_run=opts["dry_run"]
+                input_path,
+                output_path,
+                options,
+                dry_run=opts["dry_run"],
+                before_writing=export_first,
             )
         code = EXIT_OK if result.passed else EXIT_FAILED
         written = None if opts["dry_run"] else str(output_path)
-        onnx_check = None
-        if onnx_path is not None and written and result.passed:
-            with _status("exporting to ONNX...", as_json):
-                onnx_check = onnx_export.export_conversion(result, onnx_path)
+        onnx_check = checks[0] if checks else None
         if as_json:
             onnx_dict = None if onnx_check is None else onnx_check.to_dict()
             report.emit_json(

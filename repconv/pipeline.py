@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import shlex
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -231,13 +231,16 @@ def convert_file(
     options: ConvertOptions | None = None,
     *,
     dry_run: bool = False,
+    before_writing: Callable[[Result], Any] | None = None,
     **keywords: Any,
 ) -> Result:
     """Read a train checkpoint, convert and verify it, write the deploy checkpoint atomically.
 
     `options` and/or keyword arguments naming `ConvertOptions` fields (`arch_spec=` for
     `arch`) say how. Nothing is written when verification fails (unless `force`), when `strict`
-    and a norm could not be folded, or on `dry_run`.
+    and a norm could not be folded, or on `dry_run`. `before_writing(result)` runs once the
+    conversion may be written, just before it is: what it raises (a failed ONNX check) leaves
+    nothing written.
     """
     options = ConvertOptions.merged(options, keywords)
     arch_spec, kwargs, key = options.arch, dict(options.arch_kwargs or {}), options.key
@@ -266,6 +269,8 @@ def convert_file(
         failure.result = result
         raise failure
     if not dry_run:
+        if before_writing is not None:
+            before_writing(result)
         recorded = recorded_options(options)
         meta = metadata_for(result, arch_spec, kwargs, loaded.sha256, recorded)
         checkpoint.write_checkpoint(out, result.state_dict, meta, tensors_digest=True)

@@ -170,18 +170,16 @@ def test_a_failed_check_leaves_nothing_half_written(tmp_path, demo_files, monkey
     assert sorted(p.name for p in folder.iterdir()) == ["m.onnx"]
 
 
-def test_convert_onnx_over_its_limit_keeps_the_verified_checkpoint(
-    tmp_path, demo_files, monkeypatch
-):
-    """As the README says: exit 1 and no ONNX file, the checkpoint (verified) written."""
+def test_convert_onnx_over_its_limit_writes_nothing(tmp_path, demo_files, monkeypatch):
+    """The ONNX file is checked before the checkpoint is written: exit 1, neither file."""
     train, _ = demo_files
     monkeypatch.setitem(O.ONNX_LIMITS, torch.float32, 0.0)  # no rounding passes
     out, converted = tmp_path / "m.onnx", tmp_path / "d.safetensors"
     args = ["convert", str(train), str(converted), "--arch", "demo_mixed", "--onnx", str(out)]
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 1, result.output
-    names = sorted(p.name for p in tmp_path.iterdir())  # no ONNX file, no temp file
-    assert names == ["d.safetensors", "deploy.safetensors", "train.pth"]
+    names = sorted(p.name for p in tmp_path.iterdir())  # no checkpoint, no ONNX or temp file
+    assert names == ["deploy.safetensors", "train.pth"]
 
 
 def test_an_exporter_error_leaves_no_temp_file(tmp_path, demo_files, monkeypatch):
