@@ -155,6 +155,8 @@ class QARepVGGBlock(L.QARepVGGBlock):
     nonlinearity(bn(se(rbr_reparam(x))))); `keep_bn=True` builds that one, which a fully fused
     conversion cannot fill (tests/test_deploy_arch.py expects it refused)."""
 
+    TRAIN_BRANCHES = ("rbr_dense", "rbr_1x1", "rbr_identity")
+
     def __init__(
         self, in_channels, out_channels, kernel_size=3, stride=1, padding=1, groups=1,
         deploy: bool = False, keep_bn: bool = False,
@@ -162,7 +164,7 @@ class QARepVGGBlock(L.QARepVGGBlock):
         super().__init__(in_channels, out_channels, kernel_size, stride, padding, groups)
         self.deploy = deploy
         if deploy:
-            drop_children(self, "rbr_dense", "rbr_1x1", "rbr_identity")
+            drop_children(self, *self.TRAIN_BRANCHES)
             if not keep_bn:
                 drop_children(self, "bn")
             self.rbr_reparam = fused_conv(
@@ -179,32 +181,15 @@ class QARepVGGBlock(L.QARepVGGBlock):
 # ---- YOLOv6 QARepVGGBlockV2: `rbr_reparam` (meituan/YOLOv6, yolov6/layers/common.py) -----------
 
 
-class QARepVGGBlockV2(L.QARepVGGBlockV2):
+class QARepVGGBlockV2(QARepVGGBlock, L.QARepVGGBlockV2):
     """Fully fused deploy form: `rbr_reparam` (bias=True), then se and the non-linearity.
 
     Upstream's `deploy=True` constructor (RepVGGBlock's) builds only `rbr_reparam`, but its
     forward still calls `bn`, which only `switch_to_deploy` leaves behind (live, "keep post bn
-    for QAT"), as in QARepVGGBlock; `keep_bn=True` builds that form (refused, as V1's)."""
+    for QAT"), as in QARepVGGBlock; `keep_bn=True` builds that form (refused, as V1's). The
+    train form (V2's, by the method order) also has the avg-pool branch to drop."""
 
-    def __init__(
-        self, in_channels, out_channels, kernel_size=3, stride=1, padding=1, groups=1,
-        deploy: bool = False, keep_bn: bool = False,
-    ):  # fmt: skip
-        super().__init__(in_channels, out_channels, kernel_size, stride, padding, groups)
-        self.deploy = deploy
-        if deploy:
-            drop_children(self, "rbr_dense", "rbr_1x1", "rbr_identity", "rbr_avg")
-            if not keep_bn:
-                drop_children(self, "bn")
-            self.rbr_reparam = fused_conv(
-                in_channels, out_channels, kernel_size, stride, padding, groups
-            )
-
-    def forward(self, inputs):
-        if hasattr(self, "rbr_reparam"):
-            out = self.se(self.rbr_reparam(inputs))
-            return self.nonlinearity(self.bn(out) if hasattr(self, "bn") else out)
-        return super().forward(inputs)
+    TRAIN_BRANCHES = (*QARepVGGBlock.TRAIN_BRANCHES, "rbr_avg")
 
 
 # ---- mmyolo RepVGGBlock(use_alpha=True, deploy=True): `rbr_reparam`, `alpha` kept dead ---------
