@@ -55,10 +55,10 @@ def remembered(kind: str, key: Hashable | None, compute: Callable[[], T]) -> T:
     return table[slot]
 
 
-def recall(kind: str, key: Hashable) -> Any:
-    """What the scope remembers for `key`, or None (nothing is computed)."""
+def take(kind: str, key: Hashable) -> Any:
+    """What the scope remembers for `key`, or None, and forget it (nothing is computed)."""
     table = _ACTIVE.get()
-    return None if table is None else table.get((kind, key))
+    return None if table is None else table.pop((kind, key), None)
 
 
 def forget(kind: str, key: Hashable) -> None:

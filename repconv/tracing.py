@@ -202,7 +202,7 @@ def _frozen(value: Any) -> Hashable:
     if isinstance(value, dict):
         return dict, tuple((_frozen(k), _frozen(v)) for k, v in value.items())
     if isinstance(value, _BY_IDENTITY):
-        return "same object", value  # compared by identity, and kept alive by the key
+        return _Same(value)
     raise _NotPlain
 
 

@@ -272,8 +272,7 @@ class DeployMethodPass(Pass):
         if method is None:
             raise NotFusable(f"{step.family} has no deploy method any more")
         _keep_parents_as_they_are(model, step.path)
-        before_children = memo.recall(_UNFUSED, (id(model), step.path))
-        memo.forget(_UNFUSED, (id(model), step.path))
+        before_children = memo.take(_UNFUSED, (id(model), step.path))
         try:
             run_checked(model, step.path, method)
         except NotFusable as children_first:
@@ -289,13 +288,16 @@ _UNFUSED = "deploy method: parent before its children"
 def _keep_parents_as_they_are(model: nn.Module, path: str) -> None:
     """Copy each ancestor of `path` that has a method of its own, the first time one of its
     descendants is about to be fused (children come first, so nothing inside it has changed
-    yet); the root excepted."""
+    yet); the root excepted. Each ancestor is judged once per apply (None: no method)."""
     parts = path.split(".") if path else []
     for depth in range(1, len(parts)):
         ancestor = ".".join(parts[:depth])
         module = model.get_submodule(ancestor)
-        if deploy_method(module) and holds_norm(module):
-            memo.remembered(_UNFUSED, (id(model), ancestor), lambda m=module: copy.deepcopy(m))
+        memo.remembered(_UNFUSED, (id(model), ancestor), lambda m=module: _copy_if_method(m))
+
+
+def _copy_if_method(module: nn.Module) -> nn.Module | None:
+    return copy.deepcopy(module) if deploy_method(module) and holds_norm(module) else None
 
 
 def _run_parent_first(
