@@ -62,7 +62,7 @@ def register_rule(rule: Rule, *, before: str | None = None) -> Rule:
       had before. Never round an intermediate.
     - What a rule must leave behind: a stock conv with a bias at `block.<attribute>` holding
       the fused kernel, the train-time children deleted, and a boolean `deploy` flag set to
-      True if the block has one (`repconv.rules.base.install_fused` does all three). It returns
+      True if the block has one (`repconv.fused_conv.install_fused` does all three). It returns
       `Fused(attribute, kernel_shape, removed)`: the new conv's attribute, its kernel shape and
       the names of the children it removed.
     - When the structure is right but the block cannot be folded exactly (e.g. an identity

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from repconv import latency
-from repconv.rules.base import param_count
+from repconv.modules import param_count
 from repconv.verification import check_inputs_fit
 
 

@@ -32,7 +32,7 @@ from repconv import linear_map as L
 from repconv.errors import NotFusable
 from repconv.geometry import Geometry
 from repconv.kernels import NormStats, norm_scale_shift
-from repconv.rules.base import is_foldable_norm, is_norm_like, is_plain_conv
+from repconv.modules import is_foldable_norm, is_norm_like, is_plain_conv
 
 _ADD = {operator.add, operator.iadd, torch.add, "add", "add_"}
 _SUB = {operator.sub, operator.isub, torch.sub, "sub", "sub_"}

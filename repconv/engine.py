@@ -21,15 +21,15 @@ from torch import nn
 
 from repconv import memo, pages
 from repconv.errors import CorruptCheckpoint, NotFusable, RepconvError, note_block
-from repconv.rules.base import (
-    Pass,
-    Rule,
-    Step,
+from repconv.modules import (
+    corrupt_statistics,
+    floating_dtype,
     is_norm_like,
     join_path,
     norm_problem,
     param_count,
 )
+from repconv.rules.base import Pass, Rule, Step
 from repconv.rules.registry import passes as registered_passes
 from repconv.tracing import one_at_a_time
 
@@ -157,16 +157,11 @@ class Applied:
 def check_norm_statistics(model: nn.Module) -> None:
     """Refuse a model whose norms hold statistics no trained model has (NaN, Inf, var < 0)."""
     for path, module in model.named_modules():
-        if not is_norm_like(module) or getattr(module, "running_var", None) is None:
-            continue
-        mean, var = module.running_mean, module.running_var
-        if var.device.type == "meta":
-            continue
-        bad = ~torch.isfinite(var) | (var < 0) | ~torch.isfinite(mean)
-        if bool(bad.any()):
+        corrupt = corrupt_statistics(module) if is_norm_like(module) else None
+        if corrupt is not None:
             raise CorruptCheckpoint(
                 f"corrupt checkpoint: norm {path or '<root>'} has NaN, Inf or negative running "
-                f"statistics in {int(bad.sum())} of {var.numel()} channels"
+                f"statistics in {corrupt[0]} of {corrupt[1]} channels"
             )
 
 
@@ -269,13 +264,6 @@ def plan(model: nn.Module, rules: Sequence[Rule] | None = None) -> Plan:
     return Plan(steps, list(passes))
 
 
-def _floating_dtype(module: nn.Module) -> torch.dtype | None:
-    for tensor in [*module.parameters(), *module.buffers()]:
-        if tensor.is_floating_point():
-            return tensor.dtype
-    return None
-
-
 def _step_tensors(model: nn.Module, step: Step) -> list[torch.Tensor]:
     """The tensors of the modules a step consumes that are still in the model."""
     found = []
@@ -295,7 +283,7 @@ def _fuse(
     The train tensors' pages are given back as soon as the block is fused, before what is left
     in float64 (biases, a deploy method's weights) is rounded.
     """
-    dtype = _floating_dtype(model.get_submodule(step.path))
+    dtype = floating_dtype(model.get_submodule(step.path))
     consumed = _step_tensors(model, step)
     kernel_shape = step.by.fuse_step(model, step)
     module = model.get_submodule(step.path)  # a pass may have put a new module in its place

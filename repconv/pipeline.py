@@ -21,8 +21,9 @@ from repconv import arch, checkpoint, deploy_map, dtypes, engine, metadata
 from repconv import verification as V
 from repconv.engine import Applied, Plan
 from repconv.errors import BadInput, VerificationFailed
+from repconv.modules import param_count
 from repconv.options import ConvertOptions, deploy_builder, recorded_options, takes_options
-from repconv.rules.base import Rule, param_count
+from repconv.rules.base import Rule
 from repconv.tracing import one_at_a_time
 from repconv.zoo import registry as zoo
 

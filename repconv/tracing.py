@@ -26,7 +26,7 @@ from torch import nn
 
 from repconv import memo
 from repconv.errors import NotFusable
-from repconv.rules.base import is_norm_like, is_plain_conv
+from repconv.modules import is_norm_like, is_plain_conv
 
 # What torch keeps in every module's __dict__: registries and hooks, not the model's own values.
 _BOOKKEEPING = frozenset(vars(nn.Module()))

@@ -261,8 +261,8 @@ def test_register_rule_adds_a_family():
         return "sum" if {"left", "right"} <= set(dict(m.named_children())) else None
 
     def fuse(m):
+        from repconv.fused_conv import fused_conv_like, replace_children
         from repconv.kernels import add, as_branch
-        from repconv.rules.base import fused_conv_like, replace_children
 
         branch = add(
             [as_branch(m.left.weight, m.left.bias), as_branch(m.right.weight, m.right.bias)]

@@ -21,7 +21,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 import repconv
 from repconv import engine
-from repconv.rules.base import NormActTail, is_frozen_norm, is_norm_act, is_norm_like
+from repconv.modules import NormActTail, is_frozen_norm, is_norm_act, is_norm_like
 
 ARCH = str(Path(__file__).with_name("norm_act_net.py")) + ":build"
 

@@ -21,7 +21,7 @@ def test_entry_point_rules_are_loaded_and_ordered_after_builtins(tmp_path, monke
             """
             from repconv.kernels import add, as_branch
             from repconv.rules import Fused, Rule
-            from repconv.rules.base import fused_conv_like, replace_children
+            from repconv.fused_conv import fused_conv_like, replace_children
 
             def match(m):
                 names = set(dict(m.named_children()))

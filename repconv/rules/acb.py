@@ -12,15 +12,10 @@ from __future__ import annotations
 from torch import nn
 
 from repconv import kernels as K
+from repconv.fused_conv import install_fused, norm_stats
 from repconv.geometry import Geometry, require_lined_up
-from repconv.rules.base import (
-    Fused,
-    Rule,
-    install_fused,
-    is_norm_like,
-    is_plain_conv,
-    norm_stats,
-)
+from repconv.modules import is_norm_like, is_plain_conv
+from repconv.rules.base import Fused, Rule
 
 _PAIRS = (("square_conv", "square_bn"), ("ver_conv", "ver_bn"), ("hor_conv", "hor_bn"))
 # The release crops the width of the vertical branch's input and the height of the horizontal's.

@@ -20,19 +20,18 @@ from torch import nn
 
 from repconv import kernels as K
 from repconv import tracing
-from repconv.rules.base import (
+from repconv.fused_conv import norm_stats
+from repconv.modules import (
     NormActTail,
-    Pass,
-    Step,
     holds_unclaimed,
     is_foldable_norm,
     is_norm_act,
     is_norm_like,
     is_plain_conv,
     join_path,
-    norm_stats,
     param_count,
 )
+from repconv.rules.base import Pass, Step
 
 NAME = "conv_bn"
 SUMMARY = "Conv1d/2d/3d -> BatchNorm (or Linear -> BatchNorm1d) whose output feeds only the norm"

@@ -22,18 +22,19 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from repconv import dataflow, memo, tracing
+from repconv import dataflow, tracing
 from repconv import linear_map as L
 from repconv.errors import NotFusable
-from repconv.rules.base import (
-    Pass,
-    Step,
+from repconv.fused_conv import stock_conv
+from repconv.modules import (
+    floating_dtype,
     holds_unclaimed,
     is_foldable_norm,
     is_plain_conv,
     join_path,
     param_count,
 )
+from repconv.rules.base import Pass, Step
 
 NAME = "dataflow"
 SUMMARY = (
@@ -45,7 +46,6 @@ DEPLOY_FORM = (
     "its single conv with the fold) that the block's forward calls"
 )
 FUSED_NAME = "reparam"
-_CONV_BY_DIMS = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
 
 
 def _conv_or_norm(module: nn.Module) -> bool:
@@ -107,80 +107,6 @@ def _step(
     )
 
 
-def sums_exactly(block: nn.Module, children: list[str]) -> bool:
-    """Whether the block's forward is, by its data flow, one linear region made of exactly the
-    leaves under `children` (no scalar or activation of its own on a branch). A block that does
-    not trace cannot be judged this way: True, as a match by names alone was before.
-
-    The answer depends on the block's code and layout, not on its values, so it is found once
-    per layout (`memo.kept`).
-    """
-    key = tracing.layout_key(block)
-    return memo.kept(
-        "sums exactly",
-        None if key is None else (key, tuple(children)),
-        lambda: _traced_sum_is_exact(block, children),
-    )
-
-
-def _traced_sum_is_exact(block: nn.Module, children: list[str]) -> bool:
-    try:
-        graph = tracing.graph_of(block)
-    except Exception:
-        return True
-    expected = {
-        join_path(name, path) if path else name
-        for name in children
-        for path, m in block.get_submodule(name).named_modules()
-        if not m._modules
-    }
-    regions = [r for r in dataflow.analyse(block, graph) if r.owner == ""]
-    return any(
-        set(r.module_targets()) == expected
-        and r.adds_leaves_only
-        and _adds_each_child_once(r, children)
-        for r in regions
-    )
-
-
-def _adds_each_child_once(region: dataflow.Region, children: list[str]) -> bool:
-    """Whether the region is a tree of additions whose terms are the children, each once and
-    each applied to the region's input itself: the sum the rule folds. The same leaves in
-    another arrangement (a child fed by another, a child's output added twice, the bare input
-    added) compute something else."""
-    terms: list[str] = []
-    visited: set[fx.Node] = set()
-
-    def walk(node: fx.Node) -> bool:
-        visited.add(node)
-        kind = dataflow.kind_of(node)
-        if kind == "sum":
-            return all(walk(a) for a in node.args if isinstance(a, fx.Node))
-        if kind == "same" and len(node.all_input_nodes) == 1:
-            return walk(node.all_input_nodes[0])
-        child = _child_of(node, children)
-        while child is not None and _child_of(node, children) == child:
-            visited.add(node)
-            if len(node.all_input_nodes) != 1:
-                return False
-            node = node.all_input_nodes[0]
-            if node is region.source:
-                terms.append(child)
-                return True
-        return False
-
-    return (
-        walk(region.output) and sorted(terms) == sorted(children) and visited == set(region.nodes)
-    )
-
-
-def _child_of(node: fx.Node, children: list[str]) -> str | None:
-    if node.op != "call_module":
-        return None
-    target = str(node.target)
-    return next((c for c in children if target == c or target.startswith(c + ".")), None)
-
-
 # ---- fusing one block ---------------------------------------------------------------------------
 
 
@@ -201,7 +127,7 @@ def fuse_block(model: nn.Module, step: Step) -> tuple[int, ...]:
     if not regions or targets != sorted(step.parts):
         raise NotFusable("its linear regions are not the ones planned (the block changed)")
     values = [r.value for r in regions]  # computed from the block's own tensors already
-    dtype = _weight_dtype(block)
+    dtype = floating_dtype(block) or torch.float64
     convs = [_fused_conv(v, dtype) for v in values]
     names = _fresh_names(block, len(regions))
     consumed = {t for r in regions for t in [*r.module_targets(), *r.attribute_targets()]}
@@ -225,13 +151,6 @@ def _present(model: nn.Module, paths: tuple[str, ...]) -> list[nn.Module]:
         except AttributeError:  # fused away by its own step
             continue
     return found
-
-
-def _weight_dtype(block: nn.Module) -> torch.dtype:
-    for tensor in block.parameters():
-        if tensor.is_floating_point():
-            return tensor.dtype
-    return torch.float64
 
 
 def _fused_conv(value: L.LinearValue, dtype: torch.dtype) -> L.FusedConv:
@@ -329,21 +248,15 @@ def _module(block: nn.Module, node: fx.Node) -> nn.Module | None:
 
 
 def _new_conv(fused: L.FusedConv, value: L.LinearValue) -> nn.Module:
-    cls = _CONV_BY_DIMS[len(fused.stride)]
-    with torch.device("meta"):
-        conv = cls(
-            value.channels_in,
-            value.channels_out,
-            tuple(fused.kernel.shape[2:]),
-            stride=fused.stride,
-            padding=fused.padding,
-            dilation=fused.dilation,
-            groups=fused.groups,
-            bias=True,
-        )
-    conv.weight = nn.Parameter(fused.kernel, requires_grad=False)
-    conv.bias = nn.Parameter(fused.bias, requires_grad=False)
-    return conv
+    return stock_conv(
+        value.channels_in,
+        fused.kernel,
+        fused.bias,
+        stride=fused.stride,
+        padding=fused.padding,
+        dilation=fused.dilation,
+        groups=fused.groups,
+    )
 
 
 def _rewire(

@@ -45,7 +45,8 @@ from torch.nn.modules.conv import _ConvNd
 
 from repconv import memo
 from repconv.errors import NotFusable, RepconvError
-from repconv.rules.base import Pass, Step, is_norm_like, join_path, param_count
+from repconv.modules import floating_dtype, is_norm_like, join_path, param_count
+from repconv.rules.base import Pass, Step
 
 NAME = "deploy_method"
 SUMMARY = "a block's own deploy method, for blocks no structural rule matches (children first)"
@@ -110,10 +111,7 @@ def holds_norm(module: nn.Module) -> bool:
 
 
 def _floating_dtype(module: nn.Module) -> torch.dtype:
-    for tensor in [*module.parameters(), *module.buffers()]:
-        if tensor.is_floating_point():
-            return tensor.dtype
-    return torch.get_default_dtype()
+    return floating_dtype(module) or torch.get_default_dtype()
 
 
 @contextmanager

@@ -11,17 +11,10 @@ from torch import nn
 
 from repconv import kernels as K
 from repconv.errors import NotFusable
+from repconv.fused_conv import conv_bn_branch, install_fused, lined_up_conv_bn_branch, norm_stats
 from repconv.geometry import Geometry, require_lined_up
-from repconv.rules.base import (
-    Fused,
-    Rule,
-    conv_bn_branch,
-    conv_bn_unit,
-    install_fused,
-    is_norm_like,
-    lined_up_conv_bn_branch,
-    norm_stats,
-)
+from repconv.modules import conv_bn_unit, is_norm_like
+from repconv.rules.base import Fused, Rule
 
 _TRAIN_CHILDREN = ["rbr_dense", "rbr_1x1", "rbr_identity"]
 
