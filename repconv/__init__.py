@@ -16,11 +16,10 @@ to show the signatures).
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
-
 from typing import TYPE_CHECKING, Any
 
 from repconv.errors import BadInput, RepconvError, VerificationFailed
+from repconv.version import __version__
 
 if TYPE_CHECKING:
     # For type checkers and IDEs; at run time these load lazily through __getattr__.

@@ -13,8 +13,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from repconv import __version__
 from repconv.files import TENSORS_DIGEST_KEY
+from repconv.version import __version__
 
 FORMAT = "repconv.deploy/1"
 

@@ -11,10 +11,7 @@ inputs (`verification.make_inputs`, float64, rounded to the file's dtype) and me
 the reference outputs (the train model's when converting, the deploy model's in float64 when
 exporting a deploy file), with the usual figure: max |onnx - ref| / max |ref| per output.
 
-Tolerance (`ONNX_LIMITS`): onnxruntime computes every activation in the file's dtype, so the
-figure holds the weights' rounding plus the activations' (about 1e-6 relative in float32 on the
-zoo nets); 1e-4 in float32, as the written figure's limit, leaves room for depth without hiding a
-lost branch, and 1e-2 in float16.
+Tolerance: `tolerances.onnx_limit` (the activations are rounded to the file's dtype too).
 
 onnx and onnxruntime are an optional extra (`pip install 'repconv[onnx]'`), imported on first use.
 """
@@ -34,15 +31,17 @@ from typing import Any
 import torch
 from torch import nn
 
-from repconv import __version__, files, onnx_lint
+from repconv import files, onnx_lint
 from repconv import verification as V
 from repconv.errors import BadInput, VerificationFailed
+from repconv.outputs import Figure, flatten_outputs, measure, worst
+from repconv.tolerances import onnx_limit
 from repconv.tracing import one_at_a_time
+from repconv.version import __version__
 
 INSTALL_HINT = "pip install 'repconv[onnx]'"
 DEFAULT_OPSET = 17
 MIN_OPSET, MAX_OPSET = 9, 20  # the TorchScript exporter's range in torch 2.13
-ONNX_LIMITS = {torch.float32: 1e-4, torch.float16: 1e-2}
 INPUT_NAME, OUTPUT_NAME = "input", "output"
 
 
@@ -67,14 +66,14 @@ class OnnxCheck:
     opset: int
     dtype: str
     dynamic_batch: bool
-    figures: dict[str, V.Figure]
+    figures: dict[str, Figure]
     limit: float
     reference: str  # what the outputs were compared against
     lint: list[dict[str, Any]] = field(default_factory=list)  # `repconv lint` findings
 
     @property
     def worst(self) -> float:
-        return V.worst(self.figures) or 0.0
+        return worst(self.figures) or 0.0
 
     @property
     def passed(self) -> bool:
@@ -142,11 +141,11 @@ def export_checked(
         _export(model, tmp, inputs[0], dtype, opset, dynamic_batch)
         outputs = run_onnx(tmp, inputs, dtype, batch_of_three=dynamic_batch)
         # ONNX outputs are a flat list: compare them with the references' tensors in order.
-        flat = [tuple(t for _, t in V.flatten_outputs(r)) for r in references]
-        figures = V.measure(outputs, flat)
+        flat = [tuple(t for _, t in flatten_outputs(r)) for r in references]
+        figures = measure(outputs, flat)
         check = OnnxCheck(
             str(output_path), opset, str(dtype).removeprefix("torch."), dynamic_batch, figures,
-            ONNX_LIMITS[dtype], reference,
+            onnx_limit(dtype), reference,
         )  # fmt: skip
         if not check.passed:
             raise VerificationFailed(f"{output_path.name} not written: {check.summary()}")

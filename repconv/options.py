@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from repconv.errors import BadInput
+from repconv.tolerances import EXACT_LIMIT
 
 VERIFY_DTYPES = ("float64", "float32", "float16", "bfloat16")
 
@@ -185,9 +186,6 @@ def _option(default: Any, kind: Kind, group: Group, help: str, **how: Any) -> An
         hash=kind not in ("kwargs", "shape"),  # a dict or a list has no hash
         metadata={"setting": Setting(kind, help, group, **how)},
     )
-
-
-EXACT_LIMIT = 1e-6
 
 
 @dataclass(frozen=True)

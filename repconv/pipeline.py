@@ -24,6 +24,7 @@ from repconv.errors import BadInput, VerificationFailed
 from repconv.modules import param_count
 from repconv.options import ConvertOptions, deploy_builder, recorded_options, takes_options
 from repconv.rules.base import Rule
+from repconv.tolerances import EXACT_LIMIT
 from repconv.tracing import one_at_a_time
 from repconv.zoo import registry as zoo
 
@@ -472,7 +473,7 @@ def verify_files(
         dtype="float64",
         exact=None,
         written=written,
-        exact_limit=V.EXACT_LIMIT,
+        exact_limit=EXACT_LIMIT,
         tensors=tensors,
         **V.written_tolerances(file_dtypes, options.atol, options.rtol),
     )

@@ -81,7 +81,7 @@ def warnings_block(out: Console, plan: Plan) -> None:
 
 
 def verification_lines(out: Console, v: Verification) -> None:
-    from repconv.verification import worst
+    from repconv.outputs import worst
 
     status = "passed" if v.passed else "FAILED"
     exact = worst(v.exact)

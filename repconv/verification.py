@@ -27,7 +27,8 @@ from torch import Tensor, nn
 
 from repconv.arch import rejected_input
 from repconv.errors import BadInput, is_out_of_memory
-from repconv.options import EXACT_LIMIT as EXACT_LIMIT  # its one definition is there
+from repconv.outputs import Figure, compare_outputs, measure, worst
+from repconv.tolerances import written_limit
 
 if TYPE_CHECKING:
     from repconv.engine import Outcome, Step
@@ -36,16 +37,6 @@ try:
     import resource
 except ImportError:  # not on Windows
     resource = None
-
-# Rounding the fused weights to the output dtype costs about 1e-6 (float32) or 1e-3 (float16)
-# relative error on a small net; these limits leave room for depth without hiding a lost branch.
-WRITTEN_LIMITS = {
-    torch.float64: 1e-9,
-    torch.float32: 1e-4,
-    torch.float16: 1e-2,
-    torch.bfloat16: 5e-2,
-}
-
 
 # Recomputed tensors are rounded once from float64, like the converter's; only the order of
 # float64 sums may differ (GEMM blocking follows the thread count), which moves at most one ulp.
@@ -57,10 +48,6 @@ _BITS_OF = {
     torch.float16: torch.int16,
     torch.bfloat16: torch.int16,
 }
-
-
-def written_limit(dtype: torch.dtype) -> float:
-    return WRITTEN_LIMITS.get(dtype, 1e-2)
 
 
 def written_tolerances(
@@ -339,92 +326,6 @@ def suspects(outcomes: Sequence[Outcome], limit: float) -> list[dict[str, Any]]:
         for o in sorted(outcomes, key=lambda o: -(o.block_error or 0.0))
         if o.block_error is not None and not o.block_error <= limit
     ]
-
-
-# ---- comparing outputs --------------------------------------------------------------------
-
-
-def flatten_outputs(output: Any, name: str = "output") -> list[tuple[str, Tensor]]:
-    """(name, tensor) for every tensor in a nested output, in a stable order."""
-    if isinstance(output, Tensor):
-        return [(name, output)]
-    if isinstance(output, Mapping):
-        items = []
-        for key in output:
-            items += flatten_outputs(output[key], f"{name}[{key!r}]")
-        return items
-    if isinstance(output, (tuple, list)):
-        items = []
-        for i, value in enumerate(output):
-            items += flatten_outputs(value, f"{name}[{i}]")
-        return items
-    return []
-
-
-def relative_error(actual: Tensor, reference: Tensor) -> float:
-    """max |actual - reference| / max |reference|, computed in float64 (inf on shape mismatch)."""
-    if actual.shape != reference.shape:
-        return float("inf")
-    if reference.numel() == 0:
-        return 0.0
-    ref = reference.detach().to(torch.float64)
-    diff = (actual.detach().to(torch.float64) - ref).abs().max()
-    scale = ref.abs().max()
-    if not torch.isfinite(diff):
-        return float("inf")
-    return float(diff / scale) if scale > 0 else float(diff)
-
-
-def compare_outputs(actual: Any, reference: Any) -> dict[str, float]:
-    """Relative error per output tensor (one probe); a structural mismatch is infinite."""
-    got, want = flatten_outputs(actual), flatten_outputs(reference)
-    if [n for n, _ in got] != [n for n, _ in want]:
-        return {"output structure": float("inf")}
-    return {name: relative_error(a, r) for (name, a), (_, r) in zip(got, want)}
-
-
-@dataclass
-class Figure:
-    """The worst error of one output tensor over all samples."""
-
-    max_abs: float = 0.0
-    scale: float = 0.0
-
-    @property
-    def relative(self) -> float:
-        if self.max_abs != self.max_abs:  # NaN
-            return float("inf")
-        return self.max_abs / self.scale if self.scale > 0 else self.max_abs
-
-    def passes(self, atol: float, rtol: float) -> bool:
-        return self.max_abs <= atol + rtol * self.scale
-
-
-def measure(outputs: Sequence[Any], references: Sequence[Any]) -> dict[str, Figure]:
-    """Per output tensor: worst |diff| and the reference's max |value| over the samples."""
-    figures: dict[str, Figure] = {}
-    for out, ref in zip(outputs, references, strict=True):
-        got, want = flatten_outputs(out), flatten_outputs(ref)
-        if [n for n, _ in got] != [n for n, _ in want]:
-            figures["output structure"] = Figure(float("inf"), 1.0)
-            continue
-        for (name, a), (_, r) in zip(got, want):
-            fig = figures.setdefault(name, Figure())
-            if a.shape != r.shape:
-                fig.max_abs = float("inf")
-                continue
-            r64 = r.detach().to(torch.float64)
-            diff = (a.detach().to(torch.float64) - r64).abs()
-            worst = float(diff.max()) if diff.numel() else 0.0
-            fig.max_abs = max(fig.max_abs, worst if worst == worst else float("inf"))
-            fig.scale = max(fig.scale, float(r64.abs().max()) if r64.numel() else 0.0)
-    return figures
-
-
-def worst(figures: dict[str, Figure] | None) -> float | None:
-    if figures is None:
-        return None
-    return max((f.relative for f in figures.values()), default=0.0)
 
 
 def _ordered_bits(t: Tensor) -> Tensor:

@@ -33,7 +33,7 @@ import repconv
 from repconv import engine
 from repconv.cli import main
 from repconv.files import read_safetensors_metadata
-from repconv.verification import written_limit
+from repconv.tolerances import written_limit
 
 ARCH = str(Path(__file__).with_name("deploy_layouts.py")) + ":build"
 SHAPE = (3, 8, 8)

@@ -15,9 +15,9 @@ from torch import nn
 
 import repconv
 from repconv.cli import main
+from repconv.outputs import worst
 from repconv.rules import convbn
 from repconv.rules.deploy_method import METHOD_NAMES, deploy_method
-from repconv.verification import worst
 from tests import method_blocks as B
 from tests.helpers import randomized
 

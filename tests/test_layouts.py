@@ -22,7 +22,7 @@ from torch import nn
 import repconv
 from repconv import engine
 from repconv.cli import main
-from repconv.verification import written_limit
+from repconv.tolerances import written_limit
 
 ARCH = str(Path(__file__).with_name("layouts.py")) + ":build"
 SHAPE = (3, 8, 8)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import builtins
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -21,6 +22,7 @@ import layouts as L  # noqa: E402
 import repconv  # noqa: E402
 from repconv import onnx_export as O  # noqa: E402
 from repconv.cli import main  # noqa: E402
+from repconv.tolerances import LIMITS, onnx_limit  # noqa: E402
 from repconv.tracing import GraphForward  # noqa: E402
 from repconv.zoo.blocks import ACBlock, DiverseBranchBlock, RepVGGBlock  # noqa: E402
 from repconv.zoo.demo import DemoNet  # noqa: E402
@@ -56,7 +58,7 @@ def test_convert_onnx_matches_the_train_model_and_records_metadata(tmp_path, dem
     assert result.exit_code == 0, result.output
     check = json.loads(result.stdout)["onnx"]
     assert check["passed"] and check["reference"] == "train model"
-    assert check["max_relative_error"] < O.ONNX_LIMITS[torch.float32]
+    assert check["max_relative_error"] < onnx_limit(torch.float32)
     props = metadata_props(out)
     assert props["repconv_version"] == repconv.__version__
     assert props["source_sha256"] == repconv.files.file_sha256(train)
@@ -101,7 +103,7 @@ def test_export_fp16_with_a_dynamic_batch(tmp_path, demo_files):
     result = CliRunner().invoke(main, [*args, "--opset", "13", "--json"])
     assert result.exit_code == 0, result.output
     check = json.loads(result.stdout)["onnx"]
-    assert check["dtype"] == "float16" and check["limit"] == O.ONNX_LIMITS[torch.float16]
+    assert check["dtype"] == "float16" and check["limit"] == onnx_limit(torch.float16)
     model = onnx.load(str(out))
     assert model.opset_import[0].version == 13
     assert model.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT16
@@ -164,7 +166,9 @@ def test_a_failed_check_leaves_nothing_half_written(tmp_path, demo_files, monkey
     folder.mkdir()
     out = folder / "m.onnx"
     out.write_bytes(b"the previous file")
-    monkeypatch.setitem(O.ONNX_LIMITS, torch.float32, 0.0)  # no rounding passes
+    monkeypatch.setitem(
+        LIMITS, "float32", replace(LIMITS["float32"], onnx=0.0)
+    )  # no rounding passes
     expect_exit(["export", str(deploy), str(out), "--arch", "demo_mixed"], 1, "not written")
     assert out.read_bytes() == b"the previous file"
     assert sorted(p.name for p in folder.iterdir()) == ["m.onnx"]
@@ -173,7 +177,9 @@ def test_a_failed_check_leaves_nothing_half_written(tmp_path, demo_files, monkey
 def test_convert_onnx_over_its_limit_writes_nothing(tmp_path, demo_files, monkeypatch):
     """The ONNX file is checked before the checkpoint is written: exit 1, neither file."""
     train, _ = demo_files
-    monkeypatch.setitem(O.ONNX_LIMITS, torch.float32, 0.0)  # no rounding passes
+    monkeypatch.setitem(
+        LIMITS, "float32", replace(LIMITS["float32"], onnx=0.0)
+    )  # no rounding passes
     out, converted = tmp_path / "m.onnx", tmp_path / "d.safetensors"
     args = ["convert", str(train), str(converted), "--arch", "demo_mixed", "--onnx", str(out)]
     result = CliRunner().invoke(main, args)
@@ -307,7 +313,7 @@ def test_zoo_model_convert_onnx_is_exact_and_lint_clean_and_its_train_form_is_no
     assert converted.exit_code == 0, converted.output
     recorded = json.loads(metadata_props(out)["onnx_check"])
     assert recorded["passed"] and recorded["reference"] == "train model"
-    assert recorded["max_relative_error"] < O.ONNX_LIMITS[torch.float32]
+    assert recorded["max_relative_error"] < onnx_limit(torch.float32)
     assert recorded["lint_findings"] == []
     assert lint_file(out) == []
 

@@ -16,9 +16,10 @@ library's own model-level tooling does, and trusts none of it:
   only other default torch allows), so tensors it builds without a dtype match the block;
 - the block is probed before and after on a seeded input (built from its first conv's
   `in_channels`, see `probe_input`); a method that raises, or moves the block's output by more
-  than `limit_for(dtype)`, is undone: the block is put back as a snapshot taken before the call
-  and the step is skipped (NotFusable) with the method and the error in the warning. A block the
-  probe cannot run (its input is not a conv's) is judged by the whole-model verification only.
+  than `tolerances.block_limit(dtype)`, is undone: the block is put back as a snapshot taken
+  before the call and the step is skipped (NotFusable) with the method and the error in the
+  warning. A block the probe cannot run (its input is not a conv's) is judged by the whole-model
+  verification only.
 
 A parent whose method fails (or is wrong) on its fused children is tried once more the other way
 round, as timm's `reparameterize_model` goes: put back as it was before its first child was fused
@@ -46,7 +47,9 @@ from torch.nn.modules.conv import _ConvNd
 from repconv import memo
 from repconv.errors import NotFusable, RepconvError
 from repconv.modules import floating_dtype, is_norm_like, join_path, param_count
+from repconv.outputs import compare_outputs
 from repconv.rules.base import Pass, Step
+from repconv.tolerances import block_limit
 
 NAME = "deploy_method"
 SUMMARY = "a block's own deploy method, for blocks no structural rule matches (children first)"
@@ -71,16 +74,8 @@ METHOD_NAMES = (
     "fuse",  # RepViT, LeViT, EfficientViT, RepNeXt (returns a module)
 )
 
-# A method's fold is exact up to rounding in the block's dtype: 1e-6 relative for float64 (the
-# exact limit of verification), room for the rounding of narrower dtypes.
-_LIMITS = {torch.float64: 1e-6, torch.float32: 1e-4}
-_HALF_LIMIT = 1e-2
 # Spatial sizes tried for a block's probe input, smallest first.
 PROBE_SIDES = (16, 64)
-
-
-def limit_for(dtype: torch.dtype) -> float:
-    return _LIMITS.get(dtype, _HALF_LIMIT)
 
 
 def deploy_method(module: nn.Module) -> str | None:
@@ -149,8 +144,6 @@ def probe_input(block: nn.Module) -> tuple[torch.Tensor, Any] | None:
 def output_error(after: Any, before: Any) -> float:
     """The worst relative error over every output tensor (float64; a changed structure is
     infinite), as verification measures a block's own error."""
-    from repconv.verification import compare_outputs  # on use: the passes load without it
-
     return max(compare_outputs(after, before).values(), default=0.0)
 
 
@@ -208,7 +201,7 @@ def run_checked(model: nn.Module, path: str, name: str) -> None:
     snapshot = copy.deepcopy(block)
     probe = probe_input(block)
     dtype = _floating_dtype(block)
-    limit = limit_for(dtype)
+    limit = block_limit(dtype)
     try:
         result, removed = call_method(block, name)
         if dtype != torch.float64:  # as the engine would: a half block's method ran in float32
