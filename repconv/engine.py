@@ -2,17 +2,21 @@
 
 Planning is side-effect free, so `inspect` and the verifier can look at a plan before anything
 changes. The passes (`rules.registry.passes`) run in a documented order (see `rules.base.Pass`):
-block rules first, top-down, then the deploy-method fallback (children first), then conv -> BN
-pairs over what is left; what a deploy method leaves is offered to the conv -> BN pass right after
-that step (`Pass.reopens`). Applying a plan rewrites the model in place (no copies) and returns
-each step's `Outcome`; the plan itself is not changed. The engine judges nothing: an observer from
-`verification` may watch each block as it is fused (a deploy method is checked by its own pass).
+block rules first, top-down, then the deploy-method fallback (children first), the data-flow
+pass, then conv -> BN pairs over what is left. Applying a plan opens each pass for that apply
+(`Pass.open`: the run owns whatever the pass keeps between its steps), rewrites the model in place
+(no copies) and returns each step's `Outcome`; the plan itself is not changed. A step may open
+follow-up steps (what a deploy method leaves goes to the passes after it), applied right after it.
+The engine judges nothing: an observer from `verification` may watch each block as it is fused,
+and the passes are handed the check they judge their own changes by (`rules.base.BlockCheck`).
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -20,6 +24,7 @@ import torch
 from torch import nn
 
 from repconv import memo, pages
+from repconv.block_check import ProbeCheck
 from repconv.errors import CorruptCheckpoint, NotFusable, RepconvError, note_block
 from repconv.modules import (
     corrupt_statistics,
@@ -29,7 +34,7 @@ from repconv.modules import (
     norm_problem,
     param_count,
 )
-from repconv.rules.base import Pass, Rule, Step
+from repconv.rules.base import BlockCheck, Pass, PassRun, Rule, RunContext, Step
 from repconv.rules.registry import passes as registered_passes
 from repconv.tracing import one_at_a_time
 
@@ -71,8 +76,8 @@ class Plan:
     """What will be done: one step per block (or conv -> norm pair), in the order of fusing."""
 
     entries: list[Step]
-    # The passes the plan was made with: a step whose pass `reopens` its block hands what it
-    # leaves to the find-stage passes after that one.
+    # The passes the plan was made with, in order: a step's follow-ups are found by the passes
+    # after its own.
     passes: list[Pass] = field(default_factory=list, repr=False)
 
     def to_dict(self) -> dict[str, Any]:
@@ -257,17 +262,27 @@ def plan(model: nn.Module, rules: Sequence[Rule] | None = None) -> Plan:
     check_norm_statistics(model)
     check_finite(model)
     steps, claimed = _walk(model, passes)
+    return Plan(steps + _find(model, "", passes, claimed), list(passes))
+
+
+def _find(
+    model: nn.Module, at: str, passes: Sequence[Pass], claimed: AbstractSet[int]
+) -> list[Step]:
+    """The find-stage passes, in order, over the module at `at`: each skips what the ones
+    before it claimed."""
+    root = model.get_submodule(at)
+    steps: list[Step] = []
     for each in passes:
-        found = each.find(model, claimed)
+        found = each.find(root, claimed, at)
         steps += found
         claimed = claimed | {id(model.get_submodule(p)) for s in found for p in s.claims}
-    return Plan(steps, list(passes))
+    return steps
 
 
 def _step_tensors(model: nn.Module, step: Step) -> list[torch.Tensor]:
     """The tensors of the modules a step consumes that are still in the model."""
     found = []
-    for path in step.parts or step.chain:
+    for path in step.claims:
         try:
             found += pages.tensors_of(model.get_submodule(path))
         except AttributeError:  # consumed: the data-flow pass deletes what it folds
@@ -276,7 +291,7 @@ def _step_tensors(model: nn.Module, step: Step) -> list[torch.Tensor]:
 
 
 def _fuse(
-    model: nn.Module, step: Step, releaser: pages.PageReleaser
+    model: nn.Module, step: Step, run: PassRun, releaser: pages.PageReleaser
 ) -> tuple[tuple[int, ...] | None, int]:
     """Fuse one step: (kernel shape, params after). The block keeps the dtype it had.
 
@@ -285,7 +300,7 @@ def _fuse(
     """
     dtype = floating_dtype(model.get_submodule(step.path))
     consumed = _step_tensors(model, step)
-    kernel_shape = step.by.fuse_step(model, step)
+    kernel_shape = run.fuse(step)
     module = model.get_submodule(step.path)  # a pass may have put a new module in its place
     params_after = param_count(module)
     releaser.release(consumed, keep=_step_tensors(model, step))
@@ -298,6 +313,7 @@ def _fuse(
 def _apply_step(
     model: nn.Module,
     step: Step,
+    run: PassRun,
     releaser: pages.PageReleaser,
     observer: BlockObserver | None,
     skip: Mapping[tuple[str, str], str],
@@ -308,7 +324,7 @@ def _apply_step(
         return Outcome(step, "skipped", reason=skip[step.path, step.rule])
     block_error = observer(model, step) if observer is not None else None
     try:
-        kernel_shape, params_after = _fuse(model, step, releaser)
+        kernel_shape, params_after = _fuse(model, step, run, releaser)
     except NotFusable as exc:
         return Outcome(step, "skipped", reason=str(exc))
     except CorruptCheckpoint as exc:
@@ -327,70 +343,71 @@ def apply(
     plan: Plan,
     *,
     observer: BlockObserver | None = None,
+    check: BlockCheck | None = None,
     skip: Mapping[tuple[str, str], str] | None = None,
 ) -> Applied:
     """Fuse every planned step in place and return how each went.
 
-    `observer` (e.g. `verification.BlockProbes`) is called with each step before it is fused;
-    the function it returns, if any, is called after, for the block's own error. Steps keyed
-    in `skip` by (path, rule) are left unfused with that reason, as if their pass had refused
-    them: rebuilding a deploy structure replays what its conversion did, undone methods
-    included, on a model too empty (on the meta device) to check a method again. The pages of
+    Each pass of the plan is opened for this apply (`Pass.open`); its run fuses its steps and
+    may open follow-up steps, applied right after the step that opened them. `check` is how a
+    pass judges a change it cannot prove (default `block_check.ProbeCheck`). `observer` (e.g.
+    `verification.BlockProbes`) is called with each step before it is fused; the function it
+    returns, if any, is called after, for the block's own error. Steps keyed in `skip` by
+    (path, rule) are left unfused with that reason, as if their pass had refused them:
+    rebuilding a deploy structure replays what its conversion did, undone methods included, on
+    a model too empty (on the meta device) to check a method again. The pages of
     memory-mapped train tensors a block no longer holds are given back as it is fused (see
     `pages`).
     """
     skip = skip or {}
     model.eval()
+    runs = _open(model, plan, check or ProbeCheck())
     outcomes: list[Outcome] = []
-    warnings: list[dict[str, str]] = []
+    pending = list(reversed(plan.entries))
     with torch.no_grad(), memo.scope(), pages.PageReleaser() as releaser:
-        for step in plan.entries:
-            for outcome in [
-                _apply_step(model, step, releaser, observer, skip),
-                *_follow_up(model, plan, step, releaser, observer, skip),
-            ]:
-                if outcome.status == "skipped":
-                    message = f"{outcome.rule} not applied: {outcome.reason}"
-                    warnings.append({"path": outcome.path, "message": message})
-                outcomes.append(outcome)
+        while pending:
+            step = pending.pop()
+            run = runs[id(step.by)]
+            outcomes.append(_apply_step(model, step, run, releaser, observer, skip))
+            pending += reversed(run.follow_ups(step))
+    warnings = [
+        {"path": o.path, "message": f"{o.rule} not applied: {o.reason}"}
+        for o in outcomes
+        if o.status == "skipped"
+    ]
     return Applied(plan, outcomes, warnings + leftover_norm_warnings(model))
 
 
-def _follow_up(
-    model: nn.Module,
-    plan: Plan,
-    step: Step,
-    releaser: pages.PageReleaser,
-    observer: BlockObserver | None,
-    skip: Mapping[tuple[str, str], str],
-) -> list[Outcome]:
-    """After a step whose pass reopens its block: the later find-stage passes over what it left.
+def _open(model: nn.Module, plan: Plan, check: BlockCheck) -> dict[int, PassRun]:
+    """Every pass of the plan opened for one apply (by id: passes need not be hashable)."""
+    passes = list(plan.passes)
+    for step in plan.entries:  # a plan made by hand may name passes it was not made with
+        if all(step.by is not p for p in passes):
+            passes.append(step.by)
+    runs = {}
+    for index, each in enumerate(passes):
+        later = passes[index + 1 :] if index < len(plan.passes) else []
+        context = RunContext(model, check, functools.partial(_plan_after, model, plan, later))
+        runs[id(each)] = each.open(context)
+    return runs
+
+
+def _plan_after(model: nn.Module, plan: Plan, later: Sequence[Pass], step: Step) -> list[Step]:
+    """What the find-stage passes in `later` find in the block a step left (fused or not).
 
     Every other planned step inside the block has run by now (block rules first, deploy
-    methods children first); the modules at their paths stay opaque, as in the plan.
+    methods children first); the modules at their paths stay opaque, as in the plan. Steps of
+    the block's own pass inside it (children's methods) leave plain modules that are part of
+    its data flow (RepViT's RepVggDw sums its fused children): those are open.
     """
-    if not step.by.reopens or step.by not in plan.passes:
-        return []
-    block = model.get_submodule(step.path)
     prefix = f"{step.path}." if step.path else ""
-    # Steps of the same pass inside (children's methods) leave plain modules that are part of
-    # this block's data flow (RepViT's RepVggDw sums its fused children); other passes' blocks
-    # stay whole.
-    inner = [
+    inner = {
         s.path
         for s in plan.entries
         if s.path.startswith(prefix) and s.path != step.path and s.by is not step.by
-    ]
-    modules = dict(model.named_modules())
-    opaque = {id(modules[p]) for p in inner if p in modules}
-    outcomes = []
-    for later in plan.passes[plan.passes.index(step.by) + 1 :]:
-        for found in later.find(block, opaque):
-            moved = found.moved_under(step.path)
-            outcomes.append(_apply_step(model, moved, releaser, observer, skip))
-            modules = dict(model.named_modules())
-            opaque |= {id(modules[p]) for p in moved.claims if p in modules}
-    return outcomes
+    }
+    opaque = {id(m) for p, m in model.named_modules() if p in inner}
+    return _find(model, step.path, later, opaque)
 
 
 def leftover_norm_warnings(model: nn.Module) -> list[dict[str, str]]:

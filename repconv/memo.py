@@ -1,13 +1,13 @@
-"""What a pass keeps between the steps it is given: answers computed once per layout, copies.
+"""Pure answers computed once per layout: what depends only on a block's code and layout.
 
 A plan or an apply asks the same question of many blocks (a RepVGG net has a handful of
 layouts for dozens of blocks): what fx records for a block's forward, whether its data flow
-agrees with a rule. Two lifetimes:
+agrees with a rule. Only answers that are a function of their key are kept here; what a pass
+keeps between its steps is its run's own (`rules.base.PassRun`). Two lifetimes:
 
 - `remembered`: for one scope (an `engine.apply`), then forgotten. For graphs, which become
   the code of deploy forwards (nothing a forward reads from its module's globals can go stale
-  between two conversions), and for the deploy-method pass's copy of a parent taken before its
-  children were fused. The scope is a context variable, one per thread.
+  between two conversions). The scope is a context variable, one per thread.
 - `kept`: for the process, a bounded number of small answers (a rule's data-flow check), so
   converting many checkpoints of one architecture checks each layout once. The key must hold
   everything the answer depends on but the module-level globals a forward reads.
@@ -53,12 +53,6 @@ def remembered(kind: str, key: Hashable | None, compute: Callable[[], T]) -> T:
     if slot not in table:
         table[slot] = compute()
     return table[slot]
-
-
-def take(kind: str, key: Hashable) -> Any:
-    """What the scope remembers for `key`, or None, and forget it (nothing is computed)."""
-    table = _ACTIVE.get()
-    return None if table is None else table.pop((kind, key), None)
 
 
 def forget(kind: str, key: Hashable) -> None:

@@ -110,7 +110,7 @@ def test_activation_between_conv_and_bn_is_not_folded():
 def test_pairs_follow_data_flow_not_declaration_order():
     model = randomized(DeclaredOutOfOrder())
     (step,) = engine.plan(model).entries
-    assert step.rule == "dataflow" and set(step.parts) == {"conv_a", "conv_b", "bn"}
+    assert step.rule == "dataflow" and set(step.claims) == {"conv_a", "conv_b", "bn"}
     assert fused_pairs(model, x4(6, 6)) == [("", None)]
     assert set(model.state_dict()) == {"reparam.weight", "reparam.bias"}
 

@@ -89,10 +89,10 @@ class _ScaleBeforeConv(Pass):
     def __init__(self):
         self.offered_claimed = None
 
-    def find(self, model, claimed):
+    def find(self, root, claimed, at=""):
         self.offered_claimed = set(claimed)
         steps = []
-        for path, module in model.named_modules():
+        for path, module in root.named_modules():
             if id(module) in claimed or not isinstance(getattr(module, "scaled", None), nn.Conv2d):
                 continue
             steps.append(Step(f"{path}.scaled" if path else "scaled", self, "test", "x2", 0))

@@ -9,13 +9,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from collections.abc import Set as AbstractSet
-from dataclasses import dataclass, field, replace
-from typing import ClassVar, Literal, Protocol
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Literal, Protocol
 
 from torch import nn
 
 from repconv.fused_conv import Fused
-from repconv.modules import join_path
 from repconv.sum_check import sums_exactly
 
 PassKind = Literal["block", "fallback", "regions", "pairs"]
@@ -23,21 +22,32 @@ PassKind = Literal["block", "fallback", "regions", "pairs"]
 
 @dataclass(frozen=True)
 class Step:
-    """One fusion in a plan: which pass fuses which module(s). Nothing about how it went."""
+    """One fusion in a plan: which pass fuses which module(s). Nothing about how it went.
+
+    What every pass's step has: the module it is about (`path`, absolute in the model), the
+    modules whose output it computes, in data-flow order (`chain`: the first at `path`; what a
+    probe runs), the modules it consumes and no later pass may touch (`claims`), and, when the
+    pass looked at the module and declines it, the reason (`refusal`: the step is recorded as
+    skipped with a warning and claims nothing, so later passes still see the module). What only
+    its pass needs to fuse it is the pass's `payload`.
+    """
 
     path: str
     by: Pass = field(repr=False)
     family: str
     structure: str
     params_before: int
-    norm_path: str | None = None
-    # A step that fuses parts of its block (the data-flow pass): the modules it consumes, and
-    # the modules inside the block that other steps own and it must treat as opaque.
-    parts: tuple[str, ...] = ()
-    opaque: tuple[str, ...] = ()
-    # Set when the pass looked at the block and declines it: the step is recorded as skipped
-    # with this reason (a warning) and claims nothing, so later passes still see the block.
+    chain: tuple[str, ...] = ()  # () means (path,)
+    claims: tuple[str, ...] | None = None  # None means the chain
     refusal: str | None = None
+    payload: Any = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        # Frozen: the defaults are spelled out once, at construction.
+        chain = self.chain or (self.path,)
+        object.__setattr__(self, "chain", chain)
+        claims = () if self.refusal is not None else self.claims
+        object.__setattr__(self, "claims", chain if claims is None else tuple(claims))
 
     @property
     def rule(self) -> str:
@@ -45,32 +55,9 @@ class Step:
         return self.by.name
 
     @property
-    def chain(self) -> tuple[str, ...]:
-        """The modules the step fuses, in data-flow order: the first at `path`."""
-        return (self.path,) if self.norm_path is None else (self.path, self.norm_path)
-
-    @property
-    def claims(self) -> tuple[str, ...]:
-        """The modules no later pass may touch: the parts the step consumes, else its chain."""
-        if self.refusal is not None:
-            return ()
-        return self.parts or self.chain
-
-    def moved_under(self, prefix: str) -> Step:
-        """The same step planned inside the module at `prefix` (paths made absolute)."""
-        if not prefix:
-            return self
-
-        def join(path: str) -> str:
-            return join_path(prefix, path)
-
-        return replace(
-            self,
-            path=join(self.path),
-            norm_path=None if self.norm_path is None else join(self.norm_path),
-            parts=tuple(join(p) for p in self.parts),
-            opaque=tuple(join(p) for p in self.opaque),
-        )
+    def norm_path(self) -> str | None:
+        """The module fused after the first one (a conv's norm), as the recorded plan names it."""
+        return self.chain[1] if len(self.chain) > 1 else None
 
 
 class Scope(Protocol):
@@ -79,6 +66,55 @@ class Scope(Protocol):
     def matched_inside(self, module: nn.Module) -> bool:
         """Whether a pass tried before this one matches `module` or a module inside it."""
         ...
+
+
+class BlockProbe(Protocol):
+    """A block run once on a seeded input, before a pass changed it."""
+
+    input: Any
+    limit: float  # how far the block's output may move (relative), for its dtype
+
+    def error_of(self, module: nn.Module) -> float:
+        """The relative error of `module` (what now stands for the block) on the same input."""
+        ...
+
+
+class BlockCheck(Protocol):
+    """How a pass judges a change it cannot prove (a block's own deploy method): handed in by
+    whoever applies the plan, so that no pass imports a judge."""
+
+    def probe(self, block: nn.Module) -> BlockProbe | None:
+        """The block's probe, or None when it runs on no input the check can make."""
+        ...
+
+
+@dataclass(frozen=True)
+class RunContext:
+    """What the engine hands a pass it opens for one apply."""
+
+    model: nn.Module
+    check: BlockCheck
+    # The steps the passes after this one find in what a step of this one left in its block
+    # (their paths absolute), the other passes' blocks inside it kept whole.
+    plan_after: Callable[[Step], list[Step]]
+
+
+class PassRun:
+    """A pass opened for one apply: it owns whatever it keeps between its steps.
+
+    `fuse(step)` rewrites the step's modules in place and returns the fused kernel's shape (None
+    when it does not know it); `follow_ups(step)` is called after each of its steps, fused or
+    skipped, and returns the steps the step opens (planned, applied right after it).
+    """
+
+    def __init__(self, owner: Pass, context: RunContext):
+        self.owner, self.context = owner, context
+
+    def fuse(self, step: Step) -> tuple[int, ...] | None:
+        return self.owner.fuse_step(self.context.model, step)
+
+    def follow_ups(self, step: Step) -> list[Step]:
+        return []
 
 
 class Pass:
@@ -91,18 +127,23 @@ class Pass:
       through `match_module(module, scope)`, which is cheap, side-effect free and returns None or
       a short description of the structure found (shown by `inspect`). The first pass that
       matches claims the module; its subtree is opaque to every pass after that;
-    - data flow: after the walk, each pass's `find(model, claimed)` returns the steps it takes
-      among the modules not claimed (`claimed` holds their ids; skip them and their subtrees).
+    - data flow: after the walk, each pass's `find(root, claimed, at)` returns the steps it
+      takes among the modules not claimed (`claimed` holds their ids; skip them and their
+      subtrees); `root` is the module at path `at` of the model (the model itself, or a block a
+      step left), and the steps' paths are the model's.
 
-    A pass implements one of the two (the defaults match nothing). Fusing: `fuse_step(model,
-    step)` rewrites the step's modules in place and returns the fused kernel's shape (None when
-    it does not know it). It computes in float64 (the `kernels` helpers do) and rounds each
-    weight at most once, to the block's dtype; whatever it leaves in float64 the engine rounds
-    to the dtype the block had. It must leave exactly the deploy form that the block's own code
-    expects: train-time children gone, the fused conv installed, `deploy` flags set, no batch
-    norm left in the block. When the structure is right but the block cannot be folded exactly it
-    raises NotFusable before changing anything (the engine records the block as skipped);
-    values no trained model has raise CorruptCheckpoint.
+    A pass implements one of the two (the defaults match nothing). A pass object is a
+    description, shared by every conversion; `open(context)` gives the `PassRun` that fuses its
+    steps in one apply (by default one calling `fuse_step(model, step)`: a pass that keeps
+    nothing between steps needs no more). Fusing rewrites the step's modules in place and
+    returns the fused kernel's shape (None when it does not know it). It computes in float64
+    (the `kernels` helpers do) and rounds each weight at most once, to the block's dtype;
+    whatever it leaves in float64 the engine rounds to the dtype the block had. It must leave
+    exactly the deploy form that the block's own code expects: train-time children gone, the
+    fused conv installed, `deploy` flags set, no batch norm left in the block. When the
+    structure is right but the block cannot be folded exactly it raises NotFusable before
+    changing anything (the engine records the block as skipped); values no trained model has
+    raise CorruptCheckpoint.
     """
 
     name: str
@@ -110,10 +151,6 @@ class Pass:
     summary: str
     deploy_form: str = ""
     kind: ClassVar[PassKind] = "block"
-    # Whether what a step leaves in its block (fused or skipped) is offered, right after the
-    # step, to the find-stage passes after this one (the deploy-method pass: the conv -> BN pairs
-    # a method left, or those of a block whose method was undone).
-    reopens: ClassVar[bool] = False
 
     def match_module(self, module: nn.Module, scope: Scope) -> str | None:
         return None
@@ -122,8 +159,12 @@ class Pass:
         """The family a matched module is listed under."""
         return self.family
 
-    def find(self, model: nn.Module, claimed: AbstractSet[int]) -> list[Step]:
+    def find(self, root: nn.Module, claimed: AbstractSet[int], at: str = "") -> list[Step]:
         return []
+
+    def open(self, context: RunContext) -> PassRun:
+        """This pass for one apply."""
+        return PassRun(self, context)
 
     def fuse_step(self, model: nn.Module, step: Step) -> tuple[int, ...] | None:
         raise NotImplementedError(f"pass {self.name} plans steps it cannot fuse")

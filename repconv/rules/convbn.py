@@ -86,11 +86,12 @@ def _pairs_in_sequential(seq: nn.Sequential, prefix: str) -> list[Pair]:
     return found
 
 
-def find_pairs(model: nn.Module, opaque: AbstractSet[int]) -> list[Pair]:
-    """Every foldable conv -> norm pair outside the `opaque` modules (by id)."""
-    uses = Counter(id(m) for _, m in model.named_modules(remove_duplicate=False))
-    pairs = _search(model, "", opaque)
-    modules = dict(model.named_modules())
+def find_pairs(root: nn.Module, opaque: AbstractSet[int], at: str = "") -> list[Pair]:
+    """Every foldable conv -> norm pair outside the `opaque` modules (by id), in `root`, the
+    module at path `at` of the model (paths are the model's)."""
+    uses = Counter(id(m) for _, m in root.named_modules(remove_duplicate=False))
+    pairs = _search(root, at, opaque)
+    modules = {join_path(at, p): m for p, m in root.named_modules()}
     return [
         p
         for p in pairs
@@ -143,18 +144,20 @@ class ConvBnPass(Pass):
     deploy_form = DEPLOY_FORM
     kind = "pairs"
 
-    def find(self, model: nn.Module, claimed: AbstractSet[int]) -> list[Step]:
-        modules = dict(model.named_modules())
+    def find(self, root: nn.Module, claimed: AbstractSet[int], at: str = "") -> list[Step]:
+        modules = {join_path(at, p): m for p, m in root.named_modules()}
         steps = []
-        for pair in find_pairs(model, claimed):
+        for pair in find_pairs(root, claimed, at):
             conv, norm = modules[pair.conv_path], modules[pair.norm_path]
             structure = f"{type(conv).__name__} -> {type(norm).__name__} ({pair.found_by})"
             params = param_count(conv) + param_count(norm)
-            steps.append(Step(pair.conv_path, self, self.family, structure, params, pair.norm_path))
+            chain = (pair.conv_path, pair.norm_path)
+            steps.append(Step(pair.conv_path, self, self.family, structure, params, chain))
         return steps
 
     def fuse_step(self, model: nn.Module, step: Step) -> tuple[int, ...]:
-        return fuse_pair(model, Pair(step.path, step.norm_path, ""))
+        conv_path, norm_path = step.chain
+        return fuse_pair(model, Pair(conv_path, norm_path, ""))
 
 
 PASS = ConvBnPass()

@@ -16,6 +16,7 @@ replaying the plan.
 from __future__ import annotations
 
 from collections.abc import Set as AbstractSet
+from dataclasses import dataclass
 from itertools import count, islice
 
 import torch
@@ -46,6 +47,14 @@ DEPLOY_FORM = (
     "its single conv with the fold) that the block's forward calls"
 )
 FUSED_NAME = "reparam"
+
+
+@dataclass(frozen=True)
+class Opaque:
+    """A data-flow step's payload: the modules inside its block that other steps own, which the
+    block's trace keeps whole when it is fused (paths in the model)."""
+
+    paths: tuple[str, ...]
 
 
 def _conv_or_norm(module: nn.Module) -> bool:
@@ -102,8 +111,8 @@ def _step(
         family=PASS.family,
         structure="; ".join(r.describe() for r in regions),
         params_before=param_count(block),
-        parts=tuple(parts),
-        opaque=tuple(join_path(inside, p) for p in opaque),
+        claims=tuple(parts),
+        payload=Opaque(tuple(join_path(inside, p) for p in opaque)),
     )
 
 
@@ -114,7 +123,7 @@ def fuse_block(model: nn.Module, step: Step) -> tuple[int, ...]:
     """Fuse the regions of the block at `step.path`; NotFusable before any change if the block
     no longer holds the regions the plan found."""
     block = model.get_submodule(step.path)
-    opaque = {id(m) for m in _present(model, step.opaque)}
+    opaque = {id(m) for m in _present(model, step.payload.paths)}
     try:
         graph = tracing.graph_of(block, opaque, by_layout=True)
     except NotFusable:
@@ -124,7 +133,7 @@ def fuse_block(model: nn.Module, step: Step) -> tuple[int, ...]:
     analysis = dataflow.Analysis(block, graph, opaque)
     regions = [r for r in analysis.regions() if r.owner == ""]
     targets = sorted({join_path(step.path, t) for r in regions for t in r.module_targets()})
-    if not regions or targets != sorted(step.parts):
+    if not regions or targets != sorted(step.claims):
         raise NotFusable("its linear regions are not the ones planned (the block changed)")
     values = [r.value for r in regions]  # computed from the block's own tensors already
     dtype = floating_dtype(block) or torch.float64
@@ -314,8 +323,8 @@ class DataflowPass(Pass):
     deploy_form = DEPLOY_FORM
     kind = "regions"
 
-    def find(self, model: nn.Module, claimed: AbstractSet[int]) -> list[Step]:
-        return _search(model, "", claimed)
+    def find(self, root: nn.Module, claimed: AbstractSet[int], at: str = "") -> list[Step]:
+        return _search(root, at, claimed)
 
     def fuse_step(self, model: nn.Module, step: Step) -> tuple[int, ...]:
         return fuse_block(model, step)

@@ -14,21 +14,22 @@ library's own model-level tooling does, and trusts none of it:
   as the library's model-level `fuse()` does;
 - the method runs with torch's default dtype set to the block's (float32 for half blocks, the
   only other default torch allows), so tensors it builds without a dtype match the block;
-- the block is probed before and after on a seeded input (built from its first conv's
-  `in_channels`, see `probe_input`); a method that raises, or moves the block's output by more
-  than `tolerances.block_limit(dtype)`, is undone: the block is put back as a snapshot taken
-  before the call and the step is skipped (NotFusable) with the method and the error in the
-  warning. A block the probe cannot run (its input is not a conv's) is judged by the whole-model
-  verification only.
+- the block is probed before and after by the check the engine hands the pass
+  (`rules.base.BlockCheck`; by default `block_check.ProbeCheck`); a method that raises, or moves
+  the block's output by more than the probe's limit, is undone: the block is put back as a
+  snapshot taken before the call and the step is skipped (NotFusable) with the method and the
+  error in the warning. A block without a probe is judged by the whole-model verification only.
+  A method that calls `sys.exit` is undone too, and is an error (BadInput): never a silent exit.
 
 A parent whose method fails (or is wrong) on its fused children is tried once more the other way
 round, as timm's `reparameterize_model` goes: put back as it was before its first child was fused
 (a copy taken then, inside the apply), its method calls its children's own (RepViT's `RepVggDw`
 calls its `ConvNorm`s' `fuse()`). Checked the same way; if that fails too, the block is left as
 its children's methods left it. The root is not copied this way (a copy of the whole model).
+Those copies are the pass's own, kept by its run (`DeployMethodRun`) for one apply.
 
 Whatever a method leaves (fused or undone) is offered to the passes after this one (conv -> BN
-pairs): the engine does that for passes with `reopens = True`.
+pairs): the run's follow-up steps, planned by the engine (`RunContext.plan_after`).
 """
 
 from __future__ import annotations
@@ -38,18 +39,13 @@ import inspect
 from collections.abc import Iterator
 from collections.abc import Set as AbstractSet
 from contextlib import contextmanager
-from typing import Any
 
 import torch
 from torch import nn
-from torch.nn.modules.conv import _ConvNd
 
-from repconv import memo
-from repconv.errors import NotFusable, RepconvError
+from repconv.errors import BadInput, NotFusable, RepconvError
 from repconv.modules import floating_dtype, is_norm_like, join_path, param_count
-from repconv.outputs import compare_outputs
-from repconv.rules.base import Pass, Step
-from repconv.tolerances import block_limit
+from repconv.rules.base import BlockCheck, BlockProbe, Pass, PassRun, RunContext, Step
 
 NAME = "deploy_method"
 SUMMARY = "a block's own deploy method, for blocks no structural rule matches (children first)"
@@ -73,9 +69,6 @@ METHOD_NAMES = (
     "fuse_reparam",
     "fuse",  # RepViT, LeViT, EfficientViT, RepNeXt (returns a module)
 )
-
-# Spatial sizes tried for a block's probe input, smallest first.
-PROBE_SIDES = (16, 64)
 
 
 def deploy_method(module: nn.Module) -> str | None:
@@ -120,43 +113,14 @@ def default_dtype(dtype: torch.dtype) -> Iterator[None]:
         torch.set_default_dtype(previous)
 
 
-def probe_input(block: nn.Module) -> tuple[torch.Tensor, Any] | None:
-    """A seeded input the block runs on, with its output; None when it runs on none of them.
-
-    Shaped (1, in_channels, side, ...) after the block's first conv, in the block's dtype.
-    """
-    conv = next((m for m in block.modules() if isinstance(m, _ConvNd)), None)
-    if conv is None or any(t.is_meta for t in block.parameters()):
-        return None  # a block without values (built on meta to be loaded) cannot be judged
-    dims = len(conv.kernel_size)
-    for side in PROBE_SIDES:
-        generator = torch.Generator().manual_seed(0)
-        shape = (1, conv.in_channels, *[side] * dims)
-        x = torch.randn(shape, generator=generator, dtype=_floating_dtype(block))
-        try:
-            with torch.no_grad():
-                return x, block(x)
-        except Exception:  # not this size (or not a conv input at all)
-            continue
-    return None
-
-
-def output_error(after: Any, before: Any) -> float:
-    """The worst relative error over every output tensor (float64; a changed structure is
-    infinite), as verification measures a block's own error."""
-    return max(compare_outputs(after, before).values(), default=0.0)
-
-
-def _uses_forward_fuse(
-    block: nn.Module, probe: tuple[torch.Tensor, Any] | None, removed: bool
-) -> None:
+def _uses_forward_fuse(block: nn.Module, probe: BlockProbe | None, removed: bool) -> None:
     """Switch an instance to its class's `forward_fuse` when its plain forward no longer runs."""
     if not callable(getattr(type(block), "forward_fuse", None)) or "forward" in vars(block):
         return
     if probe is not None:
         try:
             with torch.no_grad():
-                block(probe[0])
+                block(probe.input)
             return
         except Exception:  # what forward uses is gone: the library would switch now
             pass
@@ -191,37 +155,38 @@ def _first_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}".rstrip(": ")
 
 
-def run_checked(model: nn.Module, path: str, name: str) -> None:
+def run_checked(model: nn.Module, path: str, name: str, check: BlockCheck) -> None:
     """Run the block's method at `path`, keep the result only if it computes what the block did.
 
-    Anything else (the method raised, or the output moved beyond the limit) puts the snapshot
-    back and raises NotFusable naming the method and why.
+    Anything else (the method raised, or the output moved beyond the probe's limit) puts the
+    snapshot back and raises NotFusable naming the method and why.
     """
     block = model.get_submodule(path)
     snapshot = copy.deepcopy(block)
-    probe = probe_input(block)
+    probe = check.probe(block)
     dtype = _floating_dtype(block)
-    limit = block_limit(dtype)
     try:
         result, removed = call_method(block, name)
         if dtype != torch.float64:  # as the engine would: a half block's method ran in float32
             result.to(dtype)
         _uses_forward_fuse(result, probe, bool(removed))
-        error = 0.0
-        if probe is not None:
-            with torch.no_grad():
-                error = output_error(result(probe[0]), probe[1])
+        error = probe.error_of(result) if probe is not None else 0.0
     except (KeyboardInterrupt, RepconvError):
         put(model, path, snapshot)
         raise
+    except SystemExit as exc:  # library code must not end the conversion, least of all as success
+        put(model, path, snapshot)
+        raise BadInput(
+            f"{path or '<root>'}: {type(block).__name__}.{name}() called sys.exit({exc.code!r})"
+        ) from None
     except Exception as exc:  # a library method may fail in any way: never crash on it
         put(model, path, snapshot)
         raise NotFusable(f"{name}() failed, block left as it was: {_first_line(exc)}") from None
-    if not error <= limit:
+    if probe is not None and not error <= probe.limit:
         put(model, path, snapshot)
         raise NotFusable(
-            f"{name}() changed the block's output by {error:.3g} (relative, limit {limit:g}); "
-            "undone, block left as it was"
+            f"{name}() changed the block's output by {error:.3g} (relative, limit "
+            f"{probe.limit:g}); undone, block left as it was"
         )
     put(model, path, result)
 
@@ -234,12 +199,11 @@ class DeployMethodPass(Pass):
     summary = SUMMARY
     deploy_form = DEPLOY_FORM
     kind = "fallback"
-    reopens = True
 
     def family_of(self, module: nn.Module) -> str:
         return type(module).__name__
 
-    def find(self, model: nn.Module, claimed: AbstractSet[int]) -> list[Step]:
+    def find(self, root: nn.Module, claimed: AbstractSet[int], at: str = "") -> list[Step]:
         """Every unclaimed module with a deploy method and a norm inside, children first."""
         steps: list[Step] = []
         seen: set[int] = set()
@@ -255,54 +219,72 @@ class DeployMethodPass(Pass):
                 family = self.family_of(module)
                 steps.append(Step(path, self, family, f"{method}()", param_count(module)))
 
-        visit(model, "")
+        visit(root, at)
         return steps
 
-    def fuse_step(self, model: nn.Module, step: Step) -> None:
+    def open(self, context: RunContext) -> DeployMethodRun:
+        return DeployMethodRun(self, context)
+
+
+class DeployMethodRun(PassRun):
+    """The pass in one apply. It keeps, for each ancestor of a step that has a method of its own
+    (the root excepted), a copy taken before the ancestor's first descendant was fused (None:
+    the ancestor has no method), so that a parent failing on its fused children can be called
+    again parent first."""
+
+    def __init__(self, owner: Pass, context: RunContext):
+        super().__init__(owner, context)
+        self.before_children: dict[str, nn.Module | None] = {}
+
+    def fuse(self, step: Step) -> None:
+        model = self.context.model
         method = deploy_method(model.get_submodule(step.path))
         if method is None:
             raise NotFusable(f"{step.family} has no deploy method any more")
-        _keep_parents_as_they_are(model, step.path)
-        before_children = memo.take(_UNFUSED, (id(model), step.path))
+        self._keep_ancestors_as_they_are(step.path)
+        before_children = self.before_children.pop(step.path, None)
         try:
-            run_checked(model, step.path, method)
+            run_checked(model, step.path, method, self.context.check)
         except NotFusable as children_first:
             if before_children is None:
                 raise
-            _run_parent_first(model, step.path, method, before_children, children_first)
+            self._run_parent_first(step.path, method, before_children, children_first)
 
+    def follow_ups(self, step: Step) -> list[Step]:
+        """What the block's method left (or, undone, the block as it was) for the passes after
+        this one: the conv -> BN pairs a method leaves, those of a block whose method failed."""
+        return self.context.plan_after(step)
 
-# A parent's copy from before its first child was fused, kept for the length of one apply.
-_UNFUSED = "deploy method: parent before its children"
+    def _keep_ancestors_as_they_are(self, path: str) -> None:
+        """Copy each ancestor of `path` that has a method of its own, the first time one of its
+        descendants is about to be fused (children come first, so nothing inside it has
+        changed yet). Each ancestor is judged once per apply."""
+        parts = path.split(".") if path else []
+        for depth in range(1, len(parts)):
+            ancestor = ".".join(parts[:depth])
+            if ancestor not in self.before_children:
+                module = self.context.model.get_submodule(ancestor)
+                self.before_children[ancestor] = _copy_if_method(module)
 
-
-def _keep_parents_as_they_are(model: nn.Module, path: str) -> None:
-    """Copy each ancestor of `path` that has a method of its own, the first time one of its
-    descendants is about to be fused (children come first, so nothing inside it has changed
-    yet); the root excepted. Each ancestor is judged once per apply (None: no method)."""
-    parts = path.split(".") if path else []
-    for depth in range(1, len(parts)):
-        ancestor = ".".join(parts[:depth])
-        module = model.get_submodule(ancestor)
-        memo.remembered(_UNFUSED, (id(model), ancestor), lambda m=module: _copy_if_method(m))
+    def _run_parent_first(
+        self, path: str, method: str, unfused: nn.Module, first: NotFusable
+    ) -> None:
+        """The block's method on the copy from before its children were fused; on failure, the
+        block as the children's methods left it, and the first error with this one."""
+        model = self.context.model
+        children_fused = model.get_submodule(path)
+        put(model, path, unfused)
+        try:
+            run_checked(model, path, method, self.context.check)
+        except NotFusable as parent_first:
+            put(model, path, children_fused)
+            raise NotFusable(
+                f"{first} (called before its children's too: {parent_first})"
+            ) from None
 
 
 def _copy_if_method(module: nn.Module) -> nn.Module | None:
     return copy.deepcopy(module) if deploy_method(module) and holds_norm(module) else None
-
-
-def _run_parent_first(
-    model: nn.Module, path: str, method: str, unfused: nn.Module, first: NotFusable
-) -> None:
-    """The block's method on the copy from before its children were fused; on failure, the
-    block as the children's methods left it, and the first error with this one."""
-    children_fused = model.get_submodule(path)
-    put(model, path, unfused)
-    try:
-        run_checked(model, path, method)
-    except NotFusable as parent_first:
-        put(model, path, children_fused)
-        raise NotFusable(f"{first} (called before its children's too: {parent_first})") from None
 
 
 PASS = DeployMethodPass()
