@@ -36,7 +36,7 @@ from repconv.modules import (
 )
 from repconv.rules.base import BlockCheck, Pass, PassRun, Rule, RunContext, Step
 from repconv.rules.registry import passes as registered_passes
-from repconv.tracing import one_at_a_time
+from repconv.turns import one_at_a_time
 
 __all__ = ["Applied", "Outcome", "Plan", "Step", "apply", "convert_model", "plan"]
 

@@ -36,7 +36,7 @@ from repconv import verification as V
 from repconv.errors import BadInput, VerificationFailed
 from repconv.outputs import Figure, flatten_outputs, measure, worst
 from repconv.tolerances import onnx_limit
-from repconv.tracing import one_at_a_time
+from repconv.turns import one_at_a_time
 from repconv.version import __version__
 
 INSTALL_HINT = "pip install 'repconv[onnx]'"

@@ -25,7 +25,7 @@ from repconv.modules import param_count
 from repconv.options import ConvertOptions, deploy_builder, recorded_options, takes_options
 from repconv.rules.base import Rule
 from repconv.tolerances import EXACT_LIMIT
-from repconv.tracing import one_at_a_time
+from repconv.turns import one_at_a_time
 from repconv.zoo import registry as zoo
 
 

@@ -5,7 +5,7 @@ inlined. A graph is what fx records from a module's Python code, its structure a
 values its code can read, never from tensor values: two modules equal in all of that (their
 `layout_key`) trace to the same graph, so inside one `memo.scope` a layout is traced once and
 each module gets its own copy. fx patches `torch.nn.Module` for every thread while it traces:
-repconv's entry points take turns (`one_at_a_time`).
+repconv's entry points take turns (`repconv.turns`).
 """
 
 from __future__ import annotations
@@ -14,11 +14,10 @@ import copy
 import enum
 import functools
 import struct
-import threading
 import types
-from collections.abc import Callable, Hashable
+from collections.abc import Hashable
 from collections.abc import Set as AbstractSet
-from typing import Any, TypeVar
+from typing import Any
 
 import torch
 import torch.fx as fx
@@ -34,26 +33,6 @@ _HOOK_TABLES = tuple(sorted(name for name in _BOOKKEEPING if "hook" in name))
 _CLASS_BOOKKEEPING = frozenset(vars(type("Empty", (), {}))) | {"__annotations__"}
 _PLAIN = (bool, int, float, complex, str, bytes, type(None), torch.dtype, torch.device, enum.Enum)
 _BY_IDENTITY = (types.FunctionType, types.BuiltinFunctionType, type)
-
-
-F = TypeVar("F", bound=Callable[..., Any])
-
-# While fx traces, torch.nn.Module.__call__ is patched for every thread: a model that another
-# thread runs meanwhile goes through the tracer and fails ("module is not installed as a
-# submodule"). So repconv's work on models runs one call at a time per process; reentrant,
-# as the API's functions call each other.
-_ONE_AT_A_TIME = threading.RLock()
-
-
-def one_at_a_time(function: F) -> F:
-    """`function` waits for any other thread's repconv call on a model to end first."""
-
-    @functools.wraps(function)
-    def exclusive(*args: Any, **kwargs: Any) -> Any:
-        with _ONE_AT_A_TIME:
-            return function(*args, **kwargs)
-
-    return exclusive  # type: ignore[return-value]
 
 
 class LeafTracer(fx.Tracer):

@@ -10,7 +10,7 @@ from torch import nn
 
 from repconv import engine
 from repconv.rules import registry
-from repconv.rules.base import Pass, Step
+from repconv.rules.base import Pass, Rule, Step
 from repconv.zoo.blocks import RepVGGBlock
 
 
@@ -43,8 +43,7 @@ def test_entry_point_rules_are_loaded_and_ordered_after_builtins(tmp_path, monke
     (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: sum-plugin\nVersion: 1.0\n")
     (dist / "entry_points.txt").write_text("[repconv.rules]\nsum = sum_plugin:rules\n")
     monkeypatch.syspath_prepend(str(tmp_path))
-    monkeypatch.setattr(registry, "_entry_points_loaded", False)
-    monkeypatch.setattr(registry, "_registered", [])
+    monkeypatch.setattr(registry, "DEFAULT", registry.Registry())  # entry points not yet read
     try:
         names = [r.name for r in registry.block_rules()]
         assert names == ["repvgg", "dbb", "acb", "plugin_sum"]
@@ -118,9 +117,9 @@ class _Doubled(nn.Module):
 def test_a_new_pass_is_one_object_in_the_registry(monkeypatch):
     extra = _ScaleBeforeConv()
     # Before the data-flow pass, which would otherwise fold the scale into the conv itself.
-    later = list(registry._LATER_PASSES)
+    later = list(registry.LATER_PASSES)
     later.insert(later.index(registry.dataflow.PASS), extra)
-    monkeypatch.setattr(registry, "_LATER_PASSES", later)
+    monkeypatch.setattr(registry, "DEFAULT", registry.Registry(later=later))
     assert [row["name"] for row in registry.describe()][-3:] == [
         "scale_into_conv",
         "dataflow",
@@ -151,3 +150,51 @@ def test_apply_returns_outcomes_and_leaves_the_plan_as_planned():
     assert [o.status for o in applied.entries] == ["fused", "fused"]
     assert applied.plan is plan and [o.step for o in applied.entries] == plan.entries
     assert list(applied.to_dict()["blocks"][0]) == list(planned["blocks"][0])  # same keys, order
+
+
+def test_registering_from_many_threads_keeps_each_name_once(monkeypatch):
+    """Threads registering at once: every distinct rule lands once, and of one name registered
+    by many threads exactly one succeeds (the check and the insert are one step)."""
+    import threading
+    import time
+
+    fresh = registry.Registry()
+    monkeypatch.setattr(registry, "DEFAULT", fresh)
+    listed = fresh.block_rules
+
+    def listed_slowly() -> list[Rule]:  # widens the window between the name check and the insert
+        rules = listed()
+        time.sleep(0.001)
+        return rules
+
+    monkeypatch.setattr(fresh, "block_rules", listed_slowly)
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # switch threads as often as the interpreter can
+    try:
+        start = threading.Barrier(16)
+        outcomes: list[str] = []
+
+        def register(index: int) -> None:
+            start.wait()
+            for n in range(20):
+                registry.register_rule(_rule(f"own_{index}_{n}"))
+            try:
+                registry.register_rule(_rule("shared"))
+                outcomes.append("registered")
+            except ValueError:
+                outcomes.append("refused")
+
+        threads = [threading.Thread(target=register, args=(i,)) for i in range(16)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    finally:
+        sys.setswitchinterval(interval)
+    names = [r.name for r in listed()]
+    assert len(names) == len(set(names)) == 3 + 16 * 20 + 1
+    assert sorted(outcomes) == ["refused"] * 15 + ["registered"]
+
+
+def _rule(name: str) -> Rule:
+    return Rule(name, "test", "never matches", lambda m: None, lambda m: None)

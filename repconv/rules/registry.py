@@ -8,12 +8,14 @@ is left, found by data flow. Third-party rules are
 added with `register_rule` or through the `repconv.rules` entry-point group (each entry point names
 a Rule object or a zero-argument callable returning one or a list of them).
 
-A new built-in pass is one module plus one line here: in `_BUILTIN` for a block rule, in
-`_LATER_PASSES` for a pass that runs after the block rules.
+A new built-in pass is one module plus one line here: in `BUILTIN_RULES` for a block rule, in
+`LATER_PASSES` for a pass that runs after the block rules. The order and the registered rules
+are held by a `Registry`; the module's functions use its default one (`DEFAULT`).
 """
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Sequence
 from importlib.metadata import entry_points
 
@@ -22,78 +24,124 @@ from repconv.rules.base import Pass, Rule
 
 ENTRY_POINT_GROUP = "repconv.rules"
 
-_BUILTIN: list[Rule] = [repvgg.RULE, dbb.RULE, acb.RULE]
+BUILTIN_RULES: tuple[Rule, ...] = (repvgg.RULE, dbb.RULE, acb.RULE)
 # After the block rules (and any registered ones), in this order.
-_LATER_PASSES: list[Pass] = [deploy_method.PASS, dataflow.PASS, convbn.PASS]
-_registered: list[Rule] = []
-_entry_points_loaded = False
+LATER_PASSES: tuple[Pass, ...] = (deploy_method.PASS, dataflow.PASS, convbn.PASS)
+
+
+class Registry:
+    """The passes in the order the engine runs them, and the rules registered at run time.
+
+    Registering is safe across threads (one lock guards the lists and the one-time loading of
+    the entry points); readers get a copy of the order as it was when they asked.
+    """
+
+    def __init__(
+        self,
+        builtin: Sequence[Rule] = BUILTIN_RULES,
+        later: Sequence[Pass] = LATER_PASSES,
+        *,
+        entry_points_group: str | None = ENTRY_POINT_GROUP,
+    ):
+        self._builtin = list(builtin)
+        self._registered: list[Rule] = []
+        self._later = list(later)
+        self._group = entry_points_group
+        self._lock = threading.RLock()  # loading entry points registers their rules
+
+    def register(self, rule: Rule, *, before: str | None = None) -> Rule:
+        """Add a block rule; it is tried after the built-in ones unless `before` names a rule.
+
+        The contract a rule must keep is written once, on the public `repconv.register_rule`.
+        """
+        if not isinstance(rule, Rule):
+            raise TypeError(f"expected a repconv Rule, got {type(rule).__name__}")
+        with self._lock:
+            if any(r.name == rule.name for r in self.block_rules()):
+                raise ValueError(f"a rule named {rule.name!r} is already registered")
+            if before is None:
+                self._registered.append(rule)
+            elif (found := self._place_of(before)) is not None:
+                rules, index = found
+                rules.insert(index, rule)
+            else:
+                raise ValueError(f"no rule named {before!r}")
+        return rule
+
+    def unregister(self, name: str) -> None:
+        with self._lock:
+            found = self._place_of(name)
+            if found is None:
+                raise ValueError(f"no rule named {name!r}")
+            rules, index = found
+            del rules[index]
+
+    def _place_of(self, name: str) -> tuple[list[Rule], int] | None:
+        for rules in (self._registered, self._builtin):
+            names = [r.name for r in rules]
+            if name in names:
+                return rules, names.index(name)
+        return None
+
+    def _load_entry_points(self) -> None:
+        """Register the rules of the entry-point group, once (later calls find it done)."""
+        group, self._group = self._group, None
+        if group is None:
+            return
+        for ep in entry_points(group=group):
+            loaded = ep.load()
+            if callable(loaded) and not isinstance(loaded, Rule):
+                loaded = loaded()
+            for rule in loaded if isinstance(loaded, (list, tuple)) else [loaded]:
+                self.register(rule)
+
+    def block_rules(self) -> list[Rule]:
+        """Block rules in the order the engine tries them."""
+        with self._lock:
+            self._load_entry_points()
+            return [*self._builtin, *self._registered]
+
+    def passes(self, rules: Sequence[Rule] | None = None) -> list[Pass]:
+        """Every pass in the order the engine runs them: the block rules (or `rules`), then
+        the rest."""
+        with self._lock:
+            return [*(self.block_rules() if rules is None else rules), *self._later]
+
+    def describe(self) -> list[dict[str, str]]:
+        """Every rule and pass, in the order they apply, for `repconv rules`."""
+        return [
+            {
+                "order": str(i),
+                "name": p.name,
+                "family": p.family,
+                "kind": p.kind,
+                "matches": p.summary,
+                "deploy_form": p.deploy_form,
+            }
+            for i, p in enumerate(self.passes(), start=1)
+        ]
+
+
+DEFAULT = Registry()
+"""The registry the engine and the public functions use."""
 
 
 def register_rule(rule: Rule, *, before: str | None = None) -> Rule:
-    """Add a block rule; it is tried after the built-in ones unless `before` names a rule.
-
-    The contract a rule must keep is written once, on the public `repconv.register_rule`.
-    """
-    if not isinstance(rule, Rule):
-        raise TypeError(f"expected a repconv Rule, got {type(rule).__name__}")
-    if any(r.name == rule.name for r in block_rules()):
-        raise ValueError(f"a rule named {rule.name!r} is already registered")
-    if before is None:
-        _registered.append(rule)
-    else:
-        names = [r.name for r in _registered]
-        if before in names:
-            _registered.insert(names.index(before), rule)
-        elif any(r.name == before for r in _BUILTIN):
-            _BUILTIN.insert([r.name for r in _BUILTIN].index(before), rule)
-        else:
-            raise ValueError(f"no rule named {before!r}")
-    return rule
+    """`Registry.register` on the default registry."""
+    return DEFAULT.register(rule, before=before)
 
 
 def unregister_rule(name: str) -> None:
-    for rules in (_registered, _BUILTIN):
-        for r in list(rules):
-            if r.name == name:
-                rules.remove(r)
-                return
-    raise ValueError(f"no rule named {name!r}")
-
-
-def _load_entry_points() -> None:
-    global _entry_points_loaded
-    if _entry_points_loaded:
-        return
-    _entry_points_loaded = True
-    for ep in entry_points(group=ENTRY_POINT_GROUP):
-        loaded = ep.load()
-        if callable(loaded) and not isinstance(loaded, Rule):
-            loaded = loaded()
-        for rule in loaded if isinstance(loaded, (list, tuple)) else [loaded]:
-            register_rule(rule)
+    DEFAULT.unregister(name)
 
 
 def block_rules() -> list[Rule]:
-    """Block rules in the order the engine tries them."""
-    _load_entry_points()
-    return [*_BUILTIN, *_registered]
+    return DEFAULT.block_rules()
 
 
 def passes(rules: Sequence[Rule] | None = None) -> list[Pass]:
-    """Every pass in the order the engine runs them: the block rules (or `rules`), then the rest."""
-    return [*(block_rules() if rules is None else rules), *_LATER_PASSES]
+    return DEFAULT.passes(rules)
 
 
 def describe() -> list[dict[str, str]]:
-    """Every rule and pass, in the order they apply, for `repconv rules`."""
-    return [
-        {
-            "order": str(i),
-            "name": p.name,
-            "family": p.family,
-            "kind": p.kind,
-            "matches": p.summary,
-            "deploy_form": p.deploy_form,
-        }
-        for i, p in enumerate(passes(), start=1)
-    ]
+    return DEFAULT.describe()
