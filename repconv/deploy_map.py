@@ -144,6 +144,35 @@ def _match_modules(
             result.sources[key] = Source("fused", by_leaf[_leaf(key)])
 
 
+def kept_modules(train: Mapping[str, Shape], deploy: Mapping[str, Shape]) -> list[str]:
+    """The modules the deploy model keeps as the train model has them: at the same path, with
+    tensors of the same names and shapes (a live conv + BN pair, a post-sum BN, a layer scale).
+    Only the outermost of them; modules holding no tensor are left out (they constrain nothing).
+
+    The conversion takes these from the train checkpoint as they are, and no fusion crosses
+    them: the deploy model decides what is fused.
+    """
+
+    train_under, deploy_under = _tensors_under(train), _tensors_under(deploy)
+    kept: list[str] = []
+    for module in sorted(train_under):  # parents sort before their children
+        if any(_within(module, outer) for outer in kept):
+            continue
+        if train_under[module] == deploy_under.get(module):
+            kept.append(module)
+    return kept
+
+
+def _tensors_under(shapes: Mapping[str, Shape]) -> dict[str, dict[str, Shape]]:
+    """For every module path (prefix of a key, "" the root): its tensors, by relative name."""
+    found: dict[str, dict[str, Shape]] = {}
+    for key, shape in shapes.items():
+        parts = key.split(".")
+        for n in range(len(parts)):
+            found.setdefault(".".join(parts[:n]), {})[".".join(parts[n:])] = shape
+    return found
+
+
 def _few(paths: Sequence[str]) -> str:
     shown = ", ".join(paths[:SHOWN])
     more = len(paths) - SHOWN

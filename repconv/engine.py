@@ -71,6 +71,27 @@ def _block_dict(
     }
 
 
+@dataclass(frozen=True)
+class Kept:
+    """Modules a plan keeps as they are (the user's deploy model has them: a live conv + BN
+    pair, a post-sum BN): no pass touches them, and no step consumes a module holding one. The
+    data-flow pass sees them as leaves, so no region crosses them."""
+
+    paths: tuple[str, ...] = ()
+
+    def ids(self, model: nn.Module) -> set[int]:
+        return {id(model.get_submodule(p)) for p in self.paths}
+
+    def inside(self, path: str) -> bool:
+        """Whether a kept module sits strictly inside the module at `path`."""
+        prefix = f"{path}." if path else ""
+        return any(k != path and k.startswith(prefix) for k in self.paths)
+
+    def allows(self, step: Step) -> bool:
+        """A step may not consume a kept module, nor a module holding one."""
+        return not any(self.inside(c) or c in self.paths for c in step.claims)
+
+
 @dataclass
 class Plan:
     """What will be done: one step per block (or conv -> norm pair), in the order of fusing."""
@@ -79,6 +100,7 @@ class Plan:
     # The passes the plan was made with, in order: a step's follow-ups are found by the passes
     # after its own.
     passes: list[Pass] = field(default_factory=list, repr=False)
+    kept: Kept = field(default_factory=Kept)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -228,17 +250,18 @@ class _EarlierPasses:
         return self.matched[key]
 
 
-def _walk(model: nn.Module, passes: Sequence[Pass]) -> tuple[list[Step], set[int]]:
-    """Top-down, the first pass matching a module claims it; claimed subtrees are opaque."""
+def _walk(model: nn.Module, passes: Sequence[Pass], kept: Kept) -> tuple[list[Step], set[int]]:
+    """Top-down, the first pass matching a module claims it; claimed subtrees are opaque.
+    A module holding a kept one is not offered (its children are)."""
     matched: dict[tuple[int, int], bool] = {}
     scopes = [_EarlierPasses(passes, i, matched) for i in range(len(passes))]
     steps: list[Step] = []
-    claimed: set[int] = set()
+    claimed: set[int] = kept.ids(model)
 
     def visit(module: nn.Module, path: str) -> None:
         if id(module) in claimed:
             return
-        for each, scope in zip(passes, scopes):
+        for each, scope in zip(passes, [] if kept.inside(path) else scopes):
             structure = each.match_module(module, scope)
             if structure:
                 claimed.add(id(module))
@@ -253,29 +276,35 @@ def _walk(model: nn.Module, passes: Sequence[Pass]) -> tuple[list[Step], set[int
 
 
 @one_at_a_time
-def plan(model: nn.Module, rules: Sequence[Rule] | None = None) -> Plan:
+def plan(
+    model: nn.Module, rules: Sequence[Rule] | None = None, *, keep: Sequence[str] = ()
+) -> Plan:
     """Which pass fuses which block, without changing anything.
 
-    `rules` replaces the registered block rules; the passes after them run either way.
+    `rules` replaces the registered block rules; the passes after them run either way. `keep`
+    names modules to leave as they are (see `Kept`).
     """
     passes = registered_passes(rules)
+    kept = Kept(tuple(keep))
     check_norm_statistics(model)
     check_finite(model)
-    steps, claimed = _walk(model, passes)
-    return Plan(steps + _find(model, "", passes, claimed), list(passes))
+    steps, claimed = _walk(model, passes, kept)
+    steps += _find(model, "", passes, claimed, kept)
+    return Plan(steps, list(passes), kept)
 
 
 def _find(
-    model: nn.Module, at: str, passes: Sequence[Pass], claimed: AbstractSet[int]
+    model: nn.Module, at: str, passes: Sequence[Pass], claimed: AbstractSet[int], kept: Kept
 ) -> list[Step]:
     """The find-stage passes, in order, over the module at `at`: each skips what the ones
-    before it claimed."""
+    before it claimed, and what the plan keeps."""
     root = model.get_submodule(at)
+    claimed = set(claimed) | kept.ids(model)
     steps: list[Step] = []
     for each in passes:
-        found = each.find(root, claimed, at)
+        found = [s for s in each.find(root, claimed, at) if kept.allows(s)]
         steps += found
-        claimed = claimed | {id(model.get_submodule(p)) for s in found for p in s.claims}
+        claimed |= {id(model.get_submodule(p)) for s in found for p in s.claims}
     return steps
 
 
@@ -407,7 +436,7 @@ def _plan_after(model: nn.Module, plan: Plan, later: Sequence[Pass], step: Step)
         if s.path.startswith(prefix) and s.path != step.path and s.by is not step.by
     }
     opaque = {id(m) for p, m in model.named_modules() if p in inner}
-    return _find(model, step.path, later, opaque)
+    return _find(model, step.path, later, opaque, plan.kept)
 
 
 def leftover_norm_warnings(model: nn.Module) -> list[dict[str, str]]:

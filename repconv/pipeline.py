@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from repconv import arch, checkpoint, deploy_map, dtypes, engine, metadata
+from repconv import arch, checkpoint, deploy_constraint, deploy_map, dtypes, engine, metadata
 from repconv import verification as V
 from repconv.engine import Applied, Plan
 from repconv.errors import BadInput, VerificationFailed
@@ -93,7 +93,8 @@ def convert(
         dtypes.check_holds_weights(dtypes.named(options.verify_dtype), original.values())
     params_before = param_count(model)
     kept = _train_tensors_for(deploy_model, model)
-    plan = engine.plan(model, rules)
+    keep = _kept_by(deploy_model, model, options.input_shape)
+    plan = engine.plan(model, rules, keep=keep)
     dtype_for = dtypes.output_dtypes(original, plan)
     reference = _reference(model, plan, options) if options.verify else None
     probes = reference.block_probes() if reference is not None else None
@@ -118,6 +119,17 @@ def _train_tensors_for(deploy_model: nn.Module | None, model: nn.Module) -> dict
         return {}
     wanted = set(deploy_model.state_dict(keep_vars=True))
     return {k: v for k, v in model.state_dict().items() if k in wanted}
+
+
+def _kept_by(
+    deploy_model: nn.Module | None, model: nn.Module, input_shape: Sequence[int] | None
+) -> list[str]:
+    """The train modules the deploy model keeps live as they are: the plan leaves them, so the
+    deploy model decides what is fused (`deploy_constraint`)."""
+    if deploy_model is None:
+        return []
+    shape = arch.input_shape_for(model, input_shape)
+    return deploy_constraint.kept_by(deploy_model, model, shape)
 
 
 def _fill_deploy(
@@ -455,7 +467,8 @@ def verify_files(
     reference = V.take_reference(
         model, shape, samples, seed, torch.float64, shape_given=bool(input_shape)
     )
-    applied = engine.convert_model(model)
+    keep = _kept_by(deploy_model, model, input_shape)
+    applied = engine.apply(model, engine.plan(model, keep=keep))
     if deploy_model is not None:
         _fill_deploy(deploy_model, model, kept, lambda _key: torch.float64)
         model = deploy_model

@@ -152,8 +152,8 @@ class QARepVGGBlock(L.QARepVGGBlock):
     """Fully fused deploy form: `rbr_reparam` (bias=True), then se and the non-linearity.
 
     Upstream's own deploy form keeps the post-sum `bn` live after `rbr_reparam` (its forward is
-    nonlinearity(bn(se(rbr_reparam(x))))); `keep_bn=True` builds that one, which a fully fused
-    conversion cannot fill (tests/test_deploy_arch.py expects it refused)."""
+    nonlinearity(bn(se(rbr_reparam(x))))); `keep_bn=True` builds that one, which the conversion
+    fills by keeping that `bn` out of the fold (the deploy model decides)."""
 
     TRAIN_BRANCHES = ("rbr_dense", "rbr_1x1", "rbr_identity")
 
@@ -186,7 +186,7 @@ class QARepVGGBlockV2(QARepVGGBlock, L.QARepVGGBlockV2):
 
     Upstream's `deploy=True` constructor (RepVGGBlock's) builds only `rbr_reparam`, but its
     forward still calls `bn`, which only `switch_to_deploy` leaves behind (live, "keep post bn
-    for QAT"), as in QARepVGGBlock; `keep_bn=True` builds that form (refused, as V1's). The
+    for QAT"), as in QARepVGGBlock; `keep_bn=True` builds that form (filled as V1's). The
     train form (V2's, by the method order) also has the avg-pool branch to drop."""
 
     TRAIN_BRANCHES = (*QARepVGGBlock.TRAIN_BRANCHES, "rbr_avg")
@@ -350,9 +350,15 @@ def _blocks(layout: str, w: int, deploy: bool) -> list[nn.Module]:
             nn.ReLU(),
         ],
         "yolov10_repvggdw": lambda: [RepVGGDW(w, deploy=d), RepVGGDW(w, deploy=d)],
+        "yolov6_live_bn": lambda: [
+            QARepVGGBlock(w, w, deploy=d, keep_bn=True),
+            QARepVGGBlock(w, 2 * w, stride=2, deploy=d, keep_bn=True),
+        ],
+        "yolov6_v2_live_bn": lambda: [
+            QARepVGGBlockV2(w, w, deploy=d, keep_bn=True),
+            QARepVGGBlockV2(w, 2 * w, stride=2, deploy=d, keep_bn=True),
+        ],
         # Error paths: these deploy forms do not fit their train form.
-        "yolov6_live_bn": lambda: [QARepVGGBlock(w, w, deploy=d, keep_bn=True)],
-        "yolov6_v2_live_bn": lambda: [QARepVGGBlockV2(w, w, deploy=d, keep_bn=True)],
         "repvgg_extra": lambda: [RepVGGWithExtra(w, w, deploy=d)],
         "two_candidates": lambda: [TwoCandidates(w, deploy=d)],
     }
@@ -371,11 +377,20 @@ PAIRS = (
     "repghost",
     "yolov6_qarepvgg",
     "yolov6_qarepvgg_v2",
+    # Upstream's own deploy forms: the post-sum `bn` stays live after `rbr_reparam`, so the
+    # conversion must keep it out of the fold.
+    "yolov6_live_bn",
+    "yolov6_v2_live_bn",
     "alpha_repvgg",
     "yolov10_repvggdw",
     # Its deploy form keeps the train conv's name `lk_origin` for the fused conv (with a bias).
     "unireplknet",
 )
+# The train modules each pair's deploy form keeps live (kept out of the fold), spelled out.
+LIVE = {
+    "yolov6_live_bn": ("blocks.0.bn", "blocks.1.bn"),
+    "yolov6_v2_live_bn": ("blocks.0.bn", "blocks.1.bn"),
+}
 # Each pair's fused conv attribute in deploy form (the name to find).
 DEPLOY_CONV = {
     "repvgg": "rbr_reparam",
@@ -386,6 +401,8 @@ DEPLOY_CONV = {
     "repghost": "cheap_operation",
     "yolov6_qarepvgg": "rbr_reparam",
     "yolov6_qarepvgg_v2": "rbr_reparam",
+    "yolov6_live_bn": "rbr_reparam",
+    "yolov6_v2_live_bn": "rbr_reparam",
     "alpha_repvgg": "rbr_reparam",
     "unireplknet": "lk_origin",
     "yolov10_repvggdw": "conv",

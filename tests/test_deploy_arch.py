@@ -5,10 +5,9 @@ without the feature): each deploy form computes what upstream's deploy forward d
 hand from the fused train model it matches the train model. The others need repconv/deploy_map.py
 (strict xfail until it lands).
 
-NOTES: upstream deploy forms a fully fused conversion cannot fill, kept out of PAIRS: YOLOv6's
-QARepVGGBlock and QARepVGGBlockV2 keep their post-sum `bn` live after `rbr_reparam`
-("yolov6_live_bn", "yolov6_v2_live_bn" here), and RepGhost's deploy model keeps `primary_conv`'s
-BN unfused.
+YOLOv6's QARepVGGBlock and QARepVGGBlockV2 deploy forms keep their post-sum `bn` live after
+`rbr_reparam` ("yolov6_live_bn", "yolov6_v2_live_bn"): the conversion keeps what the deploy model
+has and its forward runs out of the fold (`repconv.deploy_constraint`).
 """
 
 from __future__ import annotations
@@ -179,7 +178,7 @@ def renamed_for_deploy(key: str, layout: str) -> str:
 def fill_by_hand(layout: str, train: nn.Module, deploy: nn.Module) -> None:
     """The expected mapping, spelled out: renamed fused tensors, then dead branches."""
     before = {k: v.clone() for k, v in train.state_dict().items()}
-    engine.convert_model(train)
+    engine.apply(train, engine.plan(train, keep=D.LIVE.get(layout, ())))
     state = {renamed_for_deploy(k, layout): v for k, v in train.state_dict().items()}
     state.update({k: before[k] for k in deploy.state_dict() if k not in state and k in before})
     deploy.load_state_dict(state, strict=True)
@@ -434,17 +433,6 @@ def test_a_wrong_deploy_arch_for_the_checkpoint_is_exit_2(tmp_path, layout, depl
     out.parent.mkdir()
     line = expect_mapping_error(tmp_path, convert_args(source, out, layout, deploy_layout))
     assert "blocks." in line
-
-
-@pytest.mark.skipif(not DEPLOY_MAP, reason="--deploy-arch is not an option yet (issue 14)")
-@pytest.mark.parametrize("layout", ["yolov6_live_bn", "yolov6_v2_live_bn"])
-def test_a_deploy_form_that_keeps_a_live_bn_is_refused(tmp_path, layout):
-    """YOLOv6's own deploy forms (QARepVGGBlock and V2: rbr_reparam then a live bn): never
-    written as if they fit."""
-    source, out = train_checkpoint(tmp_path, layout), tmp_path / "d.safetensors"
-    result = invoke(convert_args(source, out, layout))
-    assert result.exit_code in (1, 2), result.output
-    assert not out.exists()
 
 
 def test_a_recorded_deploy_builder_is_not_run_without_being_asked(tmp_path):

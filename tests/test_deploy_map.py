@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from repconv.deploy_map import Source, plan_mapping, require_complete
+from repconv.deploy_map import Source, kept_modules, plan_mapping, require_complete
 from repconv.errors import BadInput
 
 CONV = {"weight": (8, 8, 3, 3), "bias": (8,)}
@@ -97,3 +97,27 @@ def test_a_fused_conv_keeping_a_train_name_is_matched_whole_not_taken_as_dead():
     placed = plan_mapping(deploy, conv_at("block.reparam"), train)
     require_complete(placed, "x")
     assert placed.sources["block.lk_origin.weight"] == Source("fused", "block.reparam.weight")
+
+
+def test_kept_modules_are_the_outermost_with_the_same_tensors():
+    train = {
+        "stem.conv.weight": (4, 3, 3, 3),
+        "stem.bn.weight": (4,),
+        "stem.bn.running_var": (4,),
+        "block.rbr_dense.conv.weight": (4, 4, 3, 3),
+        "block.rbr_dense.bn.weight": (4,),
+        "block.bn.weight": (4,),
+        "head.weight": (2, 4),
+    }
+    deploy = {
+        "stem.conv.weight": (4, 3, 3, 3),  # a live conv + BN pair
+        "stem.bn.weight": (4,),
+        "stem.bn.running_var": (4,),
+        "block.rbr_reparam.weight": (4, 4, 3, 3),
+        "block.rbr_reparam.bias": (4,),
+        "block.bn.weight": (4,),  # a post-sum BN
+        "head.weight": (2, 5),  # same path, another shape: not kept
+    }
+    assert kept_modules(train, deploy) == ["block.bn", "stem"]
+    assert kept_modules(train, train) == [""]  # the deploy model is the train model
+    assert kept_modules(train, {}) == []

@@ -34,7 +34,8 @@ LAYERS: list[tuple[str, set[str]]] = [
     ("engine", {"engine"}),
     (
         "models and judging",
-        {"dtypes", "arch", "verification", "bench", "zoo.repvgg", "zoo.dbb_nets", "zoo.demo"},
+        {"dtypes", "arch", "verification", "bench", "deploy_constraint"}
+        | {"zoo.repvgg", "zoo.dbb_nets", "zoo.demo"},
     ),
     ("checkpoint I/O", {"checkpoint", "zoo.checkpoints", "model_choice"}),
     ("workflows", {"pipeline", "onnx_export", "batch.worker"}),
