@@ -11,7 +11,8 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import sys
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -190,7 +191,8 @@ def build_loaded(
         if _has_meta_tensors(model):
             model = None
     if model is None:
-        model = _construct(factory, kwargs, spec)
+        with skipping_init():  # every tensor is loaded from the checkpoint below
+            model = _construct(factory, kwargs, spec)
         if prepare is not None:
             prepare(model)
         check_fit(model, state_dict, what)
@@ -203,11 +205,42 @@ def build_loaded(
 
 
 def build_empty(spec: str, kwargs: Mapping[str, Any]) -> nn.Module:
-    """The model named by `spec`, built on the meta device (tensors to be assigned), eval mode."""
+    """The model named by `spec`, its tensors to be assigned, in eval mode: built on the meta
+    device, or, where its constructor needs values (`.item()` on a tensor it makes in
+    `__init__`, as RepLKNet's and UniRepLKNet's do), on the CPU with initialisation skipped."""
     factory = resolve(spec)
-    with torch.device("meta"):
-        model = _construct(factory, kwargs, spec)
+    try:
+        with torch.device("meta"):
+            model = _construct(factory, kwargs, spec)
+    except BadInput:
+        with skipping_init():
+            model = _construct(factory, kwargs, spec)
     return model.eval()
+
+
+# torch.nn.init's in-place initialisers: what `reset_parameters` calls.
+_INITIALISERS = tuple(
+    name for name in dir(nn.init) if name.endswith("_") and not name.startswith("_")
+)
+
+
+@contextmanager
+def skipping_init() -> Iterator[None]:
+    """While active, torch.nn.init's initialisers leave their tensor as it is: a model whose
+    every tensor is about to be assigned or loaded spends no random initialisation on them.
+    (A constructor that imported an initialiser by name still runs it: slower, not wrong.)"""
+    saved = {name: getattr(nn.init, name) for name in _INITIALISERS}
+    try:
+        for name in saved:
+            setattr(nn.init, name, _left_as_it_is)
+        yield
+    finally:
+        for name, function in saved.items():
+            setattr(nn.init, name, function)
+
+
+def _left_as_it_is(tensor: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+    return tensor
 
 
 def _build_on_meta(

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import copy
 
+import pytest
 import torch
 from helpers import randomized, rel_error
 from torch import nn
 
+import repconv
 from repconv import engine
 from repconv.deploy_constraint import kept_by
 from repconv.zoo.blocks import RepVGGBlock, conv_bn
@@ -53,3 +55,44 @@ def test_a_module_the_deploy_forward_does_not_run_is_not_kept():
         deploy = LivePair(fused=True)
     assert kept_by(deploy, train, (4, 8, 8)) == ["kept"]
     assert kept_by(copy.deepcopy(train), train, (4, 8, 8)) == [""]
+
+
+class ItemInInit(nn.Module):
+    """Drop-path rates read with `.item()` in `__init__` (RepLKNet, UniRepLKNet): no meta build."""
+
+    def __init__(self, deploy: bool = False):
+        super().__init__()
+        self.rates = [x.item() for x in torch.linspace(0, 0.1, 2)]
+        self.conv = nn.Conv2d(3, 4, 3, padding=1, bias=deploy)
+        self.bn = nn.Identity() if deploy else nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        return self.bn(self.conv(x))
+
+
+def test_a_deploy_model_that_cannot_be_built_on_meta_is_built_on_cpu_uninitialised(monkeypatch):
+    from repconv import arch
+
+    initialised = []
+    real = torch.nn.init.kaiming_uniform_
+    monkeypatch.setattr(torch.nn.init, "kaiming_uniform_", lambda t, *a, **k: initialised.append(t))
+    monkeypatch.setattr(arch, "resolve", lambda spec: ItemInInit)
+    with arch.skipping_init():
+        assert torch.nn.init.kaiming_uniform_ is not real
+    model = arch.build_empty("item_in_init", {"deploy": True})
+    assert isinstance(model, ItemInInit) and not model.conv.weight.is_meta
+    assert initialised == []  # no initialiser ran on the CPU build
+    assert model.rates == pytest.approx([0.0, 0.1])
+
+
+def test_convert_fills_a_deploy_model_built_on_cpu():
+    train = randomized(ItemInInit())
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    with torch.no_grad():
+        want = train(x)
+    result = repconv.convert(
+        train, deploy_model=ItemInInit(deploy=True).double(), input_shape=[3, 8, 8]
+    )
+    assert result.passed
+    with torch.no_grad():
+        assert rel_error(result.model(x), want) < 1e-12
