@@ -12,7 +12,7 @@ import importlib
 import importlib.util
 import sys
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -191,7 +191,9 @@ def build_loaded(
         if _has_meta_tensors(model):
             model = None
     if model is None:
-        with skipping_init():  # every tensor is loaded from the checkpoint below
+        # Every tensor is loaded from the checkpoint below; but `prepare` (the deploy rebuild)
+        # plans on the values it finds, which must then be finite: those are initialised.
+        with skipping_init() if prepare is None else nullcontext():
             model = _construct(factory, kwargs, spec)
         if prepare is not None:
             prepare(model)

@@ -93,10 +93,13 @@ class Region:
 
     @property
     def worth_fusing(self) -> bool:
-        """A lone conv, a bare scale or an identity is already as cheap as it gets, and a conv
-        module followed by its norm alone is the conv -> BN pass's (it keeps the conv's own
-        name). A functional conv is not that pass's: its kernel is computed in the forward
-        (OREPA's weight_gen), so one with its norm is fused here."""
+        """Whether fusing the region removes an op: a conv, a norm, a branch (a sum of two
+        values, a pool, a pad). A lone conv with a scale or a constant on it (a layer scale, an
+        SE gate's `+ 3`) is already as cheap as it gets: folded into the conv it would change
+        nothing but the meaning of the conv's names. A conv module followed by its norm alone is
+        the conv -> BN pass's (it keeps the conv's own name); a functional conv is not that
+        pass's: its kernel is computed in the forward (OREPA's weight_gen), so one with its norm
+        is fused here."""
         kinds = [kind_of(n) for n in self.nodes]
         if "conv" not in kinds and "norm" not in kinds:
             return False
@@ -105,7 +108,12 @@ class Region:
             return False
         if substantive == ["conv", "norm"]:
             return any(kind_of(n) == "conv" and n.op == "call_function" for n in self.nodes)
-        return True
+        joins = [
+            n
+            for n in self.nodes
+            if kind_of(n) == "sum" and sum(isinstance(a, fx.Node) for a in n.args) >= 2
+        ]
+        return self.convs >= 2 or bool(joins) or any(k in ("norm", "pool", "pad") for k in kinds)
 
 
 def kind_of(node: fx.Node) -> str:

@@ -17,7 +17,16 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from repconv import arch, checkpoint, deploy_constraint, deploy_map, dtypes, engine, metadata
+from repconv import (
+    arch,
+    checkpoint,
+    convention,
+    deploy_constraint,
+    deploy_map,
+    dtypes,
+    engine,
+    metadata,
+)
 from repconv import verification as V
 from repconv.engine import Applied, Plan
 from repconv.errors import BadInput, VerificationFailed
@@ -43,6 +52,8 @@ class Result:
     # The train model's outputs on the verification inputs (None without verification); the
     # ONNX export is checked against them.
     reference: V.Reference | None = field(default=None, repr=False)
+    # How the file reads in the train class by the conv-BN convention (None: not checked).
+    convention: convention.ConventionCheck | None = None
 
     @property
     def passed(self) -> bool:
@@ -55,6 +66,7 @@ class Result:
             "params_after": self.params_after,
             "plan": self.plan.to_dict(),
             "verification": None if self.verification is None else self.verification.to_dict(),
+            "convention": None if self.convention is None else self.convention.to_dict(),
         }
 
 
@@ -98,17 +110,44 @@ def convert(
     dtype_for = dtypes.output_dtypes(original, plan)
     reference = _reference(model, plan, options) if options.verify else None
     probes = reference.block_probes() if reference is not None else None
+    # The train class, to read the file by the conv-BN convention (not for a deploy model of
+    # the user's, whose names are its own).
+    structure = convention.structure_of(model) if reference and deploy_model is None else None
     applied = engine.apply(model, plan, observer=probes)
     if deploy_model is not None:
         dtype_for = _fill_deploy(deploy_model, model, kept, dtype_for)
         model = deploy_model
-    verification = None
+    verification, names = None, None
     if reference is not None:
         verification = _figures(model, reference, applied, dtype_for, options)
+        names = _names_check(structure, model, reference, applied, verification)
     dtypes.cast_in_place(model, dtype_for)
     state = {k: v.contiguous() for k, v in model.state_dict().items()}
     return Result(
-        model, applied, verification, state, params_before, param_count(model), reference=reference
+        model, applied, verification, state, params_before, param_count(model), reference=reference,
+        convention=names,
+    )  # fmt: skip
+
+
+def _names_check(
+    structure: nn.Module | None,
+    model: nn.Module,
+    reference: V.Reference,
+    applied: Applied,
+    verification: V.Verification,
+) -> convention.ConventionCheck | None:
+    """The file's tensors (held as it will hold them) read by the conv-BN convention into the
+    train class, whole and per fused block (`convention`): NamesLie if a strict load computes
+    something else. Only once the conversion is right: a wrong one is verification's to say."""
+    if structure is None or not verification.passed:
+        return None
+    blocks = {
+        o.path: reference.block_shapes[o.path]
+        for o in applied.entries
+        if o.status == "fused" and len(o.step.chain) == 1 and o.path in reference.block_shapes
+    }
+    return convention.check(
+        structure, model, reference.inputs, reference.outputs, blocks, verification.written_rtol
     )
 
 

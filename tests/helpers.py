@@ -22,3 +22,27 @@ def randomized(model: nn.Module, seed: int = 0, dtype: torch.dtype = torch.float
 def rel_error(a: torch.Tensor, b: torch.Tensor) -> float:
     a, b = a.detach().double(), b.detach().double()
     return float((a - b).abs().max() / b.abs().max())
+
+
+def by_conv_bn_convention(model: nn.Module, state: dict) -> nn.Module | None:
+    """`model` (a train-form instance) with `state` loaded the way people load fused files:
+    every batch norm the file has no tensors for becomes Identity, every conv or linear without
+    a bias gains the file's; None when that strict load fails (the names say they mean
+    something else). Written apart from repconv's own check, to test it."""
+    prefixes = {k.rpartition(".")[0] for k in state}
+    for path, module in list(model.named_modules()):
+        parent, _, name = path.rpartition(".")
+        owner = model.get_submodule(parent) if parent else model
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and path not in prefixes:
+            setattr(owner, name, nn.Identity())
+        elif _biasless(module) and f"{path}.bias" in state:
+            module.bias = nn.Parameter(torch.empty(module.weight.shape[0]))
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError:
+        return None
+    return model.eval()
+
+
+def _biasless(module: nn.Module) -> bool:
+    return isinstance(module, (nn.Conv2d, nn.Linear)) and module.bias is None

@@ -780,7 +780,9 @@ LAYOUTS = (
 # RepGhost's fused kernel has its depthwise conv's shape, so that conv is kept with the fold.
 FUSED_BY = {
     "yolov7_repconv": ("repvgg", "rbr_reparam"),
-    "repghost": ("dataflow", "cheap_operation.0"),
+    # a new name: the class's own forward, its norms as Identity, would add the fusion branch
+    # again to a fold kept in `cheap_operation.0` (a name that would lie)
+    "repghost": ("dataflow", "reparam"),
     # the fold goes into the deploy conv super-gradients builds in __init__ and the train
     # forward never calls, so the block ends with upstream's deploy keys
     "sg_qarepvgg": ("dataflow", "rbr_reparam"),

@@ -34,7 +34,7 @@ LAYERS: list[tuple[str, set[str]]] = [
     ("engine", {"engine"}),
     (
         "models and judging",
-        {"dtypes", "arch", "verification", "bench", "deploy_constraint"}
+        {"dtypes", "arch", "verification", "bench", "deploy_constraint", "convention"}
         | {"zoo.repvgg", "zoo.dbb_nets", "zoo.demo"},
     ),
     ("checkpoint I/O", {"checkpoint", "zoo.checkpoints", "model_choice"}),

@@ -16,7 +16,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 from click.testing import CliRunner
-from helpers import randomized, rel_error
+from helpers import by_conv_bn_convention, randomized, rel_error
+from safetensors.torch import load_file
 from torch import nn
 
 import repconv
@@ -335,6 +336,11 @@ def test_cli_converts_and_load_deploy_matches_the_train_model(tmp_path, layout):
     x = sample(torch.float32)
     with torch.no_grad():
         assert rel_error(deploy(x), train(x)) <= written_limit(torch.float32)
+        # Names never lie: read into the train class by the conv-BN convention, the file
+        # computes the train output, or fails that strict load.
+        by_convention = by_conv_bn_convention(L.build(layout).eval(), load_file(out))
+        if by_convention is not None:
+            assert rel_error(by_convention(x), train(x)) <= written_limit(torch.float32)
 
 
 # ---- not linear: left alone with a warning (need the dataflow pass for the warning) ------------

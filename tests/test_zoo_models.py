@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 from click.testing import CliRunner
+from helpers import by_conv_bn_convention
 from safetensors.torch import load_file
 
 from repconv.cli import main
@@ -75,6 +76,15 @@ def test_zoo_save_convert_verify_and_load(name, tmp_path):
     assert verified.exit_code == 0, verified.output
     deploy = zoo.build(name, deploy=True)
     deploy.load_state_dict(load_file(deploy_path), strict=True)
+    # Names never lie: into the train class by the conv-BN convention, the file computes the
+    # train output, or that strict load fails.
+    by_convention = by_conv_bn_convention(zoo.build(name), load_file(deploy_path))
+    if by_convention is not None:
+        trained = zoo.build(name).eval()
+        trained.load_state_dict(torch.load(train, weights_only=True))
+        x = torch.randn(1, 3, 64, 64)
+        with torch.no_grad():
+            assert (by_convention(x) - trained(x)).abs().max() <= 1e-4 * trained(x).abs().max()
     assert sum(p.numel() for p in deploy.parameters()) == doc["params_after"]
     if name in RELEASED_DEPLOY_PARAMS:
         assert millions(deploy) == RELEASED_DEPLOY_PARAMS[name]

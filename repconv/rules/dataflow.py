@@ -207,13 +207,34 @@ def _install(
 def _absorbing_conv(
     block: nn.Module, graph: fx.Graph, region: dataflow.Region, fused: L.FusedConv
 ) -> str | None:
-    convs = [n for n in region.nodes if n.op == "call_module" and is_plain_conv(_module(block, n))]
-    if len(convs) != 1 or sum(1 for n in region.nodes if dataflow.kind_of(n) == "conv") != 1:
+    """The region's own conv, when the fold may keep its name: the region is that conv and the
+    norms after it, in a chain (the conv-BN convention: the class's own forward, its norms as
+    Identity, computes the fused conv). Any other region (a branch added, a scale) needs the
+    rewritten forward, so its conv gets a name of its own."""
+    if not _conv_then_norms(block, region):
         return None
-    target = str(convs[0].target)
+    target = str(region.nodes[0].target)
     if sum(1 for n in graph.nodes if n.op == "call_module" and n.target == target) != 1:
         return None  # called elsewhere too: its weights must stay as they are
     return target if _same_geometry(block.get_submodule(target), fused) else None
+
+
+def _conv_then_norms(block: nn.Module, region: dataflow.Region) -> bool:
+    """A plain conv module fed by the region's input, then only norms, each the one user of
+    the node before it."""
+    first, *rest = region.nodes  # in graph order
+    if first.op != "call_module" or not is_plain_conv(_module(block, first)):
+        return False
+    if first.all_input_nodes != [region.source]:
+        return False
+    previous = first
+    for node in rest:
+        if dataflow.kind_of(node) != "norm" or node.all_input_nodes != [previous]:
+            return False
+        if len(previous.users) != 1:
+            return False
+        previous = node
+    return previous is region.output
 
 
 def _unused_conv(block: nn.Module, graph: fx.Graph, fused: L.FusedConv) -> str | None:
