@@ -13,6 +13,7 @@ and the passes are handed the check they judge their own changes by (`rules.base
 
 from __future__ import annotations
 
+import copy
 import functools
 import math
 from collections.abc import Callable, Mapping, Sequence
@@ -33,6 +34,7 @@ from repconv.modules import (
     join_path,
     norm_problem,
     param_count,
+    put_module,
 )
 from repconv.rules.base import BlockCheck, Pass, PassRun, Rule, RunContext, Step
 from repconv.rules.registry import passes as registered_passes
@@ -74,8 +76,9 @@ def _block_dict(
 @dataclass(frozen=True)
 class Kept:
     """Modules a plan keeps as they are (the user's deploy model has them: a live conv + BN
-    pair, a post-sum BN): no pass touches them, and no step consumes a module holding one. The
-    data-flow pass sees them as leaves, so no region crosses them."""
+    pair, a post-sum BN, an SE block): no pass plans on them, and the data-flow pass sees them
+    as leaves, so no region crosses them. A block rule is not offered a module holding one; a
+    step of another pass on such a module is checked to leave it as it was (`KeptIntact`)."""
 
     paths: tuple[str, ...] = ()
 
@@ -88,8 +91,42 @@ class Kept:
         return any(k != path and k.startswith(prefix) for k in self.paths)
 
     def allows(self, step: Step) -> bool:
-        """A step may not consume a kept module, nor a module holding one."""
-        return not any(self.inside(c) or c in self.paths for c in step.claims)
+        """A step may not consume a kept module, nor anything inside one."""
+        return not any(_within(c, k) for c in step.claims for k in self.paths)
+
+    def under(self, path: str) -> list[str]:
+        """The kept modules strictly inside the module at `path`."""
+        return [k for k in self.paths if k != path and _within(k, path)]
+
+
+def _within(path: str, scope: str) -> bool:
+    return not scope or path == scope or path.startswith(scope + ".")
+
+
+class KeptIntact:
+    """A step on a module holding kept ones: the module as it was before (to put back), and
+    whether the step left each kept module the same object with the same values."""
+
+    def __init__(self, model: nn.Module, path: str, kept: Sequence[str]):
+        self.path, self.kept = path, kept
+        self.before = copy.deepcopy(model.get_submodule(path))
+        self.objects = {k: model.get_submodule(k) for k in kept}
+
+    def broken(self, model: nn.Module) -> str | None:
+        """The first kept module the step removed or changed, or None."""
+        for path, module in self.objects.items():
+            try:
+                now = model.get_submodule(path)
+            except AttributeError:
+                return path
+            twin = self.before.get_submodule(path[len(self.path) + 1 :] if self.path else path)
+            values = zip(now.state_dict().values(), twin.state_dict().values())
+            if now is not module or not all(torch.equal(a, b) for a, b in values):
+                return path
+        return None
+
+    def undo(self, model: nn.Module) -> None:
+        put_module(model, self.path, self.before)
 
 
 @dataclass
@@ -346,12 +383,15 @@ def _apply_step(
     releaser: pages.PageReleaser,
     observer: BlockObserver | None,
     skip: Mapping[tuple[str, str], str],
+    kept: Kept,
 ) -> Outcome:
     if step.refusal is not None:
         return Outcome(step, "skipped", reason=step.refusal)
     if (step.path, step.rule) in skip:
         return Outcome(step, "skipped", reason=skip[step.path, step.rule])
     block_error = observer(model, step) if observer is not None else None
+    inside = kept.under(step.path)
+    guard = KeptIntact(model, step.path, inside) if inside else None
     try:
         kernel_shape, params_after = _fuse(model, step, run, releaser)
     except NotFusable as exc:
@@ -362,6 +402,11 @@ def _apply_step(
         if not isinstance(exc, RepconvError):
             note_block(exc, step.path)  # an internal error: say which block it happened in
         raise
+    broken = guard.broken(model) if guard is not None else None
+    if broken is not None:
+        guard.undo(model)
+        reason = f"it would change {broken}, which the deploy model keeps as it is; undone"
+        return Outcome(step, "skipped", reason=reason)
     error = block_error() if block_error is not None else None
     return Outcome(step, "fused", None, params_after, kernel_shape, error)
 
@@ -397,7 +442,7 @@ def apply(
         while pending:
             step = pending.pop()
             run = runs[id(step.by)]
-            outcomes.append(_apply_step(model, step, run, releaser, observer, skip))
+            outcomes.append(_apply_step(model, step, run, releaser, observer, skip, plan.kept))
             pending += reversed(run.follow_ups(step))
     warnings = [
         {"path": o.path, "message": f"{o.rule} not applied: {o.reason}"}

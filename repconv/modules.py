@@ -185,6 +185,17 @@ def join_path(prefix: str, path: str) -> str:
     return f"{prefix}.{path}" if prefix and path else prefix or path
 
 
+def put_module(model: nn.Module, path: str, module: nn.Module) -> None:
+    """Install `module` at `path`; at the root, the model itself takes the module's state."""
+    if not path:
+        if module is not model:
+            model.__class__ = module.__class__
+            object.__setattr__(model, "__dict__", module.__dict__)
+        return
+    parent_path, _, name = path.rpartition(".")
+    setattr(model.get_submodule(parent_path), name, module)
+
+
 def param_count(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 

@@ -96,3 +96,54 @@ def test_convert_fills_a_deploy_model_built_on_cpu():
     assert result.passed
     with torch.no_grad():
         assert rel_error(result.model(x), want) < 1e-12
+
+
+class MethodBlock(nn.Module):
+    """conv-BN + a 1x1 conv-BN, summed, then a post-sum `bn` the deploy form may keep; its own
+    method folds the branches and, with `folds_post_bn`, the post-sum bn too."""
+
+    def __init__(self, folds_post_bn: bool):
+        super().__init__()
+        self.folds_post_bn = folds_post_bn
+        self.dense = conv_bn(4, 4, 3, padding=1)
+        self.point = conv_bn(4, 4, 1)
+        self.bn = nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        if hasattr(self, "fused"):
+            y = self.fused(x)
+            return y if self.folds_post_bn else self.bn(y)
+        return self.bn(self.dense(x) + self.point(x))
+
+    def switch_to_deploy(self):
+        from repconv import kernels as K
+        from repconv.fused_conv import conv_bn_branch, fused_conv_like, norm_stats
+
+        (dense, geometry), (point, _) = (
+            conv_bn_branch((m.conv, m.bn)) for m in (self.dense, self.point)
+        )
+        branch = K.add([dense, K.pad_to(point, (3, 3))])
+        if self.folds_post_bn:
+            branch = K.add([K.fold_bn(branch, norm_stats(self.bn))])  # the scale applied
+            del self.bn
+        self.fused = fused_conv_like(self.dense.conv, branch, geometry)
+        del self.dense, self.point
+
+
+@pytest.mark.parametrize("folds_post_bn", [False, True], ids=["keeps-bn", "folds-bn"])
+def test_a_method_must_leave_what_the_deploy_model_keeps(folds_post_bn):
+    model = randomized(nn.Sequential(MethodBlock(folds_post_bn)))
+    x = torch.randn(2, 4, 8, 8, dtype=torch.float64)
+    with torch.no_grad():
+        want = model(x)
+    kept_bn = {k: v.clone() for k, v in model[0].bn.state_dict().items()}
+    applied = engine.apply(model, engine.plan(model, keep=["0.bn"]))
+    method = next(o for o in applied.entries if o.rule == "deploy_method")
+    assert all(torch.equal(model[0].bn.state_dict()[k], v) for k, v in kept_bn.items())
+    if folds_post_bn:  # undone, and the branches go to the data-flow pass with bn a leaf
+        assert method.status == "skipped" and "0.bn, which the deploy model keeps" in method.reason
+        assert any(o.rule == "dataflow" and o.status == "fused" for o in applied.entries)
+    else:
+        assert method.status == "fused" and hasattr(model[0], "fused")
+    with torch.no_grad():
+        assert rel_error(model(x), want) < 1e-12

@@ -44,7 +44,7 @@ import torch
 from torch import nn
 
 from repconv.errors import BadInput, NotFusable, RepconvError
-from repconv.modules import floating_dtype, is_norm_like, join_path, param_count
+from repconv.modules import floating_dtype, is_norm_like, join_path, param_count, put_module
 from repconv.rules.base import BlockCheck, BlockProbe, Pass, PassRun, RunContext, Step
 
 NAME = "deploy_method"
@@ -139,17 +139,6 @@ def call_method(block: nn.Module, name: str) -> tuple[nn.Module, set[str]]:
     return result, children - set(result._modules)
 
 
-def put(model: nn.Module, path: str, module: nn.Module) -> None:
-    """Install `module` at `path`; at the root, the model itself takes the module's state."""
-    if not path:
-        if module is not model:
-            model.__class__ = module.__class__
-            object.__setattr__(model, "__dict__", module.__dict__)
-        return
-    parent_path, _, name = path.rpartition(".")
-    setattr(model.get_submodule(parent_path), name, module)
-
-
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}".rstrip(": ")
@@ -172,23 +161,23 @@ def run_checked(model: nn.Module, path: str, name: str, check: BlockCheck) -> No
         _uses_forward_fuse(result, probe, bool(removed))
         error = probe.error_of(result) if probe is not None else 0.0
     except (KeyboardInterrupt, RepconvError):
-        put(model, path, snapshot)
+        put_module(model, path, snapshot)
         raise
     except SystemExit as exc:  # library code must not end the conversion, least of all as success
-        put(model, path, snapshot)
+        put_module(model, path, snapshot)
         raise BadInput(
             f"{path or '<root>'}: {type(block).__name__}.{name}() called sys.exit({exc.code!r})"
         ) from None
     except Exception as exc:  # a library method may fail in any way: never crash on it
-        put(model, path, snapshot)
+        put_module(model, path, snapshot)
         raise NotFusable(f"{name}() failed, block left as it was: {_first_line(exc)}") from None
     if probe is not None and not error <= probe.limit:
-        put(model, path, snapshot)
+        put_module(model, path, snapshot)
         raise NotFusable(
             f"{name}() changed the block's output by {error:.3g} (relative, limit "
             f"{probe.limit:g}); undone, block left as it was"
         )
-    put(model, path, result)
+    put_module(model, path, result)
 
 
 class DeployMethodPass(Pass):
@@ -273,11 +262,11 @@ class DeployMethodRun(PassRun):
         block as the children's methods left it, and the first error with this one."""
         model = self.context.model
         children_fused = model.get_submodule(path)
-        put(model, path, unfused)
+        put_module(model, path, unfused)
         try:
             run_checked(model, path, method, self.context.check)
         except NotFusable as parent_first:
-            put(model, path, children_fused)
+            put_module(model, path, children_fused)
             raise NotFusable(
                 f"{first} (called before its children's too: {parent_first})"
             ) from None
