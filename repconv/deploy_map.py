@@ -21,6 +21,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from repconv.errors import BadInput
+from repconv.paths import within
 
 Shape = tuple[int, ...]
 SHOWN = 5
@@ -51,10 +52,6 @@ def _module(key: str) -> str:
 
 def _leaf(key: str) -> str:
     return key.rpartition(".")[2]
-
-
-def _within(path: str, scope: str) -> bool:
-    return not scope or path == scope or path.startswith(scope + ".")
 
 
 def _shared_depth(a: str, b: str) -> int:
@@ -121,7 +118,7 @@ def _match_modules(
     for module, keys in sorted(wanted.items()):
         want = _signature(keys, deploy)
         scope = _module(module) if module else ""
-        fits = [m for m, sig in signatures.items() if sig == want and _within(m, scope)]
+        fits = [m for m, sig in signatures.items() if sig == want and within(m, scope)]
         if not fits:
             result.unplaced += sorted(keys)
             continue
@@ -156,7 +153,7 @@ def kept_modules(train: Mapping[str, Shape], deploy: Mapping[str, Shape]) -> lis
     train_under, deploy_under = _tensors_under(train), _tensors_under(deploy)
     kept: list[str] = []
     for module in sorted(train_under):  # parents sort before their children
-        if any(_within(module, outer) for outer in kept):
+        if any(within(module, outer) for outer in kept):
             continue
         if train_under[module] == deploy_under.get(module):
             kept.append(module)

@@ -36,6 +36,7 @@ from repconv.modules import (
     param_count,
     put_module,
 )
+from repconv.paths import within
 from repconv.rules.base import BlockCheck, Pass, PassRun, Rule, RunContext, Step
 from repconv.rules.registry import passes as registered_passes
 from repconv.turns import one_at_a_time
@@ -85,22 +86,13 @@ class Kept:
     def ids(self, model: nn.Module) -> set[int]:
         return {id(model.get_submodule(p)) for p in self.paths}
 
-    def inside(self, path: str) -> bool:
-        """Whether a kept module sits strictly inside the module at `path`."""
-        prefix = f"{path}." if path else ""
-        return any(k != path and k.startswith(prefix) for k in self.paths)
-
     def allows(self, step: Step) -> bool:
         """A step may not consume a kept module, nor anything inside one."""
-        return not any(_within(c, k) for c in step.claims for k in self.paths)
+        return not any(within(c, k) for c in step.claims for k in self.paths)
 
     def under(self, path: str) -> list[str]:
         """The kept modules strictly inside the module at `path`."""
-        return [k for k in self.paths if k != path and _within(k, path)]
-
-
-def _within(path: str, scope: str) -> bool:
-    return not scope or path == scope or path.startswith(scope + ".")
+        return [k for k in self.paths if k != path and within(k, path)]
 
 
 class KeptIntact:
@@ -298,7 +290,7 @@ def _walk(model: nn.Module, passes: Sequence[Pass], kept: Kept) -> tuple[list[St
     def visit(module: nn.Module, path: str) -> None:
         if id(module) in claimed:
             return
-        for each, scope in zip(passes, [] if kept.inside(path) else scopes):
+        for each, scope in zip(passes, [] if kept.under(path) else scopes):
             structure = each.match_module(module, scope)
             if structure:
                 claimed.add(id(module))

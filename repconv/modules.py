@@ -18,6 +18,8 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.conv import _ConvNd
 
+from repconv.paths import join_path as join_path  # re-exported: the passes' path helper
+
 _PLAIN_CONV_FORWARDS = {cls.forward for cls in (nn.Conv1d, nn.Conv2d, nn.Conv3d)}
 _PLAIN_NORM_FORWARDS = {_BatchNorm.forward, nn.SyncBatchNorm.forward}
 CONV_BY_DIMS = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
@@ -178,11 +180,6 @@ def conv_bn_unit(module: Any) -> tuple[nn.Module, nn.Module] | None:
     if is_plain_conv(conv) and is_norm_like(norm):
         return conv, norm
     return None
-
-
-def join_path(prefix: str, path: str) -> str:
-    """A module path under `prefix`; either may be "" (the module itself, the root)."""
-    return f"{prefix}.{path}" if prefix and path else prefix or path
 
 
 def put_module(model: nn.Module, path: str, module: nn.Module) -> None:

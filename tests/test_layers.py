@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parent.parent / "repconv"
 LAYERS: list[tuple[str, set[str]]] = [
     (
         "foundation",
-        {"errors", "version", "terminal", "tolerances", "turns", "interrupts", "latency"}
+        {"errors", "version", "terminal", "tolerances", "turns", "interrupts", "latency", "paths"}
         | {"memo", "pages", "memory", "zoo", "zoo.registry", "zoo.blocks"},
     ),
     (
