@@ -37,6 +37,7 @@ from repconv.modules import (
     put_module,
 )
 from repconv.paths import within
+from repconv.plan_record import BlockRecord, PlanRecord, WarningRecord
 from repconv.rules.base import BlockCheck, Pass, PassRun, Rule, RunContext, Step
 from repconv.rules.registry import passes as registered_passes
 from repconv.turns import one_at_a_time
@@ -50,28 +51,28 @@ PlannedStatus = Literal["planned", "fused", "skipped"]
 BlockObserver = Callable[[nn.Module, Step], Callable[[], float] | None]
 
 
-def _block_dict(
+def _block_record(
     step: Step,
     status: PlannedStatus = "planned",
     reason: str | None = None,
     params_after: int | None = None,
     kernel_shape: tuple[int, ...] | None = None,
     block_error: float | None = None,
-) -> dict[str, Any]:
+) -> BlockRecord:
     """One block as the recorded plan (deploy metadata, `--json`) lists it."""
-    return {
-        "path": step.path,
-        "rule": step.rule,
-        "family": step.family,
-        "structure": step.structure,
-        "params_before": step.params_before,
-        "params_after": params_after,
-        "kernel_shape": list(kernel_shape) if kernel_shape else None,
-        "status": status,
-        "reason": reason,
-        "block_error": block_error,
-        "norm_path": step.norm_path,
-    }
+    return BlockRecord(
+        path=step.path,
+        rule=step.rule,
+        family=step.family,
+        structure=step.structure,
+        params_before=step.params_before,
+        params_after=params_after,
+        kernel_shape=kernel_shape,
+        status=status,
+        reason=reason,
+        block_error=block_error,
+        norm_path=step.norm_path,
+    )
 
 
 @dataclass(frozen=True)
@@ -131,12 +132,12 @@ class Plan:
     passes: list[Pass] = field(default_factory=list, repr=False)
     kept: Kept = field(default_factory=Kept)
 
+    def record(self) -> PlanRecord:
+        """The plan as recorded before it is applied: every block planned."""
+        return PlanRecord(tuple(_block_record(s) for s in self.entries))
+
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "blocks": [_block_dict(s) for s in self.entries],
-            "fused_by_rule": {},
-            "warnings": [],
-        }
+        return self.record().to_json()
 
 
 @dataclass(frozen=True)
@@ -176,8 +177,8 @@ class Outcome:
     def norm_path(self) -> str | None:
         return self.step.norm_path
 
-    def to_dict(self) -> dict[str, Any]:
-        return _block_dict(
+    def record(self) -> BlockRecord:
+        return _block_record(
             self.step,
             self.status,
             self.reason,
@@ -185,6 +186,9 @@ class Outcome:
             self.kernel_shape,
             self.block_error,
         )
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.record().to_json()
 
 
 @dataclass
@@ -202,12 +206,16 @@ class Applied:
                 counts[outcome.rule] = counts.get(outcome.rule, 0) + 1
         return counts
 
+    def record(self) -> PlanRecord:
+        """The plan as recorded (deploy metadata, `--json`): each block with its outcome."""
+        return PlanRecord(
+            blocks=tuple(o.record() for o in self.entries),
+            fused_by_rule=self.fused_by_rule(),
+            warnings=tuple(WarningRecord(w["path"], w["message"]) for w in self.warnings),
+        )
+
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "blocks": [o.to_dict() for o in self.entries],
-            "fused_by_rule": self.fused_by_rule(),
-            "warnings": self.warnings,
-        }
+        return self.record().to_json()
 
 
 def check_norm_statistics(model: nn.Module) -> None:

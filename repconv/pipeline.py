@@ -32,6 +32,7 @@ from repconv.engine import Applied, Plan
 from repconv.errors import BadInput, VerificationFailed
 from repconv.modules import param_count
 from repconv.options import ConvertOptions, deploy_builder, recorded_options, takes_options
+from repconv.plan_record import PlanRecord
 from repconv.rules.base import Rule
 from repconv.tolerances import EXACT_LIMIT
 from repconv.turns import one_at_a_time
@@ -64,7 +65,7 @@ class Result:
             "source": self.source,
             "params_before": self.params_before,
             "params_after": self.params_after,
-            "plan": self.plan.to_dict(),
+            "plan": self.plan.record().to_json(),
             "verification": None if self.verification is None else self.verification.to_dict(),
             "convention": None if self.convention is None else self.convention.to_dict(),
         }
@@ -268,7 +269,7 @@ def metadata_for(
         arch=spec,
         arch_kwargs=kwargs,
         source_sha256=sha,
-        plan=result.plan.to_dict(),
+        plan=result.plan.record(),
         verification=None if result.verification is None else result.verification.to_dict(),
         options=options,
         params_before=result.params_before,
@@ -330,16 +331,17 @@ def convert_file(
     return result
 
 
-def _deploy_structure(model: nn.Module, recorded_plan: Mapping[str, Any] | None = None) -> None:
+def _deploy_structure(model: nn.Module, recorded_plan: PlanRecord | None = None) -> None:
     """Rewrite a train-form model into the deploy structure its conversion produced.
 
     The conversion's recorded plan says which steps were skipped (a deploy method that failed
     its check and was undone, say); those are skipped again rather than judged again.
     """
+    blocks = recorded_plan.blocks if recorded_plan is not None else ()
     skipped = {
-        (block["path"], block["rule"]): block.get("reason") or "skipped when converted"
-        for block in (recorded_plan or {}).get("blocks", [])
-        if isinstance(block, Mapping) and block.get("status") == "skipped"
+        (block.path, block.rule): block.reason or "skipped when converted"
+        for block in blocks
+        if block.status == "skipped"
     }
     engine.apply(model, engine.plan(model), skip=skipped)
 
@@ -575,15 +577,12 @@ def _verify_notes(
 
 
 def _recorded_plan_note(record: metadata.Recorded, plan: Plan, what: str) -> str | None:
-    """A note when the blocks (path, rule) the file records are not the recomputed ones."""
-    try:
-        recorded_plan = record.plan
-        if recorded_plan is None:
-            return None
-        recorded = {(b["path"], b["rule"]) for b in recorded_plan["blocks"]}
-    except (ValueError, TypeError, KeyError):
-        # Only a note depends on it; the tensors themselves are checked either way.
-        return f"{what}'s recorded plan is not readable"
+    """A note when the blocks (path, rule) the file records are not the recomputed ones; a
+    plan that cannot be read is unreadable metadata, bad input like any other field."""
+    recorded_plan = _recorded(record, "plan", what)
+    if recorded_plan is None:
+        return None
+    recorded = {(b.path, b.rule) for b in recorded_plan.blocks}
     recomputed = {(s.path, s.rule) for s in plan.entries}
     if recorded == recomputed:
         return None

@@ -5,15 +5,27 @@ from __future__ import annotations
 import json
 import sys
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from rich.console import Console
 from rich.table import Table
 
+from repconv.plan_record import PlanRecord
+
 if TYPE_CHECKING:  # rendering needs no torch; only its inputs come from torch code
     from repconv.bench import BenchResult
-    from repconv.engine import Plan
     from repconv.verification import Verification
+
+
+class Recordable(Protocol):
+    """What has a recorded plan (`engine.Applied`): the tables read the record, not the
+    engine's objects."""
+
+    def record(self) -> PlanRecord: ...
+
+
+def _record(plan: PlanRecord | Recordable) -> PlanRecord:
+    return plan if isinstance(plan, PlanRecord) else plan.record()
 
 
 def console(stderr: bool = False) -> Console:
@@ -53,7 +65,7 @@ def millions(n: int) -> str:
     return f"{n / 1e6:.3f}M" if n >= 100_000 else f"{n:,}"
 
 
-def plan_table(out: Console, plan: Plan, title: str = "Blocks") -> None:
+def plan_table(out: Console, plan: PlanRecord | Recordable, title: str = "Blocks") -> None:
     rows = [
         [
             e.path or "<root>",
@@ -65,7 +77,7 @@ def plan_table(out: Console, plan: Plan, title: str = "Blocks") -> None:
             e.params_after,
             e.block_error,
         ]
-        for e in plan.entries
+        for e in _record(plan).blocks
     ]
     table(
         out,
@@ -75,9 +87,9 @@ def plan_table(out: Console, plan: Plan, title: str = "Blocks") -> None:
     )
 
 
-def warnings_block(out: Console, plan: Plan) -> None:
-    for w in plan.warnings:
-        out.print(f"warning: {w['path'] or '<root>'}: {w['message']}", markup=False)
+def warnings_block(out: Console, plan: PlanRecord | Recordable) -> None:
+    for w in _record(plan).warnings:
+        out.print(f"warning: {w.path or '<root>'}: {w.message}", markup=False)
 
 
 def verification_lines(out: Console, v: Verification) -> None:
@@ -99,8 +111,8 @@ def verification_lines(out: Console, v: Verification) -> None:
         out.print(f"tensors: {v.tensors.summary()}", markup=False)
 
 
-def summary_line(out: Console, plan: Plan, before: int, after: int) -> None:
-    counts = plan.fused_by_rule()
+def summary_line(out: Console, plan: PlanRecord | Recordable, before: int, after: int) -> None:
+    counts = _record(plan).fused_by_rule
     fused = ", ".join(f"{n} {rule}" for rule, n in sorted(counts.items())) or "nothing"
     out.print(f"fused: {fused}; params {millions(before)} -> {millions(after)}", markup=False)
 

@@ -10,6 +10,7 @@ import pytest
 
 from repconv import metadata
 from repconv.files import TENSORS_DIGEST_KEY
+from repconv.plan_record import BlockRecord, PlanRecord
 
 
 def written(**overrides):
@@ -18,11 +19,10 @@ def written(**overrides):
         arch="demo_mixed",
         arch_kwargs={"width": 2, "depth": 1},
         source_sha256="ab" * 32,
-        plan={
-            "blocks": [{"path": "a", "rule": "acb"}],
-            "fused_by_rule": {"acb": 1},
-            "warnings": [],
-        },
+        plan=PlanRecord(
+            blocks=(BlockRecord("a", "acb", "ACB", "3x3+1x3+3x1", 10, 7, (4, 4, 3, 3), "fused"),),
+            fused_by_rule={"acb": 1},
+        ),
         verification={"passed": True, "written_max": 1e-9, "exact_max": 2e-16},
         options={"seed": 0, "arch": "demo_mixed"},
         params_before=10,
@@ -41,7 +41,7 @@ def test_what_is_built_reads_back():
     assert record.arch == "demo_mixed" and record.arch_kwargs == {"width": 2, "depth": 1}
     assert record.source_sha256 == "ab" * 32 and record.params == (10, 7)
     assert record.options == {"seed": 0, "arch": "demo_mixed"}
-    assert record.plan["fused_by_rule"] == {"acb": 1}
+    assert record.plan.fused_by_rule == {"acb": 1}
     assert record.verification["passed"] is True
 
 

@@ -42,29 +42,32 @@ _PRELOAD = [
 
 def up_to_date(job: Job) -> dict[str, Any] | None:
     """If the output exists, records the same input (sha256) and options, and is intact: its
-    outcome. Anything else, a damaged or unreadable output included, means convert again."""
+    outcome. Anything else, a damaged or unreadable output included (a record whose figures
+    cannot be read among them), means convert again."""
     output = Path(job.output)
     if output.suffix.lower() != ".safetensors" or not output.is_file():
         return None
     try:
-        record = metadata.read(read_safetensors_metadata(output))
+        record = metadata.read(read_safetensors_metadata(output)).check()
         if record.options != recorded_options(job.options):
             return None
         if record.source_sha256 != file_sha256(job.input):
             return None
         # The header can be intact while the tensors are not (a cut-off copy, a changed byte).
         check_tensors_digest(output)
+        results = _recorded_results(record)
     except (ValueError, OSError):
         return None
-    return {"status": "up to date", "failure": None, "reason": None, **_recorded_results(record)}
+    return {"status": "up to date", "failure": None, "reason": None, **results}
 
 
 def _recorded_results(record: metadata.Recorded) -> dict[str, Any]:
-    """What the earlier conversion recorded, so an up-to-date row still says what it holds."""
-    try:
-        return metadata.batch_figures(record.plan or {}, record.verification, *record.params)
-    except (ValueError, TypeError, AttributeError):
-        return {}
+    """What the earlier conversion recorded, so an up-to-date row still says what it holds;
+    `MetadataError` when a field it needs cannot be read."""
+    plan = record.plan
+    if plan is None:
+        raise metadata.MetadataError(metadata.PLAN_KEY, "is missing")
+    return metadata.batch_figures(plan, record.verification, *record.params)
 
 
 def default_threads() -> int:

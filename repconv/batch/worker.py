@@ -135,7 +135,7 @@ def convert_job(job) -> dict[str, Any]:
     if result is not None:
         verification = None if result.verification is None else result.verification.to_dict()
         figures = metadata.batch_figures(
-            result.plan.to_dict(), verification, result.params_before, result.params_after
+            result.plan.record(), verification, result.params_before, result.params_after
         )
         outcome.update(figures)
     outcome["peak_rss_mib"] = status_mib("VmHWM")
