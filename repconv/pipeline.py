@@ -34,6 +34,7 @@ from repconv.modules import param_count
 from repconv.options import ConvertOptions, deploy_builder, recorded_options, takes_options
 from repconv.plan_record import PlanRecord
 from repconv.rules.base import Rule
+from repconv.terminal import shown
 from repconv.tolerances import EXACT_LIMIT
 from repconv.turns import one_at_a_time
 from repconv.zoo import registry as zoo
@@ -592,8 +593,9 @@ def _recorded_plan_note(record: metadata.Recorded, plan: Plan, what: str) -> str
         ("only recomputed", recomputed - recorded),
     ):
         if blocks:
-            shown = ", ".join(f"{p or '<root>'} ({r})" for p, r in sorted(blocks)[:3])
-            parts.append(f"{len(blocks)} {label}: {shown}{', ...' if len(blocks) > 3 else ''}")
+            # The file's paths and rules are its writer's words: escaped for the terminal.
+            named = ", ".join(f"{shown(p or '<root>')} ({shown(r)})" for p, r in sorted(blocks)[:3])
+            parts.append(f"{len(blocks)} {label}: {named}{', ...' if len(blocks) > 3 else ''}")
     return (
         f"the plan recorded in {what} differs from the recomputed one ({'; '.join(parts)}); "
         "the file may come from another repconv version or another --arch"

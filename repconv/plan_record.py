@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, Literal, cast
 
+from repconv.terminal import shown
+
 BlockStatus = Literal["planned", "fused", "skipped"]
 STATUSES: tuple[str, ...] = ("planned", "fused", "skipped")
 
@@ -137,7 +139,7 @@ class PlanRecord:
                 BlockRecord.from_json(b, f"plan.blocks[{i}]") for i, b in enumerate(blocks)
             ),
             fused_by_rule={
-                rule: _integer(n, "plan.fused_by_rule", rule) for rule, n in counts.items()
+                rule: _integer(n, "plan.fused_by_rule", shown(rule)) for rule, n in counts.items()
             },
             warnings=tuple(
                 WarningRecord.from_json(w, f"plan.warnings[{i}]") for i, w in enumerate(warnings)
@@ -145,7 +147,8 @@ class PlanRecord:
         )
 
 
-# Checks of one parsed JSON value each; `where` says which field, for the message.
+# Checks of one parsed JSON value each; `where` says which field, for the message (a name from
+# the file in it is escaped: messages reach a terminal).
 
 
 def _object(value: Any, where: str) -> Mapping[str, Any]:

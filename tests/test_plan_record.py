@@ -117,3 +117,16 @@ def test_a_plan_of_the_wrong_shape_is_refused_naming_the_field(damage, needle):
     fields = {"plan": json.dumps(document)}
     with pytest.raises(metadata.MetadataError, match="'plan' is not a recorded plan"):
         _ = metadata.read(fields).plan
+
+
+def test_names_from_the_file_are_escaped_in_messages_and_notes():
+    from repconv.engine import Plan
+
+    block = BlockRecord("\x1b[2Kfake", "acb", "ACB", "s", 1)
+    fields = {"plan": PlanRecord((block,)).to_text()}
+    note = pipeline._recorded_plan_note(metadata.read(fields), Plan([]), "d.safetensors")
+    assert "\x1b" not in note and "1 only in the file: \\x1b[2Kfake (acb)" in note
+    document = dict(BLOCK.to_json(), fused_by_rule={"\x1b[2K": "x"})
+    with pytest.raises(PlanRecordError) as raised:
+        PlanRecord.from_json(document)
+    assert "\x1b" not in str(raised.value) and "\\x1b[2K is not an integer" in str(raised.value)
