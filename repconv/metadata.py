@@ -265,6 +265,16 @@ def _suspects(value: Any) -> bool:
     )
 
 
+def _convention(value: Any) -> bool:
+    """null or how the file reads in the train class (loads_into_train_class, error, blocks)"""
+    return value is None or (
+        isinstance(value, dict)
+        and _flag(value.get("loads_into_train_class"))
+        and _figure(value.get("error"))
+        and _count(value.get("blocks_loading_into_their_class"))
+    )
+
+
 # The keys a conversion's verification records (`Verification.to_dict`), and what each holds;
 # the docstring of each check says it in the error.
 _VERIFICATION_FIELDS: dict[str, Callable[[Any], bool]] = {
@@ -281,6 +291,8 @@ _VERIFICATION_FIELDS: dict[str, Callable[[Any], bool]] = {
     "exact": _figures,
     "written": _figures,
     "suspects": _suspects,
+    # How the file reads in the train class by the conv-BN convention (`convention.check`).
+    "convention": _convention,
 }
 
 

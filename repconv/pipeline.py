@@ -271,11 +271,19 @@ def metadata_for(
         arch_kwargs=kwargs,
         source_sha256=sha,
         plan=result.plan.record(),
-        verification=None if result.verification is None else result.verification.to_dict(),
+        verification=_verification_record(result),
         options=options,
         params_before=result.params_before,
         params_after=result.params_after,
     )
+
+
+def _verification_record(result: Result) -> dict[str, Any] | None:
+    """What the file records of its checks: the figures, and how it reads in the train class."""
+    if result.verification is None:
+        return None
+    names = None if result.convention is None else result.convention.to_dict()
+    return {**result.verification.to_dict(), "convention": names}
 
 
 @one_at_a_time

@@ -12,8 +12,10 @@ from safetensors.torch import load_file
 from torch import nn
 
 import repconv
+from repconv import metadata
 from repconv.cli import main
 from repconv.convention import NamesLie, loaded_by_convention, structure_of
+from repconv.files import read_safetensors_metadata
 from repconv.rules import dataflow as dataflow_pass
 from repconv.zoo.blocks import RepVGGBlock, conv_bn
 
@@ -153,6 +155,12 @@ def test_the_check_is_recorded_in_the_file_and_json(tmp_path):
     assert result.exit_code == 0, result.output
     assert '"loads_into_train_class": true' in result.stdout
     assert set(load_file(out)) == {"0.conv.weight", "0.conv.bias"}
+    recorded = metadata.read(read_safetensors_metadata(out)).verification["convention"]
+    assert recorded == {
+        "loads_into_train_class": True,
+        "error": pytest.approx(0.0, abs=1e-6),
+        "blocks_loading_into_their_class": 0,
+    }
 
 
 def plain_pair() -> nn.Module:
