@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from repconv.errors import BadInput
+from repconv.terminal import shown
 from repconv.tolerances import EXACT_LIMIT
 
 VERIFY_DTYPES = ("float64", "float32", "float16", "bfloat16")
@@ -121,6 +122,8 @@ def check_kwargs(value: Any) -> dict[str, Any]:
             raise ValueError(f"not valid JSON ({exc.msg})") from None
     if not isinstance(value, dict):
         raise ValueError("expected a table, e.g. { num_classes = 10 }")
+    if any(not isinstance(name, str) for name in value):
+        raise ValueError("expected argument names as keys")  # they become **kwargs
     return value
 
 
@@ -194,6 +197,8 @@ class ConvertOptions:
 
     `arch_kwargs=None` means "not given" (`verify` then uses the ones a deploy file records).
     `verify_dtype` is kept as a name ("float64"; a torch dtype is accepted and named).
+    Every value is checked when the object is made (as a TOML value is), and so are the deploy
+    options that do not go together: BadInput names the option as the command line spells it.
     """
 
     arch: str | None = _option(
@@ -271,6 +276,11 @@ class ConvertOptions:
     def __post_init__(self) -> None:
         # Frozen: the one normalization goes through object.__setattr__, at construction.
         object.__setattr__(self, "verify_dtype", str(self.verify_dtype).removeprefix("torch."))
+        # Checked here, so that no options object (from the API, a batch job, `merged`) holds
+        # what the command line would refuse: the workflows need not check again.
+        for f in dataclasses.fields(self):
+            _check_given(f, getattr(self, f.name))
+        _check_deploy_options(self)
 
     @classmethod
     def merged(cls, options: ConvertOptions | None, keywords: Mapping[str, Any]) -> ConvertOptions:
@@ -300,6 +310,57 @@ class ConvertOptions:
 
 def setting_of(f: dataclasses.Field) -> Setting:
     return f.metadata["setting"]
+
+
+def flag_of(f: dataclasses.Field) -> str:
+    """The option as the command line spells it (`--no-verify` for `verify`)."""
+    return "--" + written_name(f).replace("_", "-")
+
+
+SHOWN_VALUE_LENGTH = 60  # of a refused value quoted in a message
+
+
+def _check_given(f: dataclasses.Field, value: Any) -> None:
+    """One field's value as the options object was given it; None is "not given" for the
+    options whose default is None."""
+    if value is None and f.default is None:
+        return
+    setting = setting_of(f)
+    try:
+        setting.check(_as_written(setting.kind, value))
+    except ValueError as exc:
+        quoted = repr(value)
+        if len(quoted) > SHOWN_VALUE_LENGTH:
+            quoted = quoted[: SHOWN_VALUE_LENGTH - 3] + "..."
+        raise BadInput(f"{flag_of(f)}: {exc}, got {shown(quoted)}") from None
+
+
+def _as_written(kind: Kind, value: Any) -> Any:
+    """What the TOML check of `kind` takes, from a value an options object holds: any mapping
+    of keyword arguments, any sequence of sizes. Not their text forms (a JSON string,
+    "3,224,224"): the object keeps values as given, and the workflows use them as they are."""
+    if kind == "kwargs":
+        if not isinstance(value, Mapping):
+            raise ValueError("expected a mapping of keyword arguments, e.g. {'num_classes': 10}")
+        return dict(value)
+    if kind == "shape":
+        if isinstance(value, str) or not isinstance(value, Sequence):
+            raise ValueError("expected a sequence of sizes like (3, 224, 224)")
+        return list(value)
+    return value
+
+
+def _check_deploy_options(options: ConvertOptions) -> None:
+    """The deploy options that do not go together."""
+    if options.deploy_arch is not None and options.deploy_kwargs is not None:
+        raise BadInput(
+            "--deploy-kwargs builds the deploy model with --arch; with --deploy-arch give "
+            "its keyword arguments as --deploy-arch-kwargs"
+        )
+    if options.deploy_arch is None and options.deploy_arch_kwargs is not None:
+        raise BadInput("--deploy-arch-kwargs needs --deploy-arch")
+    if options.deploy_kwargs is not None and options.arch is None:
+        raise BadInput("--deploy-kwargs needs --arch (the builder it adds arguments to)")
 
 
 def written_name(f: dataclasses.Field) -> str:
@@ -338,19 +399,11 @@ def recorded_options(options: ConvertOptions) -> dict[str, Any]:
 
 
 def deploy_builder(options: ConvertOptions) -> tuple[str, dict[str, Any]] | None:
-    """The deploy model's builder and keyword arguments the options name, or None."""
+    """The deploy model's builder and keyword arguments the options name, or None (checked
+    when the options were made: --deploy-kwargs comes with --arch)."""
     if options.deploy_arch is not None:
-        if options.deploy_kwargs is not None:
-            raise BadInput(
-                "--deploy-kwargs builds the deploy model with --arch; with --deploy-arch give "
-                "its keyword arguments as --deploy-arch-kwargs"
-            )
         return options.deploy_arch, dict(options.deploy_arch_kwargs or {})
-    if options.deploy_arch_kwargs is not None:
-        raise BadInput("--deploy-arch-kwargs needs --deploy-arch")
     if options.deploy_kwargs is not None:
-        if options.arch is None:
-            raise BadInput("--deploy-kwargs needs --arch (the builder it adds arguments to)")
         return options.arch, {**(options.arch_kwargs or {}), **options.deploy_kwargs}
     return None
 

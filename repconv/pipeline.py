@@ -99,8 +99,6 @@ def convert(
     builder = deploy_builder(options) if deploy_model is None else None
     if builder is not None:
         deploy_model = arch.build_empty(*builder)
-    if options.samples < 1:
-        raise BadInput("--samples must be at least 1")
     model.eval()
     original = dtypes.of_keys(model)
     if options.verify:
@@ -510,8 +508,6 @@ def verify_files(
     model, deploy_model = _models_to_verify(loaded, record, what, options, trust_metadata)
     kept = _train_tensors_for(deploy_model, model)
     shape = arch.input_shape_for(model, input_shape)
-    if samples < 1:
-        raise BadInput("--samples must be at least 1")
     # As `convert` does by default: the whole model in float64, references before the rewrite.
     dtypes.hold_all_in(model, torch.float64)
     reference = V.take_reference(

@@ -101,6 +101,11 @@ BAD_CONFIGS = {
         4,
         "exact_limit: expected a finite number",
     ),
+    "deploy kwargs without arch": (
+        A0 + 'output = "x.pth"\ndeploy_kwargs = { deploy = true }\n',
+        1,
+        "--deploy-kwargs needs --arch",
+    ),
     "two entries, one output": (
         '[defaults]\noutput = "d/{stem}.safetensors"\n' + A0 + A0 + 'arch = "repvgg_a0"\n',
         5,

@@ -305,7 +305,10 @@ def _entry_jobs(
         )
     name_pattern = settings.pop("name", None)
     running = {key: settings.pop(key) for key in _RUN_OPTIONS if key in settings}
-    options = ConvertOptions.from_written(settings)
+    try:  # options that do not go together (--deploy-kwargs without --arch, ...)
+        options = ConvertOptions.from_written(settings)
+    except BadInput as exc:
+        raise source.fail(line, str(exc)) from None
     jobs = []
     for path in inputs:
         output = _checked_output(source, pattern, path, output_line)
