@@ -263,21 +263,14 @@ def export_deploy_file(
     file against that model run in float64. The train-against-deploy figure is the one the
     checkpoint records; both go into the file's `metadata_props`."""
     from repconv import arch, metadata, pipeline
-    from repconv.options import ConvertOptions, deploy_builder
+    from repconv.options import ConvertOptions
 
     require_onnx()
     options = options or ConvertOptions()
     deploy_path, output_path = Path(deploy_path), Path(output_path)
     _check_paths(deploy_path, output_path)
-    deploy_arch, deploy_kwargs = deploy_builder(options) or (None, None)
-    model = pipeline.load_deploy(
-        deploy_path,
-        options.arch,
-        options.arch_kwargs,
-        deploy_arch=deploy_arch,
-        deploy_arch_kwargs=deploy_kwargs,
-        trust_metadata=trust_metadata,
-    )
+    # The models are chosen where every workflow's are (`model_choice`, via the loader).
+    model = pipeline.load_deploy_with(deploy_path, options, trust_metadata=trust_metadata)
     shape = arch.input_shape_for(model, options.input_shape)
     inputs, references = reference_of(model, shape, options.samples, options.seed)
     is_safetensors = deploy_path.suffix.lower() == ".safetensors"

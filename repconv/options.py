@@ -398,16 +398,6 @@ def recorded_options(options: ConvertOptions) -> dict[str, Any]:
     return json.loads(json.dumps(record))  # what reading it back from metadata gives
 
 
-def deploy_builder(options: ConvertOptions) -> tuple[str, dict[str, Any]] | None:
-    """The deploy model's builder and keyword arguments the options name, or None (checked
-    when the options were made: --deploy-kwargs comes with --arch)."""
-    if options.deploy_arch is not None:
-        return options.deploy_arch, dict(options.deploy_arch_kwargs or {})
-    if options.deploy_kwargs is not None:
-        return options.arch, {**(options.arch_kwargs or {}), **options.deploy_kwargs}
-    return None
-
-
 def takes_options(*groups: Group, omit: Sequence[str] = ()) -> Callable[[Callable], Callable]:
     """Show a function's `**keywords` as the `ConvertOptions` fields it takes, with defaults.
 

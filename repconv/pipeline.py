@@ -7,8 +7,6 @@ written once, atomically.
 
 from __future__ import annotations
 
-import json
-import shlex
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,18 +24,19 @@ from repconv import (
     dtypes,
     engine,
     metadata,
+    model_choice,
 )
 from repconv import verification as V
 from repconv.engine import Applied, Plan
 from repconv.errors import BadInput, VerificationFailed
+from repconv.model_choice import Builder
 from repconv.modules import param_count
-from repconv.options import ConvertOptions, deploy_builder, recorded_options, takes_options
+from repconv.options import ConvertOptions, recorded_options, takes_options
 from repconv.plan_record import PlanRecord
 from repconv.rules.base import Rule
 from repconv.terminal import shown
 from repconv.tolerances import EXACT_LIMIT
 from repconv.turns import one_at_a_time
-from repconv.zoo import registry as zoo
 
 
 @dataclass
@@ -96,9 +95,9 @@ def convert(
     state dict loads into it strictly. BadInput names the paths when it does not fit.
     """
     options = ConvertOptions.merged(options, keywords)
-    builder = deploy_builder(options) if deploy_model is None else None
-    if builder is not None:
-        deploy_model = arch.build_empty(*builder)
+    if deploy_model is None:
+        choice = model_choice.choose(options, at_hand=model_choice.GIVEN, train_needed=False)
+        deploy_model = _empty(choice.deploy)
     model.eval()
     original = dtypes.of_keys(model)
     if options.verify:
@@ -241,17 +240,27 @@ def _figures(
     )
 
 
-def _load_model(
-    loaded: checkpoint.LoadedCheckpoint, spec: str | None, kwargs: Mapping[str, Any]
-) -> nn.Module:
-    if spec is None:
-        if loaded.module is not None:
-            return loaded.module.eval()
-        raise BadInput(
-            f"{loaded.path.name} holds a state dict; say which model it belongs to with --arch "
-            "(a built-in name, package.module:callable or path/to/file.py:callable)"
-        )
-    return arch.build_loaded(spec, kwargs, loaded.state_dict, what=loaded.path.name)
+def _train_choice(
+    loaded: checkpoint.LoadedCheckpoint,
+    options: ConvertOptions,
+    record: metadata.Recorded | None = None,
+    **how: Any,
+) -> model_choice.ModelChoice:
+    """What to build for a train checkpoint just read (`model_choice.choose`)."""
+    at_hand = model_choice.PICKLED if loaded.module is not None else None
+    return model_choice.choose(options, record, source=loaded.path.name, at_hand=at_hand, **how)
+
+
+def _load_model(loaded: checkpoint.LoadedCheckpoint, train: Builder) -> nn.Module:
+    """The train model chosen: the pickled module, or built around the loaded tensors."""
+    if train.at_hand:
+        return loaded.module.eval()
+    return arch.build_loaded(train.spec, train.kwargs, loaded.state_dict, what=loaded.path.name)
+
+
+def _empty(builder: Builder | None) -> nn.Module | None:
+    """The deploy model chosen, on the meta device (None: the train model's own structure)."""
+    return None if builder is None else arch.build_empty(builder.spec, builder.kwargs)
 
 
 def metadata_for(
@@ -304,14 +313,17 @@ def convert_file(
     nothing written.
     """
     options = ConvertOptions.merged(options, keywords)
-    arch_spec, kwargs, key = options.arch, dict(options.arch_kwargs or {}), options.key
-    trust_pickle, strict, force = options.trust_pickle, options.strict, options.force
+    strict, force = options.strict, options.force
     input_path, output_path = Path(input_path), Path(output_path)
     out = checkpoint.check_output_path(output_path, inputs=[input_path])
-    loaded = checkpoint.read_checkpoint(input_path, key=key, trust_pickle=trust_pickle)
-    model = _load_model(loaded, arch_spec, kwargs)
+    loaded = checkpoint.read_checkpoint(
+        input_path, key=options.key, trust_pickle=options.trust_pickle
+    )
+    choice = _train_choice(loaded, options)
+    model = _load_model(loaded, choice.train)
     loaded.state_dict = None  # the model holds what it needs; let fused-away tensors go
-    result = convert(model, options)
+    result = convert(model, options, deploy_model=_empty(choice.deploy))
+    arch_spec, kwargs = choice.train.spec, choice.train.kwargs
     result.source = {
         "path": str(input_path),
         "sha256": loaded.sha256,
@@ -353,44 +365,6 @@ def _deploy_structure(model: nn.Module, recorded_plan: PlanRecord | None = None)
     engine.apply(model, engine.plan(model), skip=skipped)
 
 
-def recorded_architecture(
-    record: metadata.Recorded, what: str, *, trust_metadata: bool = False
-) -> tuple[str | None, dict[str, Any]]:
-    """The architecture a deploy file's metadata names, if it may be built without asking.
-
-    Metadata is data: a spec that imports a module or a file (and calls what it names with
-    kwargs from the file) would run code chosen by whoever wrote the file, so only built-in zoo
-    names are taken unless the user said `trust_metadata` (`--trust-metadata`).
-    """
-    spec = record.arch
-    kwargs = _recorded(record, "arch_kwargs", what) if spec else {}
-    if spec is None or trust_metadata or zoo.get_entry(spec) is not None:
-        return spec, kwargs
-    typed = f"--arch {shlex.quote(spec)}"
-    if kwargs:
-        typed += f" --arch-kwargs {shlex.quote(json.dumps(kwargs, sort_keys=True))}"
-    raise BadInput(
-        f"{what} names the architecture {spec!r} in its metadata; repconv does not run code a "
-        f"file names: if you trust it, pass it yourself ({typed}) or add --trust-metadata"
-    )
-
-
-def _recorded(record: metadata.Recorded, field: str, what: str) -> Any:
-    """A JSON field of the record; a damaged one is bad input naming the file."""
-    try:
-        return getattr(record, field)
-    except metadata.MetadataError as exc:
-        raise BadInput(f"{what}: {exc}") from None
-
-
-def _recorded_kwargs_for(spec: str | None, record: metadata.Recorded, what: str) -> dict[str, Any]:
-    """The recorded `arch_kwargs` when `spec` is the recorded architecture; they mean nothing
-    to another one."""
-    if spec is None or spec != record.arch:
-        return {}
-    return _recorded(record, "arch_kwargs", what)
-
-
 @one_at_a_time
 def load_deploy(
     path: str | Path,
@@ -408,32 +382,43 @@ def load_deploy(
     With `deploy_arch` (or a file converted with one), that deploy model is built and the file
     loaded into it as it is.
     """
+    module = model_or_arch if isinstance(model_or_arch, nn.Module) else None
+    options = ConvertOptions(
+        arch=None if module is not None else model_or_arch,
+        arch_kwargs=arch_kwargs,
+        deploy_arch=deploy_arch,
+        deploy_arch_kwargs=deploy_arch_kwargs,
+    )
+    return load_deploy_with(path, options, module=module, trust_metadata=trust_metadata)
+
+
+@one_at_a_time
+def load_deploy_with(
+    path: str | Path,
+    options: ConvertOptions,
+    *,
+    module: nn.Module | None = None,
+    trust_metadata: bool = False,
+) -> nn.Module:
+    """`load_deploy` with the model's and the deploy model's options as an options object
+    (`--deploy-kwargs` included), `module` the train-form model if the caller has one."""
     state, meta = checkpoint.read_deploy(path)
     record, what = metadata.read(meta), Path(path).name
-    train_spec = model_or_arch if isinstance(model_or_arch, str) else None
-    builder = _deploy_builder_for(
-        record, what, deploy_arch, deploy_arch_kwargs, train_spec, arch_kwargs, trust_metadata
-    )
-    if builder is not None:
-        return _loaded_into(arch.build_empty(*builder), state, what)
-    recorded_plan = _recorded(record, "plan", what)
-    if isinstance(model_or_arch, nn.Module):
-        model = model_or_arch.eval()
+    at_hand = None if module is None else model_choice.GIVEN
+    choice = model_choice.choose(
+        options, record, what=what, at_hand=at_hand, trust_metadata=trust_metadata,
+        train_needed=False,
+    )  # fmt: skip
+    if choice.deploy is not None:
+        return _loaded_into(_empty(choice.deploy), state, what)
+    recorded_plan = model_choice.recorded(record, "plan", what)
+    if choice.train.at_hand:
+        model = module.eval()
         _deploy_structure(model, recorded_plan)
-        arch.check_fit(model, state, what)
-        model.load_state_dict(state, strict=True, assign=True)
-        return model
-    spec = model_or_arch
-    if spec is None:
-        spec, recorded_kwargs = recorded_architecture(record, what, trust_metadata=trust_metadata)
-        arch_kwargs = recorded_kwargs if arch_kwargs is None else arch_kwargs
-    if not spec:
-        raise BadInput(f"{what} records no architecture; pass one (--arch)")
-    if arch_kwargs is None:
-        arch_kwargs = _recorded_kwargs_for(spec, record, what)
+        return _loaded_into(model, state, what)
     return arch.build_loaded(
-        spec,
-        arch_kwargs,
+        choice.train.spec,
+        choice.train.kwargs,
         state,
         what=what,
         prepare=lambda model: _deploy_structure(model, recorded_plan),
@@ -444,39 +429,6 @@ def _loaded_into(model: nn.Module, state: Mapping[str, Tensor], what: str) -> nn
     arch.check_fit(model, state, what)
     model.load_state_dict(state, strict=True, assign=True)
     return model.eval()
-
-
-def _deploy_builder_for(
-    record: metadata.Recorded,
-    what: str,
-    deploy_arch: str | None,
-    deploy_arch_kwargs: Mapping[str, Any] | None,
-    train_spec: str | None,
-    train_kwargs: Mapping[str, Any] | None,
-    trust_metadata: bool,
-) -> tuple[str, dict[str, Any]] | None:
-    """The deploy model to load a file into: the one given, else the one the file was written
-    for (a recorded spec other than a zoo name needs trust, as `--arch` does)."""
-    if deploy_arch is not None:
-        return deploy_arch, dict(deploy_arch_kwargs or {})
-    recorded = _recorded(record, "options", what) or {}
-    spec, kwargs = recorded.get("deploy_arch"), recorded.get("deploy_arch_kwargs") or {}
-    extra = recorded.get("deploy_kwargs")
-    if spec is None and extra is None:
-        return None
-    if spec is None:  # --deploy-kwargs: the train builder with more arguments
-        if train_spec is not None:  # the caller's own builder: nothing to trust
-            base = train_kwargs
-            if base is None:
-                base = _recorded_kwargs_for(train_spec, record, what)
-            return train_spec, {**base, **extra}
-        spec, kwargs = record.arch, {**_recorded(record, "arch_kwargs", what), **extra}
-    if spec and (trust_metadata or zoo.get_entry(spec) is not None):
-        return spec, dict(kwargs)
-    raise BadInput(
-        f"{what} was written for the deploy model {spec!r}; repconv does not run code a file "
-        f"names: pass it yourself (--deploy-arch / deploy_arch=) or add --trust-metadata"
-    )
 
 
 @one_at_a_time
@@ -505,7 +457,10 @@ def verify_files(
     loaded = checkpoint.read_checkpoint(
         train_path, key=options.key, trust_pickle=options.trust_pickle
     )
-    model, deploy_model = _models_to_verify(loaded, record, what, options, trust_metadata)
+    choice = _train_choice(loaded, options, record, what=what, trust_metadata=trust_metadata)
+    model = _load_model(loaded, choice.train)
+    loaded.state_dict = None  # the model holds what it needs
+    deploy_model = _empty(choice.deploy)
     kept = _train_tensors_for(deploy_model, model)
     shape = arch.input_shape_for(model, input_shape)
     # As `convert` does by default: the whole model in float64, references before the rewrite.
@@ -537,29 +492,6 @@ def verify_files(
         **V.written_tolerances(file_dtypes, options.atol, options.rtol),
     )
     return verification, _verify_notes(record, loaded.sha256, applied, what)
-
-
-def _models_to_verify(
-    loaded: checkpoint.LoadedCheckpoint,
-    record: metadata.Recorded,
-    what: str,
-    options: ConvertOptions,
-    trust_metadata: bool,
-) -> tuple[nn.Module, nn.Module | None]:
-    """The train model (from --arch, else the recorded architecture when it may be built, else
-    a trusted pickle) and the deploy model the file was written for, if any (meta, empty)."""
-    spec, arch_kwargs = options.arch, options.arch_kwargs
-    if spec is None and loaded.module is None:
-        spec, recorded_kwargs = recorded_architecture(record, what, trust_metadata=trust_metadata)
-        arch_kwargs = recorded_kwargs if arch_kwargs is None else arch_kwargs
-    if arch_kwargs is None:
-        arch_kwargs = _recorded_kwargs_for(spec, record, what)
-    model = _load_model(loaded, spec, arch_kwargs)
-    loaded.state_dict = None  # the model holds what it needs
-    builder = deploy_builder(options) or _deploy_builder_for(
-        record, what, None, None, spec, arch_kwargs, trust_metadata
-    )
-    return model, arch.build_empty(*builder) if builder else None
 
 
 def _load_in_float64(model: nn.Module, state: Mapping[str, Tensor]) -> None:
@@ -617,10 +549,9 @@ def inspect_file(
     Of the options, the model's (arch, arch_kwargs, key, trust_pickle) apply.
     """
     options = ConvertOptions.merged(options, keywords)
-    arch_spec, arch_kwargs = options.arch, options.arch_kwargs
     key, trust_pickle = options.key, options.trust_pickle
     loaded = checkpoint.read_checkpoint(input_path, key=key, trust_pickle=trust_pickle)
-    model = _load_model(loaded, arch_spec, dict(arch_kwargs or {}))
+    model = _load_model(loaded, _train_choice(loaded, options).train)
     before = param_count(model)
     applied = engine.convert_model(model)
     return applied, before, param_count(model)
@@ -644,14 +575,14 @@ def bench_file(
     Of the options, the model's (arch, arch_kwargs, key, trust_pickle) and input_shape apply.
     """
     options = ConvertOptions.merged(options, keywords)
-    arch_spec, arch_kwargs = options.arch, options.arch_kwargs
     key, trust_pickle, input_shape = options.key, options.trust_pickle, options.input_shape
     from repconv import bench
 
-    kwargs = dict(arch_kwargs or {})
     loaded = checkpoint.read_checkpoint(input_path, key=key, trust_pickle=trust_pickle)
-    train = _load_model(loaded, arch_spec, kwargs)
-    if loaded.module is not None and arch_spec is None:
+    chosen = _train_choice(loaded, options).train
+    train = _load_model(loaded, chosen)
+    arch_spec, kwargs = chosen.spec, chosen.kwargs
+    if chosen.at_hand:
         # A trusted pickled model: a second copy of it gives the deploy structure.
         twin = checkpoint.read_checkpoint(input_path, key=key, trust_pickle=True).module
         if deploy_path is not None:

@@ -71,8 +71,32 @@ def test_verify_refuses_a_recorded_shell_command(converted, tmp_path):
     assert result.exit_code == 2, result.output
     line = result.stderr.strip()
     assert "'subprocess:run'" in line and "--trust-metadata" in line
-    # the refusal shows the spec in a form the user can copy onto the command line
-    assert "--arch subprocess:run --arch-kwargs" in line
+    # the refusal names the spec and the option to pass it as, but hands over no command line
+    # that would run the file's payload
+    assert "pass it yourself as --arch" in line
+    assert "--arch subprocess:run" not in line and "--arch-kwargs" not in line
+    assert "touch" not in line  # the recorded kwargs (the payload) are not quoted either
+    assert not marker.exists()
+
+
+def test_a_refusal_shows_control_characters_escaped_on_one_line(converted, tmp_path):
+    """A recorded arch holding ESC/CR (which on a terminal erase the error line) is shown with
+    its escapes visible, and no command line is suggested."""
+    train, deploy = converted
+    marker = tmp_path / "ran"
+    _, kwargs = shell_command(marker)
+    rewrite_arch(deploy, "subprocess:run\x1b[2K\rverification passed", kwargs)
+    result = verify(train, deploy)
+    assert result.exit_code == 2, result.output
+    assert "\x1b" not in result.stderr and "\r" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1
+    assert "'subprocess:run\\x1b[2K\\rverification passed'" in lines[0]
+    assert "--arch '" not in lines[0] and "--arch-kwargs" not in lines[0]
+    assert "--trust-metadata" in lines[0]
+    with pytest.raises(repconv.BadInput) as refused:
+        repconv.load_deploy(deploy)
+    assert "\x1b" not in str(refused.value) and "\\x1b[2K\\r" in str(refused.value)
     assert not marker.exists()
 
 
