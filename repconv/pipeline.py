@@ -516,7 +516,7 @@ def _verify_notes(
 def _recorded_plan_note(record: metadata.Recorded, plan: Plan, what: str) -> str | None:
     """A note when the blocks (path, rule) the file records are not the recomputed ones; a
     plan that cannot be read is unreadable metadata, bad input like any other field."""
-    recorded_plan = _recorded(record, "plan", what)
+    recorded_plan = model_choice.recorded(record, "plan", what)
     if recorded_plan is None:
         return None
     recorded = {(b.path, b.rule) for b in recorded_plan.blocks}
