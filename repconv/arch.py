@@ -79,6 +79,8 @@ def _construct(
 ) -> nn.Module:
     try:
         model = factory(**kwargs)
+    except SystemExit as exc:  # a builder that exits must never read as a finished command
+        raise BadInput(f"--arch {spec}: the builder called sys.exit({exc.code!r})") from None
     except Exception as exc:
         raise BadInput(
             f"--arch {spec}: building the model failed: {type(exc).__name__}: {exc}"

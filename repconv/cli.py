@@ -6,7 +6,7 @@ import json
 import math
 import sys
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
@@ -19,7 +19,7 @@ except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib
 
 from repconv import __version__, files, report
-from repconv.errors import RepconvError, block_of
+from repconv.errors import BadInput, RepconvError, block_of
 from repconv.interrupts import EXIT_INTERRUPTED, EXIT_TERMINATED, Terminated, sigterm_raises
 from repconv.options import (
     MAX_BATCH_SIZE,
@@ -33,6 +33,7 @@ from repconv.options import (
     written_checks,
     written_name,
 )
+from repconv.terminal import shown
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_INTERNAL = 0, 1, 2, 3
 
@@ -196,11 +197,13 @@ def run_command(as_json: bool, verbose: bool, body: Callable[[], int]) -> None:
     """Run a command body; map errors to exit codes and one-line messages.
 
     SIGTERM raises `Terminated` while the body runs, so it unwinds as Ctrl-C does: temp files
-    are removed and a batch takes its workers down.
+    are removed and a batch takes its workers down. With --json the one JSON document owns
+    stdout: anything else printed meanwhile (user code's prints included) goes to stderr.
     """
     err = report.console(stderr=True)
+    document = report.JsonDocument(sys.stdout)
     try:
-        with sigterm_raises():
+        with sigterm_raises(), _json_owns_stdout(as_json, document):
             code = body()
     except RepconvError as exc:
         code, message, trace = exc.exit_code, str(exc), traceback.format_exc()
@@ -208,6 +211,8 @@ def run_command(as_json: bool, verbose: bool, body: Callable[[], int]) -> None:
         code, message, trace = EXIT_INTERRUPTED, "interrupted", traceback.format_exc()
     except Terminated:
         code, message, trace = EXIT_TERMINATED, "terminated", traceback.format_exc()
+    except SystemExit as exc:  # user code (a builder, a deploy method): never read as success
+        code, message, trace = EXIT_BAD_INPUT, _exit_message(exc), traceback.format_exc()
     except Exception as exc:  # a bug of ours or of a library: one line, traceback on -v
         code, message, trace = EXIT_INTERNAL, _internal_error(exc), traceback.format_exc()
         if not verbose:
@@ -216,10 +221,23 @@ def run_command(as_json: bool, verbose: bool, body: Callable[[], int]) -> None:
         sys.exit(code)
     if verbose:
         sys.stderr.write(trace)
-    if as_json:
-        report.emit_json({"ok": False, "exit_code": code, "error": message})
+    # the message may quote a file's words: escaped whole, so it stays one line on a terminal
+    message = shown(message)
+    if as_json and not document.emitted:
+        document.emit({"ok": False, "exit_code": code, "error": message})
     err.print(f"error: {message}", markup=False)
     sys.exit(code)
+
+
+def _json_owns_stdout(as_json: bool, document: report.JsonDocument):
+    return report.json_owns_stdout(document) if as_json else nullcontext()
+
+
+def _exit_message(exc: SystemExit) -> str:
+    return (
+        f"code run for this command (a builder or a block's deploy method) called "
+        f"sys.exit({exc.code!r}); nothing was reported as done"
+    )
 
 
 def _internal_error(exc: Exception) -> str:
@@ -237,7 +255,32 @@ def _status(message: str, as_json: bool):
     return nullcontext()
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+class OneLineErrors(click.Group):
+    """click's usage errors as the contract's one line (`error: ...`, exit 2); with --json also
+    the `{"ok": false, ...}` document CI parses, as for any other error."""
+
+    def main(self, args: Sequence[str] | None = None, *rest: Any, **extra: Any) -> Any:
+        words = list(sys.argv[1:] if args is None else args)
+        extra["standalone_mode"] = False
+        try:
+            code = super().main(words, *rest, **extra)
+        except click.exceptions.Exit as exc:  # --help, --version
+            sys.exit(exc.exit_code)
+        except click.Abort:  # Ctrl-C while click prompts
+            sys.exit(EXIT_INTERRUPTED)
+        except click.ClickException as exc:
+            message = shown(exc.format_message())
+            if "--json" in words[: words.index("--") if "--" in words else None]:
+                report.emit_json({"ok": False, "exit_code": exc.exit_code, "error": message})
+            report.console(stderr=True).print(f"error: {message}", markup=False)
+            sys.exit(exc.exit_code)
+        sys.exit(code if isinstance(code, int) else EXIT_OK)
+
+
+@click.group(
+    cls=OneLineErrors,
+    context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
+)
 @click.version_option(__version__, prog_name="repconv")
 def main() -> None:
     """Fold re-parameterized CNN blocks (ACB, RepVGG, DBB, conv-BN) into plain convs.
@@ -669,20 +712,31 @@ def batch(config_path: Path, **opts: Any) -> None:
                 watcher=watcher,
             )
         doc = summary.document(config, rows)
-        if opts["report_path"] is not None:
-            text = (
-                summary.as_markdown(doc)
-                if opts["report_path"].suffix.lower() == ".md"
-                else summary.as_json(doc)
-            )
-            files.write_text_atomically(opts["report_path"], text)
+        unwritten = _write_report(opts["report_path"], doc)
         if as_json:
-            report.emit_json(doc)
+            report.emit_json(doc if unwritten is None else doc | {"report_error": unwritten})
         else:
             summary.print_summary(report.console(), config, rows)
+        if unwritten is not None:  # the summary is out already: the run's results are kept
+            raise BadInput(unwritten)
         return EXIT_OK if doc["ok"] else EXIT_FAILED
 
     run_command(as_json, verbose, body)
+
+
+def _write_report(path: Path | None, doc: dict[str, Any]) -> str | None:
+    """Write the batch report; the one-line reason it could not be written, if so."""
+    if path is None:
+        return None
+    from repconv.batch import summary
+
+    text = summary.as_markdown(doc) if path.suffix.lower() == ".md" else summary.as_json(doc)
+    try:
+        files.write_text_atomically(path, text)
+    except (OSError, RepconvError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        return f"the report {path} could not be written: {reason}"
+    return None
 
 
 def _show_entries(config, as_json: bool) -> int:

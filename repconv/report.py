@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any, Protocol
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager, redirect_stdout
+from typing import TYPE_CHECKING, Any, Protocol, TextIO
 
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from repconv.plan_record import PlanRecord
+from repconv.terminal import shown
 
 if TYPE_CHECKING:  # rendering needs no torch; only its inputs come from torch code
     from repconv.bench import BenchResult
@@ -34,13 +37,14 @@ def console(stderr: bool = False) -> Console:
 
 def table(out: Console, title: str, columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
     """A table: boxed and styled on a terminal, plain aligned columns otherwise."""
-    cells = [[_cell(v) for v in row] for row in rows]
+    # cells and titles quote a file's paths, keys and records: escaped, never raw to a terminal
+    title, cells = shown(title), [[shown(_cell(v)) for v in row] for row in rows]
     if out.is_terminal:
-        t = Table(title=title, title_justify="left")
+        t = Table(title=Text(title), title_justify="left")  # Text: a file's "[" is no markup
         for name in columns:
             t.add_column(name, overflow="fold")
         for row in cells:
-            t.add_row(*row)
+            t.add_row(*map(Text, row))
         out.print(t)
         return
     widths = [max([len(c)] + [len(r[i]) for r in cells]) for i, c in enumerate(columns)]
@@ -89,7 +93,7 @@ def plan_table(out: Console, plan: PlanRecord | Recordable, title: str = "Blocks
 
 def warnings_block(out: Console, plan: PlanRecord | Recordable) -> None:
     for w in _record(plan).warnings:
-        out.print(f"warning: {w.path or '<root>'}: {w.message}", markup=False)
+        out.print(shown(f"warning: {w.path or '<root>'}: {w.message}"), markup=False)
 
 
 def verification_lines(out: Console, v: Verification) -> None:
@@ -107,14 +111,16 @@ def verification_lines(out: Console, v: Verification) -> None:
             f"written {worst(v.written):.3g} (rtol {v.written_rtol:g}, atol {v.written_atol:g})"
         )
     out.print(": ".join(parts[:1]) + ": " + ", ".join(parts[1:]), markup=False)
-    if v.tensors is not None:
-        out.print(f"tensors: {v.tensors.summary()}", markup=False)
+    if v.tensors is not None:  # names the file's keys
+        out.print(shown(f"tensors: {v.tensors.summary()}"), markup=False)
 
 
 def summary_line(out: Console, plan: PlanRecord | Recordable, before: int, after: int) -> None:
     counts = _record(plan).fused_by_rule
     fused = ", ".join(f"{n} {rule}" for rule, n in sorted(counts.items())) or "nothing"
-    out.print(f"fused: {fused}; params {millions(before)} -> {millions(after)}", markup=False)
+    out.print(
+        shown(f"fused: {fused}; params {millions(before)} -> {millions(after)}"), markup=False
+    )
 
 
 def rules_table(out: Console, rows: Sequence[dict[str, Any]]) -> None:
@@ -175,5 +181,36 @@ def bench_report(out: Console, result: BenchResult) -> None:
     )
 
 
+class JsonDocument:
+    """The one JSON document a --json command prints, on the stdout it was started with."""
+
+    def __init__(self, stream: TextIO) -> None:
+        self._stream, self.emitted = stream, False
+
+    def emit(self, document: dict[str, Any]) -> None:
+        self._stream.write(json.dumps(document, indent=2, default=str) + "\n")
+        self._stream.flush()
+        self.emitted = True
+
+
+_owner: JsonDocument | None = None
+
+
+@contextmanager
+def json_owns_stdout(document: JsonDocument) -> Iterator[None]:
+    """While it runs, `emit_json` writes `document` and any other print goes to stderr: user
+    code that prints (many model constructors do) cannot corrupt the document CI parses."""
+    global _owner
+    previous, _owner = _owner, document
+    try:
+        with redirect_stdout(sys.stderr):
+            yield
+    finally:
+        _owner = previous
+
+
 def emit_json(document: dict[str, Any]) -> None:
-    sys.stdout.write(json.dumps(document, indent=2, default=str) + "\n")
+    if _owner is not None:
+        _owner.emit(document)
+    else:
+        sys.stdout.write(json.dumps(document, indent=2, default=str) + "\n")

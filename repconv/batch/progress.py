@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -18,6 +19,7 @@ from rich.progress import (
 
 from repconv.batch.config import Job
 from repconv.batch.summary import status_text
+from repconv.terminal import shown
 
 
 class LiveProgress:
@@ -50,13 +52,15 @@ class LiveProgress:
                 self._progress.remove_task(self._lines.pop(name))
         for job in jobs:
             if job.name not in self._lines:
-                self._lines[job.name] = self._progress.add_task(f"  {job.name}", total=None)
+                self._lines[job.name] = self._progress.add_task(
+                    f"  {escape(shown(job.name))}", total=None
+                )
 
     def finished(self, job: Job, row: dict[str, Any]) -> None:
         if job.name in self._lines:
             self._progress.remove_task(self._lines.pop(job.name))
         self._progress.advance(self._overall)
-        self._progress.console.print(f"{job.name}: {status_text(row)}", markup=False)
+        self._progress.console.print(shown(f"{job.name}: {status_text(row)}"), markup=False)
 
 
 class LineProgress:
@@ -79,7 +83,9 @@ class LineProgress:
         self._done += 1
         elapsed = time.perf_counter() - self._start
         self._console.print(
-            f"[{self._done}/{self._total}] {job.name}: {status_text(row)} "
-            f"({elapsed:.0f} s elapsed)",
+            shown(
+                f"[{self._done}/{self._total}] {job.name}: {status_text(row)} "
+                f"({elapsed:.0f} s elapsed)"
+            ),
             markup=False,
         )

@@ -15,6 +15,7 @@ from rich.console import Console
 
 from repconv import report
 from repconv.batch.config import BatchConfig
+from repconv.terminal import shown
 
 REPORT_FORMAT = "repconv.batch/1"
 STATUSES = ("converted", "up to date", "failed")
@@ -104,7 +105,7 @@ def print_summary(out: Console, config: BatchConfig, rows: Sequence[dict[str, An
     report.table(out, f"Batch {config.path}", COLUMNS, [_cells(r) for r in rows])
     for row in rows:
         if row["status"] == "failed":
-            out.print(f"{row['name']}: {row['reason']}", markup=False)
+            out.print(shown(f"{row['name']}: {row['reason']}"), markup=False)
     out.print(tally_line(counts(rows)), markup=False)
 
 
