@@ -40,19 +40,15 @@ class ConventionCheck:
 
     loads: bool  # the whole file loads strictly into the train class
     error: float | None = None  # that model's relative error against the train model
-    blocks_checked: int = 0  # blocks whose own tensors load into their own class
-    blocks: list[str] = field(default_factory=list, repr=False)
+    # the fused blocks whose own tensors load into their own class (and compute the same)
+    blocks: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "loads_into_train_class": self.loads,
             "error": self.error,
-            "blocks_loading_into_their_class": self.blocks_checked,
+            "blocks_loading_into_their_class": len(self.blocks),
         }
-
-    def summary(self) -> str:
-        whole = "yes" if self.loads else "no (names of its own: the load fails loudly)"
-        return f"loads into the train class by the conv-BN convention: {whole}"
 
 
 def structure_of(model: nn.Module) -> nn.Module | None:
@@ -122,7 +118,6 @@ def check(
     result = ConventionCheck(loads=False)
     for path, shape in blocks.items():
         if _block_matches(structure, deploy, state, path, shape, inputs[0].dtype):
-            result.blocks_checked += 1
             result.blocks.append(path)
     whole = loaded_by_convention(structure, state)
     if whole is not None:
