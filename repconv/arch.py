@@ -26,9 +26,9 @@ from repconv.zoo import registry as zoo
 MAX_KEYS_SHOWN = 5
 
 
-def _import_file(path: Path) -> Any:
+def _import_file(path: Path, flag: str) -> Any:
     if not path.is_file():
-        raise BadInput(f"--arch: file {path} does not exist")
+        raise BadInput(f"{flag}: file {path} does not exist")
     name = f"repconv_arch_{abs(hash(str(path.resolve())))}"
     spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
@@ -39,54 +39,54 @@ def _import_file(path: Path) -> Any:
         spec.loader.exec_module(module)
     except Exception as exc:
         sys.modules.pop(name, None)
-        raise BadInput(f"--arch: importing {path} failed: {type(exc).__name__}: {exc}") from exc
+        raise BadInput(f"{flag}: importing {path} failed: {type(exc).__name__}: {exc}") from exc
     finally:
         sys.path.remove(str(path.parent.resolve()))
     return module
 
 
-def resolve(spec: str) -> Callable[..., nn.Module]:
-    """The callable that builds the model named by `spec`."""
+def resolve(spec: str, flag: str = "--arch") -> Callable[..., nn.Module]:
+    """The callable that builds the model named by `spec` (given as `flag`, for messages)."""
     entry = zoo.get_entry(spec)
     if entry is not None:
         return entry.factory
     if ":" not in spec:
         known = ", ".join(zoo.list_models())
         raise BadInput(
-            f"--arch {spec!r} is not a built-in model ({known}) nor of the form "
+            f"{flag} {spec!r} is not a built-in model ({known}) nor of the form "
             "'package.module:callable' or 'path/to/file.py:callable'"
         )
     where, _, attr = spec.rpartition(":")
     if where.endswith(".py") or "/" in where or "\\" in where:
-        module = _import_file(Path(where))
+        module = _import_file(Path(where), flag)
     else:
         try:
             module = importlib.import_module(where)
         except Exception as exc:
-            raise BadInput(f"--arch: cannot import {where!r}: {type(exc).__name__}: {exc}") from exc
+            raise BadInput(f"{flag}: cannot import {where!r}: {type(exc).__name__}: {exc}") from exc
     target: Any = module
     for part in attr.split("."):
         target = getattr(target, part, None)
         if target is None:
-            raise BadInput(f"--arch: {where!r} has no attribute {attr!r}")
+            raise BadInput(f"{flag}: {where!r} has no attribute {attr!r}")
     if not callable(target):
-        raise BadInput(f"--arch: {spec!r} is not callable")
+        raise BadInput(f"{flag}: {spec!r} is not callable")
     return target
 
 
 def _construct(
-    factory: Callable[..., nn.Module], kwargs: Mapping[str, Any], spec: str
+    factory: Callable[..., nn.Module], kwargs: Mapping[str, Any], spec: str, flag: str = "--arch"
 ) -> nn.Module:
     try:
         model = factory(**kwargs)
     except SystemExit as exc:  # a builder that exits must never read as a finished command
-        raise BadInput(f"--arch {spec}: the builder called sys.exit({exc.code!r})") from None
+        raise BadInput(f"{flag} {spec}: the builder called sys.exit({exc.code!r})") from None
     except Exception as exc:
         raise BadInput(
-            f"--arch {spec}: building the model failed: {type(exc).__name__}: {exc}"
+            f"{flag} {spec}: building the model failed: {type(exc).__name__}: {exc}"
         ) from exc
     if not isinstance(model, nn.Module):
-        raise BadInput(f"--arch {spec}: the callable returned {type(model).__name__}, not a Module")
+        raise BadInput(f"{flag} {spec}: the callable returned {type(model).__name__}, not a Module")
     return model
 
 
@@ -208,17 +208,17 @@ def build_loaded(
     return model.eval()
 
 
-def build_empty(spec: str, kwargs: Mapping[str, Any]) -> nn.Module:
+def build_empty(spec: str, kwargs: Mapping[str, Any], flag: str = "--deploy-arch") -> nn.Module:
     """The model named by `spec`, its tensors to be assigned, in eval mode: built on the meta
     device, or, where its constructor needs values (`.item()` on a tensor it makes in
     `__init__`, as RepLKNet's and UniRepLKNet's do), on the CPU with initialisation skipped."""
-    factory = resolve(spec)
+    factory = resolve(spec, flag)
     try:
         with torch.device("meta"):
-            model = _construct(factory, kwargs, spec)
+            model = _construct(factory, kwargs, spec, flag)
     except BadInput:
         with skipping_init():
-            model = _construct(factory, kwargs, spec)
+            model = _construct(factory, kwargs, spec, flag)
     return model.eval()
 
 

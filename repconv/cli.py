@@ -34,6 +34,7 @@ from repconv.options import (
     written_name,
 )
 from repconv.terminal import shown
+from repconv.tolerances import format_limit, onnx_limit
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_INTERNAL = 0, 1, 2, 3
 
@@ -382,7 +383,19 @@ Examples:
 """
 
 
-@main.command(epilog=EXPORT_EXAMPLES)
+# The limits are the tolerance table's, so the help cannot drift from what the check uses.
+EXPORT_HELP = f"""Export the deploy checkpoint DEPLOY to ONNX, checked with onnxruntime.
+
+\b
+The deploy model is rebuilt (as load_deploy does), exported with torch's TorchScript
+exporter and the file run with onnxruntime (CPU) on the verification inputs; it is
+written atomically, and only if its outputs match the deploy model's in float64 within
+{format_limit(onnx_limit("float32"))} relative (float32) or \
+{format_limit(onnx_limit("float16"))} (--fp16): exit 1 if not. Needs repconv[onnx].
+"""
+
+
+@main.command(epilog=EXPORT_EXAMPLES, help=EXPORT_HELP)
 @click.argument("deploy_path", metavar="DEPLOY", type=click.Path(path_type=Path))
 @click.argument("output_path", metavar="MODEL.onnx", type=click.Path(path_type=Path))
 @_common_model_options
@@ -403,14 +416,6 @@ Examples:
     help="Build any architecture DEPLOY's metadata names (runs the code it names).",
 )
 def export(deploy_path: Path, output_path: Path, **opts: Any) -> None:
-    """Export the deploy checkpoint DEPLOY to ONNX, checked with onnxruntime.
-
-    \b
-    The deploy model is rebuilt (as load_deploy does), exported with torch's TorchScript
-    exporter and the file run with onnxruntime (CPU) on the verification inputs; it is
-    written atomically, and only if its outputs match the deploy model's in float64 within
-    1e-4 relative (float32) or 1e-2 (--fp16): exit 1 if not. Needs repconv[onnx].
-    """
     as_json, verbose = opts.pop("as_json"), opts.pop("verbose")
 
     def body() -> int:

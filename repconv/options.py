@@ -20,7 +20,7 @@ from typing import Any, Literal
 
 from repconv.errors import BadInput
 from repconv.terminal import shown
-from repconv.tolerances import EXACT_LIMIT
+from repconv.tolerances import EXACT_LIMIT, format_limit, written_limit
 
 VERIFY_DTYPES = ("float64", "float32", "float16", "bfloat16")
 
@@ -254,7 +254,8 @@ class ConvertOptions:
         None,
         "number",
         "check",
-        "Relative limit (written); default 1e-4 float32, 1e-2 float16.",
+        f"Relative limit (written); default {format_limit(written_limit('float32'))} float32, "
+        f"{format_limit(written_limit('float16'))} float16.",
         minimum=0,
     )
     verify: bool = _option(

@@ -64,3 +64,9 @@ def onnx_limit(dtype: object) -> float:
     if limit is None:
         raise ValueError(f"no ONNX export is made in {dtype_name(dtype)}")
     return limit
+
+
+def format_limit(limit: float) -> str:
+    """A limit as people write it: 1e-4, not 0.0001 or 1e-04."""
+    mantissa, exponent = f"{limit:.0e}".split("e")
+    return f"{mantissa}e{int(exponent)}"

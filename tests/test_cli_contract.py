@@ -45,6 +45,9 @@ def builders(tmp_path: Path) -> Path:
 
             def quitter():
                 sys.exit(0)
+
+            def broken():
+                raise RuntimeError("no such width")
             """
         )
     )
@@ -94,6 +97,17 @@ def test_a_builder_calling_sys_exit_is_an_error_naming_it(train, tmp_path):
     assert result.exit_code == 2, result.output
     line = one_error_line(result.stderr)
     assert "quitter" in line and "sys.exit(0)" in line
+    assert not out.exists()
+
+
+def test_a_deploy_builder_that_fails_is_named_by_its_own_flag(train, tmp_path):
+    out = tmp_path / "deploy.safetensors"
+    spec = f"{builders(tmp_path)}:broken"
+    args = ["convert", str(train), str(out), "--arch", "demo_mixed", "--deploy-arch", spec]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 2, result.output
+    line = one_error_line(result.stderr)
+    assert line.startswith(f"error: --deploy-arch {spec}: building the model failed"), line
     assert not out.exists()
 
 

@@ -76,7 +76,7 @@ def test_a_deploy_model_that_cannot_be_built_on_meta_is_built_on_cpu_uninitialis
     initialised = []
     real = torch.nn.init.kaiming_uniform_
     monkeypatch.setattr(torch.nn.init, "kaiming_uniform_", lambda t, *a, **k: initialised.append(t))
-    monkeypatch.setattr(arch, "resolve", lambda spec: ItemInInit)
+    monkeypatch.setattr(arch, "resolve", lambda spec, flag: ItemInInit)
     with arch.skipping_init():
         assert torch.nn.init.kaiming_uniform_ is not real
     model = arch.build_empty("item_in_init", {"deploy": True})

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import repconv
+from repconv import tolerances
 from repconv.batch.config import Job
 from repconv.errors import BadInput
 from repconv.options import ConvertOptions, recorded_options, written_checks
@@ -196,3 +197,14 @@ def test_a_job_with_options_damaged_in_transit_is_refused():
     text = job.to_json().replace('"samples": 3', '"samples": 0')
     with pytest.raises(BadInput, match="--samples"):
         Job.from_json(text)
+
+
+def test_help_states_the_limits_of_the_tolerance_table():
+    from click.testing import CliRunner
+
+    from repconv.cli import main
+
+    for command, dtype, limit in (("convert", "float16", "written"), ("export", "float16", "onnx")):
+        text = " ".join(CliRunner().invoke(main, [command, "--help"]).output.split())
+        value = getattr(tolerances.limits_of(dtype), limit)
+        assert tolerances.format_limit(value) in text, (command, text)
