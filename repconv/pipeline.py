@@ -330,6 +330,7 @@ def convert_file(
         "key": loaded.source_key,
         "stripped_prefixes": list(loaded.stripped_prefixes),
         "arch": arch_spec,
+        "models": choice.reasons(),
     }
     if strict and result.plan.warnings:
         first = result.plan.warnings[0]

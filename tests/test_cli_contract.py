@@ -183,3 +183,14 @@ def test_usage_errors_are_one_line_and_one_json_document(tmp_path, option, value
     doc = json.loads(with_json.stdout)
     assert doc["ok"] is False and doc["exit_code"] == 2 and words in doc["error"]
     assert not out.exists()
+
+
+def test_convert_json_says_why_each_model_was_built(train, tmp_path):
+    from repconv.model_choice import OWN_DEPLOY_STRUCTURE
+
+    out = tmp_path / "deploy.safetensors"
+    base = ["convert", str(train), str(out), "--arch", "demo_mixed", "--samples", "1", "--json"]
+    result = CliRunner().invoke(main, base)
+    assert result.exit_code == 0, result.output
+    models = json.loads(result.stdout)["source"]["models"]
+    assert models == {"train": "--arch", "deploy": OWN_DEPLOY_STRUCTURE}
