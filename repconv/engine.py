@@ -131,10 +131,13 @@ class Plan:
     # after its own.
     passes: list[Pass] = field(default_factory=list, repr=False)
     kept: Kept = field(default_factory=Kept)
+    # Registered passes the plan was made without, with why (see `plan`).
+    left_out: dict[str, str] = field(default_factory=dict)
+    left_out_passes: list[Pass] = field(default_factory=list, repr=False)
 
     def record(self) -> PlanRecord:
         """The plan as recorded before it is applied: every block planned."""
-        return PlanRecord(tuple(_block_record(s) for s in self.entries))
+        return PlanRecord(tuple(_block_record(s) for s in self.entries), left_out=self.left_out)
 
     def to_dict(self) -> dict[str, Any]:
         return self.record().to_json()
@@ -212,6 +215,7 @@ class Applied:
             blocks=tuple(o.record() for o in self.entries),
             fused_by_rule=self.fused_by_rule(),
             warnings=tuple(WarningRecord(w["path"], w["message"]) for w in self.warnings),
+            left_out=self.plan.left_out,
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -314,20 +318,29 @@ def _walk(model: nn.Module, passes: Sequence[Pass], kept: Kept) -> tuple[list[St
 
 @one_at_a_time
 def plan(
-    model: nn.Module, rules: Sequence[Rule] | None = None, *, keep: Sequence[str] = ()
+    model: nn.Module,
+    rules: Sequence[Rule] | None = None,
+    *,
+    keep: Sequence[str] = (),
+    leave_out: Mapping[str, str] | None = None,
 ) -> Plan:
     """Which pass fuses which block, without changing anything.
 
     `rules` replaces the registered block rules; the passes after them run either way. `keep`
-    names modules to leave as they are (see `Kept`).
+    names modules to leave as they are (see `Kept`). `leave_out` names passes (by `name`) the
+    plan is made without, follow-ups included, each with why: what one of them would have
+    fused (a find-stage pass: `Pass.find`) is reported with that reason.
     """
-    passes = registered_passes(rules)
+    leave_out = dict(leave_out or {})
+    registered = registered_passes(rules)
+    passes = [p for p in registered if p.name not in leave_out]
     kept = Kept(tuple(keep))
     check_norm_statistics(model)
     check_finite(model)
     steps, claimed = _walk(model, passes, kept)
     steps += _find(model, "", passes, claimed, kept)
-    return Plan(steps, list(passes), kept)
+    left_out = [p for p in registered if p.name in leave_out]
+    return Plan(steps, passes, kept, leave_out, left_out)
 
 
 def _find(
@@ -449,7 +462,8 @@ def apply(
         for o in outcomes
         if o.status == "skipped"
     ]
-    return Applied(plan, outcomes, warnings + leftover_norm_warnings(model))
+    left_alone = _left_alone(model, plan)
+    return Applied(plan, outcomes, warnings + leftover_norm_warnings(model, left_alone))
 
 
 def _open(model: nn.Module, plan: Plan, check: BlockCheck) -> dict[int, PassRun]:
@@ -484,12 +498,27 @@ def _plan_after(model: nn.Module, plan: Plan, later: Sequence[Pass], step: Step)
     return _find(model, step.path, later, opaque, plan.kept)
 
 
-def leftover_norm_warnings(model: nn.Module) -> list[dict[str, str]]:
-    """Every norm still in the model, with the reason it could not be folded."""
+def _left_alone(model: nn.Module, plan: Plan) -> dict[str, str]:
+    """The norms a pass the plan left out would have folded, each with why it was left out."""
+    reasons: dict[str, str] = {}
+    for each in plan.left_out_passes:
+        for step in each.find(model, set()):
+            for path in step.claims:
+                if is_norm_like(model.get_submodule(path)):
+                    reasons.setdefault(path, plan.left_out[each.name])
+    return reasons
+
+
+def leftover_norm_warnings(
+    model: nn.Module, left_alone: Mapping[str, str] | None = None
+) -> list[dict[str, str]]:
+    """Every norm still in the model, with the reason it was not folded (`left_alone`: norms
+    kept on purpose, with why)."""
+    left_alone = left_alone or {}
     warnings = []
     for path, module in model.named_modules():
         if is_norm_like(module):
-            reason = (
+            reason = left_alone.get(path) or (
                 norm_problem(module, with_act=True)
                 or "its input is not a conv output used only by it"
             )

@@ -238,6 +238,13 @@ class ConvertOptions:
         "Deploy model = --arch with these on top of --arch-kwargs, e.g. '{\"deploy\": true}'.",
         metavar="JSON",
     )
+    fold_plain_bn: bool = _option(
+        False,
+        "flag",
+        "convert",  # verify and export replay the form the file records
+        "Fold plain conv + BN pairs also in models with their own deploy methods, whose deploy "
+        "form keeps them live (the file then no longer loads into that deploy form).",
+    )
     input_shape: Sequence[int] | None = _option(
         None,
         "shape",
@@ -360,6 +367,9 @@ def _check_deploy_options(options: ConvertOptions) -> None:
         )
     if options.deploy_arch is None and options.deploy_arch_kwargs is not None:
         raise BadInput("--deploy-arch-kwargs needs --deploy-arch")
+    deploy_model_given = options.deploy_arch is not None or options.deploy_kwargs is not None
+    if options.fold_plain_bn and deploy_model_given:
+        raise BadInput("--fold-plain-bn: with a deploy model, that model decides what is fused")
     if options.deploy_kwargs is not None and options.arch is None:
         raise BadInput("--deploy-kwargs needs --arch (the builder it adds arguments to)")
 
@@ -396,6 +406,8 @@ def recorded_options(options: ConvertOptions) -> dict[str, Any]:
         value = record.pop(name)
         if value is not None:
             record[name] = value if isinstance(value, str) else dict(value)
+    if record.pop("fold_plain_bn"):  # likewise: recorded only when asked for
+        record["fold_plain_bn"] = True
     return json.loads(json.dumps(record))  # what reading it back from metadata gives
 
 

@@ -20,6 +20,7 @@ from repconv import (
     checkpoint,
     convention,
     deploy_constraint,
+    deploy_form,
     deploy_map,
     dtypes,
     engine,
@@ -105,7 +106,8 @@ def convert(
     params_before = param_count(model)
     kept = _train_tensors_for(deploy_model, model)
     keep = _kept_by(deploy_model, model, options.input_shape)
-    plan = engine.plan(model, rules, keep=keep)
+    leave_out = deploy_form.passes_left_out(model, options.fold_plain_bn, deploy_model is not None)
+    plan = engine.plan(model, rules, keep=keep, leave_out=leave_out)
     dtype_for = dtypes.output_dtypes(original, plan)
     reference = _reference(model, plan, options) if options.verify else None
     probes = reference.block_probes() if reference is not None else None
@@ -363,7 +365,8 @@ def _deploy_structure(model: nn.Module, recorded_plan: PlanRecord | None = None)
         for block in blocks
         if block.status == "skipped"
     }
-    engine.apply(model, engine.plan(model), skip=skipped)
+    left_out = recorded_plan.left_out if recorded_plan is not None else None
+    engine.apply(model, engine.plan(model, leave_out=left_out), skip=skipped)
 
 
 @one_at_a_time
@@ -470,7 +473,11 @@ def verify_files(
         model, shape, samples, seed, torch.float64, shape_given=bool(input_shape)
     )
     keep = _kept_by(deploy_model, model, input_shape)
-    applied = engine.apply(model, engine.plan(model, keep=keep))
+    # The passes the conversion was made without, as the file records them: a record that
+    # lies about them makes the recomputed tensors differ from the file's.
+    recorded_plan = model_choice.recorded(record, "plan", what)
+    left_out = recorded_plan.left_out if recorded_plan is not None else None
+    applied = engine.apply(model, engine.plan(model, keep=keep, leave_out=left_out))
     if deploy_model is not None:
         _fill_deploy(deploy_model, model, kept, lambda _key: torch.float64)
         model = deploy_model

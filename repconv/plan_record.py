@@ -108,19 +108,26 @@ class PlanRecord:
     blocks: tuple[BlockRecord, ...] = ()
     fused_by_rule: Mapping[str, int] = field(default_factory=dict)
     warnings: tuple[WarningRecord, ...] = ()
+    # The passes the plan was made without, each with why (`engine.plan(leave_out=...)`); a
+    # rebuild of the deploy structure leaves them out too. Absent in files of older releases.
+    left_out: Mapping[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         # Frozen all the way down: a record read from a file is not edited by its readers.
         object.__setattr__(self, "blocks", tuple(self.blocks))
         object.__setattr__(self, "fused_by_rule", MappingProxyType(dict(self.fused_by_rule)))
         object.__setattr__(self, "warnings", tuple(self.warnings))
+        object.__setattr__(self, "left_out", MappingProxyType(dict(self.left_out)))
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        written = {
             "blocks": [b.to_json() for b in self.blocks],
             "fused_by_rule": dict(self.fused_by_rule),
             "warnings": [w.to_json() for w in self.warnings],
         }
+        if self.left_out:  # only then: a plan made with every pass reads as it always did
+            written["left_out"] = dict(self.left_out)
+        return written
 
     def to_text(self) -> str:
         """The plan as the deploy metadata holds it."""
@@ -134,6 +141,7 @@ class PlanRecord:
         blocks = _list(_present(plan, "blocks", "plan"), "plan.blocks")
         warnings = _list(_present(plan, "warnings", "plan"), "plan.warnings")
         counts = _object(_present(plan, "fused_by_rule", "plan"), "plan.fused_by_rule")
+        left_out = _object(plan.get("left_out", {}), "plan.left_out")
         return cls(
             blocks=tuple(
                 BlockRecord.from_json(b, f"plan.blocks[{i}]") for i, b in enumerate(blocks)
@@ -144,6 +152,9 @@ class PlanRecord:
             warnings=tuple(
                 WarningRecord.from_json(w, f"plan.warnings[{i}]") for i, w in enumerate(warnings)
             ),
+            left_out={
+                name: _string(why, "plan.left_out", shown(name)) for name, why in left_out.items()
+            },
         )
 
 

@@ -15,6 +15,7 @@ from torch import nn
 
 import repconv
 from repconv.cli import main
+from repconv.deploy_form import PLAIN_PAIRS_KEPT
 from repconv.outputs import worst
 from repconv.rules import convbn
 from repconv.rules.deploy_method import METHOD_NAMES, deploy_method
@@ -84,13 +85,27 @@ def test_method_building_default_dtype_tensors_runs_in_the_blocks_dtype():
     assert torch.get_default_dtype() == torch.float32  # restored
 
 
-def test_root_method_runs_and_the_other_pairs_are_still_folded():
+def test_root_method_runs_and_the_plain_pairs_stay_live_as_the_librarys_form_keeps_them():
     model = B.RootMethodNet()
     result = converted(model)
+    assert ("", "deploy_method", "fused") in outcomes(result)
+    assert not any(o.rule == "conv_bn" for o in result.plan.entries)
+    assert norms_left(model) == ["stem.1", "head.1"]
+    assert {w["path"]: w["message"] for w in result.plan.warnings} == {
+        path: f"norm left in place: {PLAIN_PAIRS_KEPT}" for path in ("stem.1", "head.1")
+    }
+    assert result.plan.record().left_out == {"conv_bn": PLAIN_PAIRS_KEPT}
+
+
+def test_fold_plain_bn_folds_the_pairs_the_librarys_form_keeps():
+    model = B.RootMethodNet()
+    result = repconv.convert(randomized(model), input_shape=SHAPE, fold_plain_bn=True)
+    assert result.passed
     assert ("", "deploy_method", "fused") in outcomes(result)
     pairs = {o.path for o in result.plan.entries if o.rule == "conv_bn" and o.status == "fused"}
     assert pairs == {"stem.0", "head.0"}
     assert norms_left(model) == [] and result.plan.warnings == []
+    assert result.plan.record().left_out == {}
 
 
 def test_children_methods_run_before_their_parents():

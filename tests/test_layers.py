@@ -35,6 +35,7 @@ LAYERS: list[tuple[str, set[str]]] = [
     (
         "models and judging",
         {"dtypes", "arch", "verification", "bench", "deploy_constraint", "convention"}
+        | {"deploy_form"}
         | {"zoo.repvgg", "zoo.dbb_nets", "zoo.demo"},
     ),
     ("checkpoint I/O", {"checkpoint", "zoo.checkpoints", "model_choice"}),
