@@ -32,11 +32,14 @@ from repconv.files import (
     OUTPUT_SUFFIXES,
     PICKLE_SUFFIXES,
     TENSORS_DIGEST_KEY,
-    CorruptZipMember,
+    ZipCheck,
+    ZipRefused,
+    checked_read,
     file_sha256,
     prove_writable,
     write_atomically,
 )
+from repconv.verification import available_memory
 
 NESTED_KEYS = ("state_dict", "model", "model_state_dict", "model_ema", "state_dict_ema", "ema")
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")
@@ -103,7 +106,11 @@ def _unpickling_error(path: Path, exc: BaseException) -> BadInput:
     return _unreadable(path, exc)
 
 
-def _load_pickle(path: Path, trust_pickle: bool) -> Any:
+def _load_pickle(path: Path, trust_pickle: bool, mmap: bool = True) -> Any:
+    """torch.load, memory-mapped when it may be: a zip whose members are compressed is read
+    whole (mapping would hand out the compressed bytes as tensor data)."""
+    if not mmap:
+        return _load_unmapped(path, trust_pickle)
     try:
         return torch.load(path, map_location="cpu", weights_only=not trust_pickle, mmap=True)
     except pickle.UnpicklingError as exc:
@@ -148,10 +155,18 @@ def read_checkpoint(
     """Read a train checkpoint: a state dict (possibly nested), or with trust a whole module."""
     path = Path(path)
     _check_readable(path, INPUT_SUFFIXES)
-    sha = _sha256_of_intact(path)
+    checked = _intact(path)
+    sha = checked.sha256
     if path.suffix.lower() == ".safetensors":
         return _read_train_safetensors(path, sha, key)
-    source_key, found = _find_weights(path, _load_pickle(path, trust_pickle), key)
+    if checked.torchscript:
+        raise BadInput(
+            f"{path.name} is a TorchScript archive (torch.jit.save), not a checkpoint: loading "
+            "it runs the code it holds; if you trust it, torch.jit.load it in Python and "
+            "torch.save its state_dict()"
+        )
+    obj = _load_pickle(path, trust_pickle, mmap=not checked.compressed)
+    source_key, found = _find_weights(path, obj, key)
     if isinstance(found, nn.Module):
         module, state = found, dict(found.state_dict())
     else:
@@ -211,13 +226,17 @@ def _locate_weights(path: Path, obj: Any) -> tuple[str | None, Any]:
     )
 
 
-def _sha256_of_intact(path: Path) -> str:
+def _intact(path: Path) -> ZipCheck:
     """The file's sha256; a zip checkpoint's members are checked against their CRCs on the way
-    (torch.load does not check them), so a damaged tensor is refused, not converted."""
+    (torch.load does not check them), so a damaged tensor is refused, not converted; compressed
+    members are decompressed for it, within the memory a whole read of the file may take."""
+    if path.suffix.lower() not in PICKLE_SUFFIXES:
+        return ZipCheck(file_sha256(path))
     try:
-        return file_sha256(path, check_zip_crcs=path.suffix.lower() in PICKLE_SUFFIXES)
-    except CorruptZipMember as exc:
-        raise BadInput(f"cannot read {path.name}: {exc} (file is corrupt)") from None
+        return checked_read(path, memory=available_memory())
+    except ZipRefused as exc:
+        why = " (file is corrupt)" if exc.corrupt else ""
+        raise BadInput(f"cannot read {path.name}: {exc}{why}") from None
 
 
 def _own_copies_of_integers(state: dict[str, Tensor]) -> dict[str, Tensor]:
