@@ -36,6 +36,7 @@ from repconv.files import (
     ZipRefused,
     checked_read,
     file_sha256,
+    output_location,
     prove_writable,
     write_atomically,
 )
@@ -282,10 +283,12 @@ def check_output_path(output: str | Path, *, inputs: tuple | list = ()) -> Path:
             f"use {', '.join(OUTPUT_SUFFIXES)}"
         )
     for source in inputs:
+        # The output's own name is replaced, never followed (`files.output_location`): a
+        # symlink to the input is no clash, a hard link or the input's own path is.
         source = Path(source)
-        same = output.resolve() == source.resolve()
-        if not same and output.exists() and source.exists():
-            same = os.path.samefile(output, source)
+        same = output_location(output) == source.resolve()
+        if not same and os.path.lexists(output) and source.exists():
+            same = os.path.samestat(os.lstat(output), os.stat(source))
         if same:
             raise BadInput(f"OUTPUT {output} is the same file as INPUT; choose another name")
     parent = output.parent if str(output.parent) else Path(".")
@@ -293,7 +296,7 @@ def check_output_path(output: str | Path, *, inputs: tuple | list = ()) -> Path:
         raise BadInput(f"cannot write {output}: folder {parent} does not exist")
     if not os.access(parent, os.W_OK | os.X_OK):
         raise BadInput(f"cannot write {output}: folder {parent} is not writable")
-    if output.is_dir():
+    if output.is_dir() and not output.is_symlink():
         raise BadInput(f"cannot write {output}: it is a directory")
     prove_writable(output)
     return output

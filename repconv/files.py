@@ -6,6 +6,7 @@ runner) start in a fraction of a second and stay small.
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import os
@@ -304,9 +305,25 @@ def _data_length(header: dict[str, Any], name: str) -> int:
     return length
 
 
+def output_location(path: str | Path) -> Path:
+    """Where an output is written, as an absolute path: its folder resolved (a symlinked folder
+    is where you asked to write), its name kept as given. The one policy for an existing output
+    path (`convert`, `batch`, reports): it is replaced by a new regular file in one rename, so
+    a symlink there is replaced, never followed, and the file it pointed to is left alone."""
+    path = Path(path).expanduser()
+    return path.absolute().parent.resolve() / path.name
+
+
+def _temp_prefix(path: Path, pid: int) -> str:
+    return f".{path.name}.{pid}."
+
+
 def temp_file_beside(path: Path) -> tuple[int, str]:
-    """A temp file in `path`'s folder (so the final rename is atomic), named after `path`."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    """A temp file in `path`'s folder (so the final rename is atomic), named after `path` and
+    its owner: `.NAME.PID.RANDOM.tmp`, so a clean-up can tell its own from another process's."""
+    fd, tmp = tempfile.mkstemp(
+        dir=path.parent, prefix=_temp_prefix(path, os.getpid()), suffix=".tmp"
+    )
     try:
         # mkstemp creates the file private (0600); give it the permissions a plain open would.
         umask = os.umask(0)
@@ -317,6 +334,15 @@ def temp_file_beside(path: Path) -> tuple[int, str]:
         Path(tmp).unlink(missing_ok=True)
         raise
     return fd, tmp
+
+
+def remove_temp_files_of(pid: int, path: str | Path) -> None:
+    """Remove the temp files process `pid` made for writing `path` (`temp_file_beside`), and
+    no other: a killed worker's leftovers, never another process's file in progress."""
+    path = Path(path)
+    pattern = glob.escape(_temp_prefix(path, pid)) + "*.tmp"
+    for leftover in path.parent.glob(pattern):
+        leftover.unlink(missing_ok=True)
 
 
 def check_report_path(path: str | Path) -> Path:
