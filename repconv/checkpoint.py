@@ -13,6 +13,7 @@ import json
 import os
 import pickle
 import re
+import shlex
 import sys
 import threading
 import zipfile
@@ -26,6 +27,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file as load_safetensors
 from torch import Tensor, nn
 
+from repconv import pickle_scan
 from repconv.errors import BadInput
 from repconv.files import (
     INPUT_SUFFIXES,
@@ -99,15 +101,73 @@ def _pickled_objects_error(path: Path, detail: str) -> BadInput:
     )
 
 
+class _RefusedGlobal(BadInput):
+    """weights_only refused a global the file names (`name`)."""
+
+    def __init__(self, message: str, name: str) -> None:
+        super().__init__(message)
+        self.name = name
+
+
 def _unpickling_error(path: Path, exc: BaseException) -> BadInput:
     """weights_only refusing a global means code would run; anything else is a broken file."""
     refused = re.search(r"GLOBAL ([\w.]+)", str(exc))
     if refused:
-        return _pickled_objects_error(path, f"it needs {refused.group(1)}")
+        name = refused.group(1)
+        return _RefusedGlobal(str(_pickled_objects_error(path, f"it needs {name}")), name)
     return _unreadable(path, exc)
 
 
-def _load_pickle(path: Path, trust_pickle: bool, mmap: bool = True) -> Any:
+def _load_pickle(path: Path, trust_pickle: bool, mmap: bool = True, key: str | None = None) -> Any:
+    """torch.load(weights_only) unless trusted; numpy values beside the weights (a `best_acc`)
+    are read as plain numbers when `key` names an entry that holds none of them."""
+    try:
+        return _torch_load(path, trust_pickle, mmap)
+    except _RefusedGlobal as exc:
+        allowed = _numpy_values_apart_from(path, key, exc)
+    with torch.serialization.safe_globals(allowed):
+        try:
+            return _torch_load(path, trust_pickle, mmap)
+        except _RefusedGlobal as exc:
+            raise BadInput(str(exc)) from None
+
+
+def _numpy_values_apart_from(path: Path, key: str | None, exc: _RefusedGlobal) -> list[Any]:
+    """The numpy globals to allow, if every refused global is a numpy value's and `key` names
+    an entry holding none of them; else the error that says which key would do, or what."""
+    try:
+        refused = list(torch.serialization.get_unsafe_globals_in_checkpoint(path))
+    except Exception:  # a file too damaged to list them: what torch said is all there is
+        refused = [exc.name]
+    numpy = pickle_scan.numpy_values(refused)
+    scan = pickle_scan.top_level(path, refused)
+    if numpy is None or scan is None:
+        where = f"; found under {_keys(scan.refused)}" if scan and scan.refused else ""
+        raise BadInput(f"{exc}{where}") from None
+    if key is not None and key in scan.weights and key not in scan.refused:
+        return numpy
+    clean = [k for k in scan.weights if k not in scan.refused]
+    names = ", ".join(refused)
+    how = f"pass --key {shlex.quote(clean[0])} to read the weights under it, " if clean else ""
+    raise BadInput(
+        f"{path.name}: {_keys(scan.refused)} {'holds' if len(scan.refused) == 1 else 'hold'} "
+        f"numpy values ({names}), which loading "
+        f"without --trust-pickle refuses; {how}re-run with --trust-pickle if you trust the "
+        f"file, or in Python allow them with torch.serialization.safe_globals([{names}, "
+        "and the numpy.dtypes classes of their dtypes])"
+    ) from None
+
+
+def _keys(keys: Mapping[str, Any]) -> str:
+    named = [repr(k) for k in list(keys)[:5]]
+    return (
+        ("key " if len(keys) == 1 else "keys ")
+        + ", ".join(named)
+        + (", ..." if len(keys) > 5 else "")
+    )
+
+
+def _torch_load(path: Path, trust_pickle: bool, mmap: bool = True) -> Any:
     """torch.load, memory-mapped when it may be: a zip whose members are compressed is read
     whole (mapping would hand out the compressed bytes as tensor data)."""
     if not mmap:
@@ -166,7 +226,7 @@ def read_checkpoint(
             "it runs the code it holds; if you trust it, torch.jit.load it in Python and "
             "torch.save its state_dict()"
         )
-    obj = _load_pickle(path, trust_pickle, mmap=not checked.compressed)
+    obj = _load_pickle(path, trust_pickle, mmap=not checked.compressed, key=key)
     source_key, found = _find_weights(path, obj, key)
     if isinstance(found, nn.Module):
         module, state = found, dict(found.state_dict())

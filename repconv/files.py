@@ -372,18 +372,42 @@ def prove_writable(path: Path) -> None:
     Path(tmp).unlink(missing_ok=True)
 
 
+# Every file this process has put in place with `replacing`, in order: what a command had
+# completed when a signal stopped it (`completed_since`). Appended to only.
+_completed: list[Path] = []
+
+
+def writes_so_far() -> int:
+    """A mark for `completed_since`."""
+    return len(_completed)
+
+
+def completed_since(mark: int) -> list[Path]:
+    """The files put in place (complete, renamed) since `writes_so_far()` returned `mark`."""
+    return list(_completed[mark:])
+
+
 @contextmanager
 def replacing(path: str | Path) -> Iterator[str]:
     """A temp file beside `path` for the block to fill; it replaces `path` in one step when the
     block ends, and is removed if the block raises (an OS error becomes BadInput): readers see
-    the old file or the new one, never part of it."""
+    the old file or the new one, never part of it. A file put in place is recorded, even when
+    a signal strikes right after the rename (`completed_since`)."""
     path = Path(path)
     fd, tmp = temp_file_beside(path)
     os.close(fd)
+    renaming = False
     try:
         yield tmp
+        renaming = True
         os.replace(tmp, path)
+        _completed.append(path)
     except BaseException as exc:
+        if renaming and not os.path.lexists(tmp):
+            # renamed when the exception (a signal) arrived: the file is in place, complete
+            if not _completed or _completed[-1] is not path:
+                _completed.append(path)
+            raise
         Path(tmp).unlink(missing_ok=True)
         if isinstance(exc, OSError):
             raise BadInput(f"cannot write {path}: {exc.strerror or exc}") from None
