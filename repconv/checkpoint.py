@@ -18,7 +18,7 @@ import sys
 import threading
 import zipfile
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -56,6 +56,9 @@ class LoadedCheckpoint:
     module: nn.Module | None
     source_key: str | None
     stripped_prefixes: tuple[str, ...]
+    # The keys of the file's other nested state dicts (prefixes stripped), by their entry: what
+    # a misfit's message may suggest with --key.
+    others: dict[str, tuple[str, ...]] = field(default_factory=dict)
 
 
 def _check_readable(path: Path, suffixes: tuple[str, ...]) -> None:
@@ -235,7 +238,20 @@ def read_checkpoint(
     if not state:
         raise BadInput(f"{path.name} holds no tensors")
     state, stripped = _strip_prefixes(state)
-    return LoadedCheckpoint(path, sha, state, module, source_key, stripped)
+    others = _other_entries(obj, source_key)
+    return LoadedCheckpoint(path, sha, state, module, source_key, stripped, others)
+
+
+def _other_entries(obj: Any, source_key: str | None) -> dict[str, tuple[str, ...]]:
+    """The keys of every top-level entry but the one read that holds a state dict."""
+    if not isinstance(obj, Mapping):
+        return {}
+    entries = {}
+    for name, value in obj.items():
+        if name != source_key and isinstance(value, Mapping) and _is_state_dict(value):
+            keys = _strip_prefixes(_tensors_only(value))[0]
+            entries[str(name)] = tuple(keys)
+    return entries
 
 
 def _read_train_safetensors(path: Path, sha: str, key: str | None) -> LoadedCheckpoint:

@@ -385,6 +385,12 @@ def convert(input_path: Path, output_path: Path, **opts: Any) -> None:
             )
             return code
         out = report.console()
+        source = result.source
+        read_from = pipeline.source_note(
+            Path(source["path"]).name, source["key"], source["stripped_prefixes"]
+        )
+        if read_from:
+            out.print(read_from, markup=False)
         report.plan_table(out, result.plan)
         report.warnings_block(report.console(stderr=True), result.plan)
         report.summary_line(out, result.plan, result.params_before, result.params_after)
