@@ -385,12 +385,7 @@ def convert(input_path: Path, output_path: Path, **opts: Any) -> None:
             )
             return code
         out = report.console()
-        source = result.source
-        read_from = pipeline.source_note(
-            Path(source["path"]).name, source["key"], source["stripped_prefixes"]
-        )
-        if read_from:
-            out.print(read_from, markup=False)
+        _print_source(out, result.source)
         report.plan_table(out, result.plan)
         report.warnings_block(report.console(stderr=True), result.plan)
         report.summary_line(out, result.plan, result.params_before, result.params_after)
@@ -405,6 +400,17 @@ def convert(input_path: Path, output_path: Path, **opts: Any) -> None:
         return code
 
     run_command(as_json, verbose, body)
+
+
+def _print_source(out, source: dict[str, Any]) -> None:
+    """Where in the train file the weights were read, when not the file itself."""
+    from repconv import pipeline
+
+    read_from = pipeline.source_note(
+        Path(source["path"]).name, source["key"], source["stripped_prefixes"]
+    )
+    if read_from:
+        out.print(read_from, markup=False)
 
 
 EXPORT_EXAMPLES = """

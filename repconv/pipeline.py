@@ -493,11 +493,15 @@ def verify_files(
         **V.written_tolerances(file_dtypes, options.atol, options.rtol),
     )
     notes = _verify_notes(record, loaded.sha256, applied, what)
+    return verification, notes | _key_note(loaded, what, options.key is None and key is not None)
+
+
+def _key_note(loaded: checkpoint.LoadedCheckpoint, what: str, recorded: bool) -> dict[str, str]:
+    """Where the weights were read in the train file, and whether by the recorded --key."""
     read_from = source_note(loaded.path.name, loaded.source_key, loaded.stripped_prefixes)
-    if read_from:
-        recorded = options.key is None and key is not None
-        notes["key"] = read_from + (f" (the --key {what} records)" if recorded else "")
-    return verification, notes
+    if not read_from:
+        return {}
+    return {"key": read_from + (f" (the --key {what} records)" if recorded else "")}
 
 
 def _recorded_key(record: metadata.Recorded, what: str) -> str | None:
