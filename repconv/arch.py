@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import shlex
 import sys
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
@@ -115,9 +116,16 @@ def _filled_in_by_torch(model: nn.Module) -> set[str]:
     }
 
 
-def check_fit(model: nn.Module, state_dict: Mapping[str, Tensor], what: str) -> None:
-    """Raise BadInput naming up to five missing and unexpected keys, and shape mismatches;
-    then any tensor in a dtype repconv does not convert where the model holds floats."""
+def check_fit(
+    model: nn.Module,
+    state_dict: Mapping[str, Tensor],
+    what: str,
+    others: Mapping[str, Collection[str]] | None = None,
+) -> None:
+    """Raise BadInput naming up to five missing and unexpected keys, and shape mismatches (with
+    a hint when every unexpected key shares one prefix, or when one of `others`, the keys of
+    the file's other nested entries, fits); then any tensor in a dtype repconv does not convert
+    where the model holds floats."""
     expected = model.state_dict()
     optional = _filled_in_by_torch(model)
     missing = [k for k in expected if k not in state_dict and k not in optional]
@@ -135,8 +143,34 @@ def check_fit(model: nn.Module, state_dict: Mapping[str, Tensor], what: str) -> 
     if wrong:
         problems.append(f"{len(wrong)} with another shape ({_few(wrong)})")
     if problems:
-        raise BadInput(f"{what} does not fit the architecture: keys " + "; ".join(problems))
+        hint = _fit_hint(set(expected), optional, unexpected, others or {})
+        raise BadInput(f"{what} does not fit the architecture: keys " + "; ".join(problems) + hint)
     _check_dtypes(expected, state_dict, what)
+
+
+def _fit_hint(
+    expected: set[str],
+    optional: Collection[str],
+    unexpected: list[str],
+    others: Mapping[str, Collection[str]],
+) -> str:
+    """What would fit instead: another nested entry of the file, or the keys without the one
+    prefix every unexpected key carries (Lightning saves its module's attribute, `model.`)."""
+    needed = expected - set(optional)
+    for name, keys in others.items():
+        if needed <= set(keys) <= expected:
+            return f"; the file's entry {name!r} fits: pass --key {shlex.quote(name)}"
+    heads = {k.partition(".")[0] for k in unexpected if "." in k}
+    if len(heads) == 1 and all("." in k for k in unexpected):
+        prefix = f"{heads.pop()}."
+        fitting = sum(k.removeprefix(prefix) in expected for k in unexpected)
+        if fitting:
+            return (
+                f"; every unexpected key starts with {prefix!r}, and {fitting} of them fit "
+                f"without it (a wrapper's attribute, as Lightning's `model.`): save the state "
+                f"dict without it, {{k.removeprefix({prefix!r}): v for k, v in sd.items()}}"
+            )
+    return ""
 
 
 def _check_dtypes(
@@ -173,17 +207,19 @@ def build_loaded(
     *,
     what: str = "the checkpoint",
     prepare: Callable[[nn.Module], Any] | None = None,
+    others: Mapping[str, Collection[str]] | None = None,
 ) -> nn.Module:
     """Build the model named by `spec` and load `state_dict` into it strictly, in eval mode.
 
     `prepare`, if given, runs on the freshly built model before loading (the deploy loader uses it
-    to rewrite the train structure into its deploy form).
+    to rewrite the train structure into its deploy form). `others`: the keys of the file's other
+    nested entries, named in the error when one of them fits (`check_fit`).
     """
     factory = resolve(spec)
     model = _build_on_meta(factory, kwargs, spec, prepare)
     if model is not None:
         try:
-            check_fit(model, state_dict, what)
+            check_fit(model, state_dict, what, others)
         except BadInput:
             # `prepare` may take another path on meta than on real values (a deploy method
             # that cannot run without them); the normal build below decides, and says why.
@@ -199,7 +235,7 @@ def build_loaded(
             model = _construct(factory, kwargs, spec)
         if prepare is not None:
             prepare(model)
-        check_fit(model, state_dict, what)
+        check_fit(model, state_dict, what, others)
         try:
             model.load_state_dict(state_dict, strict=True)
         except RuntimeError as exc:

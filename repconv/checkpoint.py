@@ -13,11 +13,12 @@ import json
 import os
 import pickle
 import re
+import shlex
 import sys
 import threading
 import zipfile
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -26,17 +27,22 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file as load_safetensors
 from torch import Tensor, nn
 
+from repconv import pickle_scan
 from repconv.errors import BadInput
 from repconv.files import (
     INPUT_SUFFIXES,
     OUTPUT_SUFFIXES,
     PICKLE_SUFFIXES,
     TENSORS_DIGEST_KEY,
-    CorruptZipMember,
+    ZipCheck,
+    ZipRefused,
+    checked_read,
     file_sha256,
+    output_location,
     prove_writable,
     write_atomically,
 )
+from repconv.verification import available_memory
 
 NESTED_KEYS = ("state_dict", "model", "model_state_dict", "model_ema", "state_dict_ema", "ema")
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")
@@ -50,6 +56,9 @@ class LoadedCheckpoint:
     module: nn.Module | None
     source_key: str | None
     stripped_prefixes: tuple[str, ...]
+    # The keys of the file's other nested state dicts (prefixes stripped), by their entry: what
+    # a misfit's message may suggest with --key.
+    others: dict[str, tuple[str, ...]] = field(default_factory=dict)
 
 
 def _check_readable(path: Path, suffixes: tuple[str, ...]) -> None:
@@ -95,15 +104,77 @@ def _pickled_objects_error(path: Path, detail: str) -> BadInput:
     )
 
 
+class _RefusedGlobal(BadInput):
+    """weights_only refused a global the file names (`name`)."""
+
+    def __init__(self, message: str, name: str) -> None:
+        super().__init__(message)
+        self.name = name
+
+
 def _unpickling_error(path: Path, exc: BaseException) -> BadInput:
     """weights_only refusing a global means code would run; anything else is a broken file."""
     refused = re.search(r"GLOBAL ([\w.]+)", str(exc))
     if refused:
-        return _pickled_objects_error(path, f"it needs {refused.group(1)}")
+        name = refused.group(1)
+        return _RefusedGlobal(str(_pickled_objects_error(path, f"it needs {name}")), name)
     return _unreadable(path, exc)
 
 
-def _load_pickle(path: Path, trust_pickle: bool) -> Any:
+def _load_pickle(path: Path, trust_pickle: bool, mmap: bool = True, key: str | None = None) -> Any:
+    """torch.load(weights_only) unless trusted; numpy values beside the weights (a `best_acc`)
+    are read as plain numbers when `key` names an entry that holds none of them."""
+    try:
+        return _torch_load(path, trust_pickle, mmap)
+    except _RefusedGlobal as exc:
+        allowed = _numpy_values_apart_from(path, key, exc)
+    with torch.serialization.safe_globals(allowed):
+        try:
+            return _torch_load(path, trust_pickle, mmap)
+        except _RefusedGlobal as exc:
+            raise BadInput(str(exc)) from None
+
+
+def _numpy_values_apart_from(path: Path, key: str | None, exc: _RefusedGlobal) -> list[Any]:
+    """The numpy globals to allow, if every refused global is a numpy value's and `key` names
+    an entry holding none of them; else the error that says which key would do, or what."""
+    try:
+        refused = list(torch.serialization.get_unsafe_globals_in_checkpoint(path))
+    except Exception:  # a file too damaged to list them: what torch said is all there is
+        refused = [exc.name]
+    numpy = pickle_scan.numpy_values(refused)
+    scan = pickle_scan.top_level(path, refused)
+    if numpy is None or scan is None:
+        where = f"; found under {_keys(scan.refused)}" if scan and scan.refused else ""
+        raise BadInput(f"{exc}{where}") from None
+    if key is not None and key in scan.weights and key not in scan.refused:
+        return numpy
+    clean = [k for k in scan.weights if k not in scan.refused]
+    names = ", ".join(refused)
+    how = f"pass --key {shlex.quote(clean[0])} to read the weights under it, " if clean else ""
+    raise BadInput(
+        f"{path.name}: {_keys(scan.refused)} {'holds' if len(scan.refused) == 1 else 'hold'} "
+        f"numpy values ({names}), which loading "
+        f"without --trust-pickle refuses; {how}re-run with --trust-pickle if you trust the "
+        f"file, or in Python allow them with torch.serialization.safe_globals([{names}, "
+        "and the numpy.dtypes classes of their dtypes])"
+    ) from None
+
+
+def _keys(keys: Mapping[str, Any]) -> str:
+    named = [repr(k) for k in list(keys)[:5]]
+    return (
+        ("key " if len(keys) == 1 else "keys ")
+        + ", ".join(named)
+        + (", ..." if len(keys) > 5 else "")
+    )
+
+
+def _torch_load(path: Path, trust_pickle: bool, mmap: bool = True) -> Any:
+    """torch.load, memory-mapped when it may be: a zip whose members are compressed is read
+    whole (mapping would hand out the compressed bytes as tensor data)."""
+    if not mmap:
+        return _load_unmapped(path, trust_pickle)
     try:
         return torch.load(path, map_location="cpu", weights_only=not trust_pickle, mmap=True)
     except pickle.UnpicklingError as exc:
@@ -148,10 +219,18 @@ def read_checkpoint(
     """Read a train checkpoint: a state dict (possibly nested), or with trust a whole module."""
     path = Path(path)
     _check_readable(path, INPUT_SUFFIXES)
-    sha = _sha256_of_intact(path)
+    checked = _intact(path)
+    sha = checked.sha256
     if path.suffix.lower() == ".safetensors":
         return _read_train_safetensors(path, sha, key)
-    source_key, found = _find_weights(path, _load_pickle(path, trust_pickle), key)
+    if checked.torchscript:
+        raise BadInput(
+            f"{path.name} is a TorchScript archive (torch.jit.save), not a checkpoint: loading "
+            "it runs the code it holds; if you trust it, torch.jit.load it in Python and "
+            "torch.save its state_dict()"
+        )
+    obj = _load_pickle(path, trust_pickle, mmap=not checked.compressed, key=key)
+    source_key, found = _find_weights(path, obj, key)
     if isinstance(found, nn.Module):
         module, state = found, dict(found.state_dict())
     else:
@@ -159,7 +238,20 @@ def read_checkpoint(
     if not state:
         raise BadInput(f"{path.name} holds no tensors")
     state, stripped = _strip_prefixes(state)
-    return LoadedCheckpoint(path, sha, state, module, source_key, stripped)
+    others = _other_entries(obj, source_key)
+    return LoadedCheckpoint(path, sha, state, module, source_key, stripped, others)
+
+
+def _other_entries(obj: Any, source_key: str | None) -> dict[str, tuple[str, ...]]:
+    """The keys of every top-level entry but the one read that holds a state dict."""
+    if not isinstance(obj, Mapping):
+        return {}
+    entries = {}
+    for name, value in obj.items():
+        if name != source_key and isinstance(value, Mapping) and _is_state_dict(value):
+            keys = _strip_prefixes(_tensors_only(value))[0]
+            entries[str(name)] = tuple(keys)
+    return entries
 
 
 def _read_train_safetensors(path: Path, sha: str, key: str | None) -> LoadedCheckpoint:
@@ -211,13 +303,17 @@ def _locate_weights(path: Path, obj: Any) -> tuple[str | None, Any]:
     )
 
 
-def _sha256_of_intact(path: Path) -> str:
+def _intact(path: Path) -> ZipCheck:
     """The file's sha256; a zip checkpoint's members are checked against their CRCs on the way
-    (torch.load does not check them), so a damaged tensor is refused, not converted."""
+    (torch.load does not check them), so a damaged tensor is refused, not converted; compressed
+    members are decompressed for it, within the memory a whole read of the file may take."""
+    if path.suffix.lower() not in PICKLE_SUFFIXES:
+        return ZipCheck(file_sha256(path))
     try:
-        return file_sha256(path, check_zip_crcs=path.suffix.lower() in PICKLE_SUFFIXES)
-    except CorruptZipMember as exc:
-        raise BadInput(f"cannot read {path.name}: {exc} (file is corrupt)") from None
+        return checked_read(path, memory=available_memory())
+    except ZipRefused as exc:
+        why = " (file is corrupt)" if exc.corrupt else ""
+        raise BadInput(f"cannot read {path.name}: {exc}{why}") from None
 
 
 def _own_copies_of_integers(state: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -263,10 +359,12 @@ def check_output_path(output: str | Path, *, inputs: tuple | list = ()) -> Path:
             f"use {', '.join(OUTPUT_SUFFIXES)}"
         )
     for source in inputs:
+        # The output's own name is replaced, never followed (`files.output_location`): a
+        # symlink to the input is no clash, a hard link or the input's own path is.
         source = Path(source)
-        same = output.resolve() == source.resolve()
-        if not same and output.exists() and source.exists():
-            same = os.path.samefile(output, source)
+        same = output_location(output) == source.resolve()
+        if not same and os.path.lexists(output) and source.exists():
+            same = os.path.samestat(os.lstat(output), os.stat(source))
         if same:
             raise BadInput(f"OUTPUT {output} is the same file as INPUT; choose another name")
     parent = output.parent if str(output.parent) else Path(".")
@@ -274,7 +372,7 @@ def check_output_path(output: str | Path, *, inputs: tuple | list = ()) -> Path:
         raise BadInput(f"cannot write {output}: folder {parent} does not exist")
     if not os.access(parent, os.W_OK | os.X_OK):
         raise BadInput(f"cannot write {output}: folder {parent} is not writable")
-    if output.is_dir():
+    if output.is_dir() and not output.is_symlink():
         raise BadInput(f"cannot write {output}: it is a directory")
     prove_writable(output)
     return output

@@ -18,7 +18,7 @@ try:
 except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib
 
-from repconv import __version__, files, report
+from repconv import __version__, files, interrupts, report
 from repconv.errors import BadInput, RepconvError, block_of
 from repconv.interrupts import EXIT_INTERRUPTED, EXIT_TERMINATED, Terminated, sigterm_raises
 from repconv.options import (
@@ -203,15 +203,20 @@ def run_command(as_json: bool, verbose: bool, body: Callable[[], int]) -> None:
     """
     err = report.console(stderr=True)
     document = report.JsonDocument(sys.stdout)
+    mark = files.writes_so_far()
     try:
         with sigterm_raises(), _json_owns_stdout(as_json, document):
             code = body()
     except RepconvError as exc:
         code, message, trace = exc.exit_code, str(exc), traceback.format_exc()
     except KeyboardInterrupt:
-        code, message, trace = EXIT_INTERRUPTED, "interrupted", traceback.format_exc()
+        code, message, trace = (
+            EXIT_INTERRUPTED,
+            _stopped("interrupted", mark),
+            traceback.format_exc(),
+        )
     except Terminated:
-        code, message, trace = EXIT_TERMINATED, "terminated", traceback.format_exc()
+        code, message, trace = EXIT_TERMINATED, _stopped("terminated", mark), traceback.format_exc()
     except SystemExit as exc:  # user code (a builder, a deploy method): never read as success
         code, message, trace = EXIT_BAD_INPUT, _exit_message(exc), traceback.format_exc()
     except Exception as exc:  # a bug of ours or of a library: one line, traceback on -v
@@ -228,6 +233,22 @@ def run_command(as_json: bool, verbose: bool, body: Callable[[], int]) -> None:
         document.emit({"ok": False, "exit_code": code, "error": message})
     err.print(f"error: {message}", markup=False)
     sys.exit(code)
+
+
+def _code_of(exc: SystemExit) -> int:
+    """The exit code `sys.exit` gives for `exc.code` (None is 0, anything else not an int 1)."""
+    if exc.code is None:
+        return EXIT_OK
+    return exc.code if isinstance(exc.code, int) else 1
+
+
+def _stopped(how: str, mark: int) -> str:
+    """`terminated`, or `terminated after writing OUTPUT` when files were put in place (whole)
+    before the signal: never silence about an output that is there."""
+    written = files.completed_since(mark)
+    if not written:
+        return how
+    return f"{how} after writing {', '.join(map(str, written))} (complete)"
 
 
 def _json_owns_stdout(as_json: bool, document: report.JsonDocument):
@@ -265,6 +286,10 @@ class OneLineErrors(click.Group):
         extra["standalone_mode"] = False
         try:
             code = super().main(words, *rest, **extra)
+        except SystemExit as exc:  # a command's result, decided and reported
+            if args is None:  # the process's own command line: it ends with this code
+                interrupts.exit_with_on_signal(_code_of(exc))
+            raise
         except click.exceptions.Exit as exc:  # --help, --version
             sys.exit(exc.exit_code)
         except click.Abort:  # Ctrl-C while click prompts
@@ -275,7 +300,10 @@ class OneLineErrors(click.Group):
                 report.emit_json({"ok": False, "exit_code": exc.exit_code, "error": message})
             report.console(stderr=True).print(f"error: {message}", markup=False)
             sys.exit(exc.exit_code)
-        sys.exit(code if isinstance(code, int) else EXIT_OK)
+        code = code if isinstance(code, int) else EXIT_OK
+        if args is None:
+            interrupts.exit_with_on_signal(code)
+        sys.exit(code)
 
 
 @click.group(
@@ -358,6 +386,7 @@ def convert(input_path: Path, output_path: Path, **opts: Any) -> None:
             )
             return code
         out = report.console()
+        _print_source(out, result.source)
         report.plan_table(out, result.plan)
         report.warnings_block(report.console(stderr=True), result.plan)
         report.summary_line(out, result.plan, result.params_before, result.params_after)
@@ -372,6 +401,17 @@ def convert(input_path: Path, output_path: Path, **opts: Any) -> None:
         return code
 
     run_command(as_json, verbose, body)
+
+
+def _print_source(out, source: dict[str, Any]) -> None:
+    """Where in the train file the weights were read, when not the file itself."""
+    from repconv import pipeline
+
+    read_from = pipeline.source_note(
+        Path(source["path"]).name, source["key"], source["stripped_prefixes"]
+    )
+    if read_from:
+        out.print(read_from, markup=False)
 
 
 EXPORT_EXAMPLES = """

@@ -9,10 +9,12 @@ process's signal handling alone.
 
 from __future__ import annotations
 
+import os
 import signal
+import sys
 import threading
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 
 # What a shell reports for a process ended by the signal: 128 + its number.
 EXIT_INTERRUPTED = 128 + signal.SIGINT
@@ -55,3 +57,22 @@ def sigterm_raises() -> Iterator[None]:
     finally:
         # None: a handler installed by C code, which Python cannot put back; the default it is.
         signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
+
+
+def exit_with_on_signal(code: int) -> None:
+    """Once a command has finished (its output written, its result printed), a SIGTERM or
+    Ctrl-C while the interpreter shuts down ends the process at once with the command's own
+    `code`: the work is done, so it is reported as done, not as a silent 143. For the process's
+    entry point only (it changes the handlers for good); a no-op outside the main thread."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+
+    def finish(_signum, _frame) -> None:
+        for stream in (sys.stdout, sys.stderr):
+            with suppress(OSError, ValueError):
+                stream.flush()
+        os._exit(code)
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        if signal.getsignal(signum) != signal.SIG_IGN:
+            signal.signal(signum, finish)

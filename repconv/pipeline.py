@@ -257,7 +257,9 @@ def _load_model(loaded: checkpoint.LoadedCheckpoint, train: Builder) -> nn.Modul
     """The train model chosen: the pickled module, or built around the loaded tensors."""
     if train.at_hand:
         return loaded.module.eval()
-    return arch.build_loaded(train.spec, train.kwargs, loaded.state_dict, what=loaded.path.name)
+    return arch.build_loaded(
+        train.spec, train.kwargs, loaded.state_dict, what=loaded.path.name, others=loaded.others
+    )
 
 
 def _empty(builder: Builder | None) -> nn.Module | None:
@@ -458,9 +460,8 @@ def verify_files(
     input_shape, samples, seed = options.input_shape, options.samples, options.seed
     state, meta = checkpoint.read_deploy(deploy_path)
     record, what = metadata.read(meta), Path(deploy_path).name
-    loaded = checkpoint.read_checkpoint(
-        train_path, key=options.key, trust_pickle=options.trust_pickle
-    )
+    key = options.key if options.key is not None else _recorded_key(record, what)
+    loaded = checkpoint.read_checkpoint(train_path, key=key, trust_pickle=options.trust_pickle)
     choice = _train_choice(loaded, options, record, what=what, trust_metadata=trust_metadata)
     model = _load_model(loaded, choice.train)
     loaded.state_dict = None  # the model holds what it needs
@@ -499,7 +500,36 @@ def verify_files(
         tensors=tensors,
         **V.written_tolerances(file_dtypes, options.atol, options.rtol),
     )
-    return verification, _verify_notes(record, loaded.sha256, applied, what)
+    notes = _verify_notes(record, loaded.sha256, applied, what)
+    return verification, notes | _key_note(loaded, what, options.key is None and key is not None)
+
+
+def _key_note(loaded: checkpoint.LoadedCheckpoint, what: str, recorded: bool) -> dict[str, str]:
+    """Where the weights were read in the train file, and whether by the recorded --key."""
+    read_from = source_note(loaded.path.name, loaded.source_key, loaded.stripped_prefixes)
+    if not read_from:
+        return {}
+    return {"key": read_from + (f" (the --key {what} records)" if recorded else "")}
+
+
+def _recorded_key(record: metadata.Recorded, what: str) -> str | None:
+    """The --key the deploy file's conversion was given, to read its train file the same way."""
+    options = model_choice.recorded(record, "options", what) or {}
+    key = options.get("key")
+    return key if isinstance(key, str) else None
+
+
+def source_note(name: str, key: str | None, stripped: Sequence[str]) -> str | None:
+    """Where in the train file `name` the weights were read (a nested key, wrapper prefixes
+    stripped), or None when they were the file itself. The file's words escaped."""
+    parts = []
+    if key is not None:
+        parts.append(f"under key {shown(repr(key))}")
+    if stripped:
+        parts.append("without the prefix " + " and ".join(map(repr, stripped)))
+    if not parts:
+        return None
+    return f"read the weights of {shown(name)} " + ", ".join(parts)
 
 
 def _load_in_float64(model: nn.Module, state: Mapping[str, Tensor]) -> None:

@@ -238,8 +238,9 @@ def _deploy_matches_train(train: Path, deploy: Path, arch: str, shape: list[int]
 def test_failing_entries_are_isolated_and_reported(zoo_dir, tmp_path):
     (tmp_path / "ckpts").symlink_to(zoo_dir / "ckpts")
     (tmp_path / "deploy").mkdir()
-    # What a worker killed mid-write leaves behind; the entry writing that output clears it.
-    leftover = tmp_path / "deploy" / ".slow.safetensors.abc123.tmp"
+    # Another process's temp file for the same output (pid 1 is never a worker of ours): the
+    # entry that times out removes its own worker's temp file, not this one.
+    leftover = tmp_path / "deploy" / ".slow.safetensors.1.abc123.tmp"
     leftover.write_bytes(b"half a file")
     sums = {p.name: file_sha256(p) for p in (zoo_dir / "ckpts").iterdir()}
     config = write_config(
@@ -325,7 +326,8 @@ def test_failing_entries_are_isolated_and_reported(zoo_dir, tmp_path):
     assert rows["too-strict"]["max_error"] > 1e-12  # why it failed, shown in the row
 
     written = sorted(p.name for p in (tmp_path / "deploy").iterdir())
-    assert written == ["a0.safetensors", "demo_a.safetensors", "demo_b.safetensors"]
+    assert written == [leftover.name, "a0.safetensors", "demo_a.safetensors", "demo_b.safetensors"]
+    assert leftover.read_bytes() == b"half a file"
     for name, arch, shape in [("demo_a", "demo_mixed", DEMO_SHAPE), ("a0", "repvgg_a0", None)]:
         shape = shape or [3, 224, 224]
         error = _deploy_matches_train(

@@ -21,7 +21,16 @@ LAYERS: list[tuple[str, set[str]]] = [
     ),
     (
         "records",
-        {"files", "options", "deploy_map", "metadata", "plan_record", "onnx_lint", "batch.config"},
+        {
+            "files",
+            "options",
+            "deploy_map",
+            "metadata",
+            "plan_record",
+            "pickle_scan",
+            "onnx_lint",
+            "batch.config",
+        },
     ),
     ("module facts and math", {"modules", "kernels", "geometry", "linear_map", "outputs"}),
     ("analysis", {"tracing", "dataflow", "sum_check", "fused_conv", "block_check"}),

@@ -23,7 +23,7 @@ except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib
 
 from repconv.errors import BadInput
-from repconv.files import OUTPUT_SUFFIXES
+from repconv.files import OUTPUT_SUFFIXES, output_location
 from repconv.options import (
     ConvertOptions,
     check_text,
@@ -180,8 +180,10 @@ def _name_for(pattern: str | None, source: Path) -> str:
 
 
 def _output_for(pattern: str, source: Path, base: Path) -> Path:
+    """The output's absolute path; a symlink there is replaced when written, never followed
+    (`files.output_location`), so it is not resolved here either."""
     path = Path(_fill(pattern, source)).expanduser()
-    return (path if path.is_absolute() else base / path).resolve()
+    return output_location(path if path.is_absolute() else base / path)
 
 
 def load_config(path: str | Path) -> BatchConfig:

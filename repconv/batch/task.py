@@ -25,7 +25,12 @@ from typing import Any, Protocol
 from repconv import metadata
 from repconv.batch.config import Job
 from repconv.batch.executors import local_cores
-from repconv.files import check_tensors_digest, file_sha256, read_safetensors_metadata
+from repconv.files import (
+    check_tensors_digest,
+    file_sha256,
+    read_safetensors_metadata,
+    remove_temp_files_of,
+)
 from repconv.options import recorded_options
 
 _STDERR_TAIL = 4000
@@ -45,7 +50,8 @@ def up_to_date(job: Job) -> dict[str, Any] | None:
     outcome. Anything else, a damaged or unreadable output included (a record whose figures
     cannot be read among them), means convert again."""
     output = Path(job.output)
-    if output.suffix.lower() != ".safetensors" or not output.is_file():
+    # A symlink is replaced by the conversion, never followed: what it points to is not ours.
+    if output.suffix.lower() != ".safetensors" or output.is_symlink() or not output.is_file():
         return None
     try:
         record = metadata.read(read_safetensors_metadata(output)).check()
@@ -80,10 +86,10 @@ def default_threads() -> int:
         return 1
 
 
-def _remove_partial_outputs(output: Path) -> None:
-    # A worker killed while writing leaves the temp file checkpoint.write_checkpoint made.
-    for leftover in output.parent.glob(f".{output.name}.*.tmp"):
-        leftover.unlink(missing_ok=True)
+def _remove_partial_outputs(worker: _Worker, output: Path) -> None:
+    # A worker killed while writing leaves the temp file checkpoint.write_checkpoint made; only
+    # its own goes (another process may be writing the same output).
+    remove_temp_files_of(worker.pid, output)
 
 
 def _crash_reason(returncode: int, stderr: str) -> tuple[str, str]:
@@ -111,6 +117,8 @@ def run_entry(job: Job) -> dict[str, Any]:
 
 
 class _Worker(Protocol):
+    pid: int  # of the process that converts (and names its temp files after itself)
+
     def finish(self, timeout: float | None) -> int | None:
         """Wait for the exit code; on timeout kill the worker and return None."""
 
@@ -153,7 +161,7 @@ class _LiveWorkers:
             workers = list(self._workers.items())
         for worker, output in workers:
             worker.kill()
-            _remove_partial_outputs(output)
+            _remove_partial_outputs(worker, output)
 
     def reopen(self) -> None:
         with self._lock:
@@ -194,6 +202,7 @@ class _ForkedWorker:
             name="repconv-batch-worker",
         )
         self._process.start()
+        self.pid = self._process.pid
         # Only `finish` may poll this process. CPython's forkserver reports exit code 255 to
         # the loser when two threads poll one process at once (python/cpython#130895), and
         # every Process.start() and active_children(), in any thread (another entry's, Dask's),
@@ -265,6 +274,7 @@ class _SpawnedWorker:
                 stderr=stderr,
                 text=True,
             )
+        self.pid = self._process.pid
         self._job_text = job_text
 
     def finish(self, timeout: float | None) -> int | None:
@@ -300,12 +310,12 @@ def _convert_in_worker(job: Job, *, fork: bool | None = None) -> dict[str, Any]:
             code = worker.finish(job.timeout)
         except BaseException:  # interrupted: take the worker down with us
             worker.kill()
-            _remove_partial_outputs(output)
+            _remove_partial_outputs(worker, output)
             raise
         finally:
             _live_workers.discard(worker)
         if code is None:
-            _remove_partial_outputs(output)
+            _remove_partial_outputs(worker, output)
             return {
                 "status": "failed",
                 "failure": "timed out",
@@ -314,6 +324,6 @@ def _convert_in_worker(job: Job, *, fork: bool | None = None) -> dict[str, Any]:
         if code == 0 and result_file.is_file():
             return json.loads(result_file.read_text())
         stderr_text = stderr_file.read_text(errors="replace")[-_STDERR_TAIL:]
-    _remove_partial_outputs(output)
+    _remove_partial_outputs(worker, output)
     failure, reason = _crash_reason(code, stderr_text)
     return {"status": "failed", "failure": failure, "reason": reason}
