@@ -1,4 +1,5 @@
-"""One measured process for the benchmark suite: `convert ...` or `floor CKPT OUT`.
+"""One measured process for the benchmark suite: `convert ...`, `floor CKPT OUT` or
+`release NAME CKPT OUT` (the RepVGG release's own route, for RepVGG models).
 
 Prints one JSON line: peak RSS and RSS after imports, in MiB.
 """
@@ -7,13 +8,20 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 
 from repconv.batch.worker import status_mib  # torch-free: /proc/self/status only
 
 
 def main() -> None:
     mode, args = sys.argv[1], sys.argv[2:]
-    if mode == "floor":
+    if mode == "release":  # the RepVGG release's convert.py route (release_route.py)
+        import release_route
+
+        after_imports = status_mib("VmRSS")
+        release_route.convert(args[0], Path(args[1]), Path(args[2]))
+        code = 0
+    elif mode == "floor":
         from repconv import checkpoint  # same imports as repconv itself: torch, safetensors
 
         after_imports = status_mib("VmRSS")

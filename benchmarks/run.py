@@ -27,7 +27,8 @@ from repconv.rules import registry as rule_registry
 from repconv.zoo import registry
 from repconv.zoo.checkpoints import save_train_checkpoint
 
-MODELS = ["repvgg_a0", "repvgg_b3", "dbb_resnet18", "acb_resnet18", "convbn_resnet50"]
+MODELS = ["repvgg_a0", "repvgg_b1g2", "repvgg_b3", "dbb_resnet18", "acb_resnet18"]
+MODELS += ["convbn_resnet50"]
 # Models whose blocks are also fused by the generic data-flow pass, the repvgg rule disabled.
 GENERIC_MODELS = ["repvgg_a0", "repvgg_b3"]
 GENERIC_HEADING = "## Generic data-flow pass vs the repvgg rule"
@@ -163,22 +164,27 @@ def run_child(*args: str) -> tuple[float, dict]:
 def processes(ckpt: Path, name: str, work: Path, runs: int) -> dict:
     """Whole processes: convert (default verification), convert --no-verify, the I/O floor."""
     out = str(work / "deploy.safetensors")
-    rows = {"verify": [], "no_verify": [], "floor": [], "ratio_verify": [], "ratio_no_verify": []}
-    peaks = {"verify": [], "no_verify": [], "floor": []}
+    kinds = ["verify", "no_verify", "floor"] + (["release"] if name.startswith("repvgg") else [])
+    rows: dict[str, list] = {k: [] for k in kinds}
+    rows.update({f"ratio_{k}": [] for k in kinds if k != "floor"})
+    peaks: dict[str, list] = {k: [] for k in kinds}
     after_imports = []
-    for _ in range(runs):
-        floor_s, floor = run_child("floor", str(ckpt), str(work / "floor.safetensors"))
-        verify_s, verify = run_child("convert", str(ckpt), out, "--arch", name)
-        plain_s, plain = run_child("convert", str(ckpt), out, "--arch", name, "--no-verify")
-        rows["floor"].append(floor_s)
-        rows["verify"].append(verify_s)
-        rows["no_verify"].append(plain_s)
-        rows["ratio_verify"].append(verify_s / floor_s)
-        rows["ratio_no_verify"].append(plain_s / floor_s)
-        peaks["floor"].append(floor["peak_rss"])
-        peaks["verify"].append(verify["peak_rss"])
-        peaks["no_verify"].append(plain["peak_rss"])
-        after_imports.append(verify["rss_after_imports"])
+    commands = {
+        "floor": ("floor", str(ckpt), str(work / "floor.safetensors")),
+        "verify": ("convert", str(ckpt), out, "--arch", name),
+        "no_verify": ("convert", str(ckpt), out, "--arch", name, "--no-verify"),
+        "release": ("release", name, str(ckpt), str(work / "release.pth")),
+    }
+    for _ in range(runs):  # taking turns, so every kind sees the same machine
+        seconds, figures = {}, {}
+        for kind in kinds:
+            seconds[kind], figures[kind] = run_child(*commands[kind])
+            rows[kind].append(seconds[kind])
+            peaks[kind].append(figures[kind]["peak_rss"])
+        for kind in kinds:
+            if kind != "floor":
+                rows[f"ratio_{kind}"].append(seconds[kind] / seconds["floor"])
+        after_imports.append(figures["verify"]["rss_after_imports"])
     result = {k: median(v) for k, v in rows.items()}
     result.update({f"peak_{k}_mib": median(v) for k, v in peaks.items()})
     result["rss_after_imports_mib"] = median(after_imports)
@@ -369,6 +375,12 @@ def replace_section(text: str, section: str) -> str:
     return before + section + ("\n" + after if after else "")
 
 
+def _release_cell(process: dict) -> str:
+    if "ratio_release" not in process:
+        return "n/a"
+    return f"{process['ratio_release']:.2f} ({process['peak_release_mib']:.0f} MiB)"
+
+
 def render(rows: list[dict], runs: int) -> str:
     cpu = platform.processor() or platform.machine()
     lines = [
@@ -379,10 +391,11 @@ def render(rows: list[dict], runs: int) -> str:
         f"Medians of {runs} runs; ratios pair by pair. Produced by `make bench`.",
         "",
         "| model | ckpt MiB | step / load+save | convert / I/O process | --no-verify / I/O "
-        "process | peak RSS MiB (verify, no-verify, I/O) | peak / (ckpt + imports) | "
+        "process | release route / I/O process | peak RSS MiB (verify, no-verify, I/O) | "
+        "peak / (ckpt + imports) | "
         "fidelity f32 | fidelity f64 | speed-up b1 | speed-up b8 | release deploy / ours b1, b8 | "
         "deploy b1 ms: torch, onnxruntime |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         s, p, f, u = r["step"], r["process"], r["fidelity"], r["speedup"]
@@ -390,7 +403,7 @@ def render(rows: list[dict], runs: int) -> str:
         lines.append(
             f"| {r['model']} | {r['ckpt_mib']:.0f} | {s['ratio']:.2f} "
             f"({s['step_s']:.2f} s / {s['floor_s']:.2f} s) | {p['ratio_verify']:.2f} | "
-            f"{p['ratio_no_verify']:.2f} | {p['peak_verify_mib']:.0f}, "
+            f"{p['ratio_no_verify']:.2f} | {_release_cell(p)} | {p['peak_verify_mib']:.0f}, "
             f"{p['peak_no_verify_mib']:.0f}, {p['peak_floor_mib']:.0f} | "
             f"{p['peak_verify_mib'] / base:.2f}, {p['peak_no_verify_mib'] / base:.2f} | "
             f"{f['float32']:.1e} | {f['float64']:.1e} | {u['b1']:.2f} | {u['b8']:.2f} | "
@@ -401,7 +414,10 @@ def render(rows: list[dict], runs: int) -> str:
         "- step: plan + fuse (rules, math, module surgery), no verification, against reading the",
         "  same checkpoint and writing its tensors as safetensors, in the same process.",
         "- process: wall time of `repconv convert` (default float64 verification, 2 samples at",
-        "  224x224) and of `--no-verify`, against a process that only reads and writes the file.",
+        "  224x224, taken at 56x56 where that shows a wrong fold too) and of `--no-verify`,",
+        "  against a process that only reads and writes the file; release route: our copy of",
+        "  what the RepVGG release's convert.py does (build, torch.load, deepcopy, each block",
+        "  folds itself in float32, torch.save; no check), `benchmarks/release_route.py`.",
         "- fidelity: max |deploy - train| / max |train| over the verification samples; f32 is the",
         "  float32 model checked in float32, f64 the same checkpoint held and converted in",
         "  float64.",

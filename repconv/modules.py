@@ -224,3 +224,17 @@ def corrupt_statistics(norm: nn.Module) -> tuple[int, int] | None:
     bad = ~torch.isfinite(var) | (var < 0) | ~torch.isfinite(mean)
     count = int(bad.sum())
     return (count, var.numel()) if count else None
+
+
+def kernel_extent(module: nn.Module) -> tuple[int, ...] | None:
+    """The widest window any conv in `module` reads, per spatial dim: (k - 1) * dilation + 1
+    (None: no conv). A fold is seen whole only where a block's input is at least about half
+    that wide: narrower, its outer taps read only padding."""
+    extents = [
+        tuple((k - 1) * d + 1 for k, d in zip(m.kernel_size, m.dilation))
+        for m in module.modules()
+        if isinstance(m, _ConvNd)
+    ]
+    if len({len(e) for e in extents}) != 1:  # none, or convs of different dims
+        return None
+    return tuple(map(max, zip(*extents)))

@@ -313,12 +313,13 @@ def export_conversion(
     model in float64)."""
     output_path = Path(output_path)
     reference = result.reference
-    if reference is not None:
+    if reference is not None and not reference.reduced:
         inputs, references, against = reference.inputs, reference.outputs, "train model"
-    else:
+    else:  # the file is traced at the full input shape, which the figures were not taken at
         from repconv import arch
 
-        shape = arch.input_shape_for(result.model, None)
+        full = reference.full_shape if reference is not None else None
+        shape = full or arch.input_shape_for(result.model, None)
         inputs, references = reference_of(result.model, shape, 4, 0)
         against = "deploy model (float64)"
     recorded = {

@@ -31,7 +31,7 @@ from repconv import verification as V
 from repconv.engine import Applied, Plan
 from repconv.errors import BadInput, VerificationFailed
 from repconv.model_choice import Builder
-from repconv.modules import param_count
+from repconv.modules import kernel_extent, param_count
 from repconv.options import ConvertOptions, recorded_options, takes_options
 from repconv.plan_record import PlanRecord
 from repconv.rules.base import Rule
@@ -212,10 +212,21 @@ def _reference(model: nn.Module, plan: Plan, options: ConvertOptions) -> V.Refer
     shape = arch.input_shape_for(model, options.input_shape)
     dtype = dtypes.named(options.verify_dtype)
     dtypes.hold_all_in(model, dtype)
-    paths = [s.path for s in plan.entries]
     return V.take_reference(
-        model, shape, options.samples, options.seed, dtype, paths, bool(options.input_shape)
+        model,
+        shape,
+        options.samples,
+        options.seed,
+        dtype,
+        _extents(model, plan),
+        bool(options.input_shape),
     )
+
+
+def _extents(model: nn.Module, plan: Plan) -> dict[str, tuple[int, ...] | None]:
+    """Each planned block's path with the widest kernel it holds (what the reference pass
+    needs to know to take the figures at a reduced size)."""
+    return {s.path: kernel_extent(model.get_submodule(s.path)) for s in plan.entries}
 
 
 def _figures(
@@ -468,17 +479,18 @@ def verify_files(
     deploy_model = _empty(choice.deploy)
     kept = _train_tensors_for(deploy_model, model)
     shape = arch.input_shape_for(model, input_shape)
-    # As `convert` does by default: the whole model in float64, references before the rewrite.
-    dtypes.hold_all_in(model, torch.float64)
-    reference = V.take_reference(
-        model, shape, samples, seed, torch.float64, shape_given=bool(input_shape)
-    )
     keep = _kept_by(deploy_model, model, input_shape)
     # The passes the conversion was made without, as the file records them: a record that
     # lies about them makes the recomputed tensors differ from the file's.
     recorded_plan = model_choice.recorded(record, "plan", what)
     left_out = recorded_plan.left_out if recorded_plan is not None else None
-    applied = engine.apply(model, engine.plan(model, keep=keep, leave_out=left_out))
+    plan = engine.plan(model, keep=keep, leave_out=left_out)
+    # As `convert` does by default: the whole model in float64, references before the rewrite.
+    dtypes.hold_all_in(model, torch.float64)
+    reference = V.take_reference(
+        model, shape, samples, seed, torch.float64, _extents(model, plan), bool(input_shape)
+    )
+    applied = engine.apply(model, plan)
     if deploy_model is not None:
         _fill_deploy(deploy_model, model, kept, lambda _key: torch.float64)
         model = deploy_model

@@ -228,7 +228,10 @@ def reference_outputs(
 
 @dataclass
 class Reference:
-    """The train model's outputs on the verification inputs, taken before anything is fused."""
+    """The train model's outputs on the verification inputs, taken before anything is fused.
+
+    `shape` is what the inputs have; `full_shape` the input shape asked for (the same, unless
+    the figures are taken at a reduced size: see `take_reference`)."""
 
     shape: list[int]
     samples: int
@@ -237,6 +240,14 @@ class Reference:
     inputs: list[Tensor]
     outputs: list[Any]
     block_shapes: dict[str, list] = field(default_factory=dict)
+    full_shape: list[int] | None = None
+
+    def __post_init__(self) -> None:
+        self.full_shape = list(self.full_shape or self.shape)
+
+    @property
+    def reduced(self) -> bool:
+        return self.shape != self.full_shape
 
     def figures(self, model: nn.Module) -> dict[str, Figure]:
         """How far the model's outputs now are from the reference ones."""
@@ -247,20 +258,79 @@ class Reference:
         return BlockProbes(self.block_shapes, seed=self.seed)
 
 
+# A wrong fold shows at any input size at which every fused block still sees its kernel whole,
+# and the float64 passes cost what the input's area does. So the default input (never one the
+# user set) is tried first at a quarter, then at half its side; the first the model runs on and
+# at which every block sees enough (`sees_enough`) is kept, the full size otherwise.
+REDUCTIONS = (4, 2)
+MIN_REDUCED_SIDE = 32
+
+
 def take_reference(
     model: nn.Module,
     shape: Sequence[int],
     samples: int,
     seed: int,
     dtype: torch.dtype,
-    block_paths: Sequence[str] = (),
+    blocks: Mapping[str, tuple[int, ...] | None] | None = None,
     shape_given: bool = True,
 ) -> Reference:
-    """Run the train model once on seeded inputs, recording what each listed block is fed."""
+    """Run the train model once on seeded inputs, recording what each block in `blocks` (the
+    planned blocks' paths, each with its kernel extent, `modules.kernel_extent`) is fed; at a
+    reduced size when the shape was not given and the blocks allow it."""
+    blocks = blocks or {}
+    for factor in () if shape_given else REDUCTIONS:
+        smaller = reduced_shape(shape, factor)
+        if smaller is None:
+            continue
+        try:
+            reference = _reference_at(model, smaller, samples, seed, dtype, blocks)
+        except Exception:  # the model does not take this size: the full one decides
+            break
+        if sees_enough(reference.block_shapes, blocks, factor):
+            reference.full_shape = list(shape)
+            return reference
+    return _reference_at(model, shape, samples, seed, dtype, blocks, shape_given)
+
+
+def _reference_at(
+    model: nn.Module,
+    shape: Sequence[int],
+    samples: int,
+    seed: int,
+    dtype: torch.dtype,
+    blocks: Mapping[str, Any],
+    shape_given: bool = True,
+) -> Reference:
     inputs = make_inputs(shape, samples, seed, dtype)
-    with recording_input_shapes(model, block_paths) as block_shapes:
+    with recording_input_shapes(model, list(blocks)) as block_shapes:
         outputs = reference_outputs(model, inputs, shape, shape_given)
     return Reference(list(shape), samples, seed, dtype, inputs, outputs, block_shapes)
+
+
+def reduced_shape(shape: Sequence[int], factor: int) -> list[int] | None:
+    """An image shape (C, H, W) with its sides divided by `factor`, if they stay at least
+    MIN_REDUCED_SIDE; None for other shapes (sequences, volumes) or sides that small."""
+    if len(shape) != 3 or min(shape[1:]) // factor < MIN_REDUCED_SIDE:
+        return None
+    return [shape[0], *(side // factor for side in shape[1:])]
+
+
+def sees_enough(
+    seen: Mapping[str, Sequence[int]], blocks: Mapping[str, tuple[int, ...] | None], factor: int
+) -> bool:
+    """Whether every block with a conv ran on an input of at least half its kernel's extent
+    per side (every tap then reads the image somewhere), or on as much as it sees at the full
+    size (about `factor` times this one) when that is less."""
+    for path, extent in blocks.items():
+        if extent is None:
+            continue
+        if path not in seen or len(seen[path]) != len(extent) + 2:
+            return False  # not run at this size (or not on an image): the full size decides
+        for side, width in zip(seen[path][2:], extent):
+            if side < min(width // 2 + 1, side * factor):
+                return False
+    return True
 
 
 PROBE_SIDE = 32

@@ -120,3 +120,35 @@ def test_onnxruntime_latency_is_skipped_without_onnxruntime(suite, monkeypatch):
     monkeypatch.setattr(builtins, "__import__", without)
     model = torch.nn.Conv2d(3, 4, 1)
     assert suite.onnxruntime_latency(model, (3, 8, 8), runs=1) is None
+
+
+@pytest.mark.slow
+def test_the_release_route_writes_what_repconv_writes(tmp_path):
+    """benchmarks/release_route.py is a RepVGG release conversion: same keys as repconv's file,
+    same outputs, so the timing it gives is of the same job."""
+    import sys
+
+    import torch
+
+    from repconv import pipeline
+    from repconv.zoo import registry
+
+    sys.path.insert(0, str(RUN_PY.parent))
+    try:
+        import release_route
+    finally:
+        sys.path.remove(str(RUN_PY.parent))
+    ckpt, out, ours = tmp_path / "a0.pth", tmp_path / "release.pth", tmp_path / "a0.safetensors"
+    save_train_checkpoint("repvgg_a0", ckpt, randomize_bn=True)
+    release_route.convert("repvgg_a0", ckpt, out)
+    pipeline.convert_file(ckpt, ours, arch_spec="repvgg_a0", verify=False)
+    deploy = pipeline.load_deploy(ours, "repvgg_a0")
+    written = torch.load(out, weights_only=True)
+    assert set(written) == set(deploy.state_dict())
+    train = registry.get_entry("repvgg_a0").factory().eval()
+    train.load_state_dict(torch.load(ckpt, weights_only=True))
+    deploy.load_state_dict(written)
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        want = train(x)
+        assert ((deploy(x) - want).abs().max() / want.abs().max()) < 1e-5

@@ -259,11 +259,12 @@ def test_an_interrupted_batch_leaves_the_next_one_working(ckpts, tmp_path):
         config = tmp_path / f"{name}.toml"
         config.write_text(
             f'[[model]]\ninput = "{ckpts / name}.pth"\noutput = "out/{name}.safetensors"\n'
-            f'arch = "{arch}"\n'
+            f'arch = "{arch}"\n' + ("input_shape = [3, 224, 224]\n" if arch == "repvgg_a0" else "")
         )
         return config
 
-    # RepVGG-A0 verified at 224x224 runs for seconds: still running at the runner's first poll.
+    # RepVGG-A0 verified at 224x224 (set: the default shape is checked at 56x56) runs for
+    # seconds: still running at the runner's first poll.
     stopped, next_one = config_for("a0", "repvgg_a0"), config_for("demo", "demo_mixed")
 
     class InterruptOnceRunning:
