@@ -50,6 +50,9 @@ class LoadedCheckpoint:
     module: nn.Module | None
     source_key: str | None
     stripped_prefixes: tuple[str, ...]
+    # With --trust-pickle and a pickled model: the whole object the file holds (the layout a
+    # same-layout output writes back, `layout.py`); None otherwise.
+    container: Any = None
 
 
 def _check_readable(path: Path, suffixes: tuple[str, ...]) -> None:
@@ -151,15 +154,17 @@ def read_checkpoint(
     sha = _sha256_of_intact(path)
     if path.suffix.lower() == ".safetensors":
         return _read_train_safetensors(path, sha, key)
-    source_key, found = _find_weights(path, _load_pickle(path, trust_pickle), key)
+    whole = _load_pickle(path, trust_pickle)
+    source_key, found = _find_weights(path, whole, key)
+    container = None
     if isinstance(found, nn.Module):
-        module, state = found, dict(found.state_dict())
+        module, state, container = found, dict(found.state_dict()), whole
     else:
         module, state = None, _own_copies_of_integers(_tensors_only(found))
     if not state:
         raise BadInput(f"{path.name} holds no tensors")
     state, stripped = _strip_prefixes(state)
-    return LoadedCheckpoint(path, sha, state, module, source_key, stripped)
+    return LoadedCheckpoint(path, sha, state, module, source_key, stripped, container)
 
 
 def _read_train_safetensors(path: Path, sha: str, key: str | None) -> LoadedCheckpoint:
@@ -244,13 +249,18 @@ def _read_safetensors(path: Path) -> tuple[dict[str, Tensor], dict[str, str]]:
     return tensors, metadata
 
 
-def read_deploy(path: str | Path) -> tuple[dict[str, Tensor], dict[str, str]]:
-    """A deploy checkpoint's tensors and metadata ({} for .pth/.pt, which carry none)."""
+def read_deploy(
+    path: str | Path, *, key: str | None = None, trust_pickle: bool = False
+) -> tuple[dict[str, Tensor], dict[str, str]]:
+    """A deploy checkpoint's tensors and metadata ({} for .pth/.pt, which carry none).
+
+    With `trust_pickle`, a .pt/.pth that pickles a whole model (a same-layout output) gives its
+    model's state dict, under `key` as for a train checkpoint."""
     path = Path(path)
     _check_readable(path, INPUT_SUFFIXES)
     if path.suffix.lower() == ".safetensors":
         return _read_safetensors(path)
-    loaded = read_checkpoint(path)
+    loaded = read_checkpoint(path, key=key, trust_pickle=trust_pickle)
     return loaded.state_dict, {}
 
 

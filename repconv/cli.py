@@ -347,30 +347,48 @@ def convert(input_path: Path, output_path: Path, **opts: Any) -> None:
                 before_writing=export_first,
             )
         code = EXIT_OK if result.passed else EXIT_FAILED
-        written = None if opts["dry_run"] else str(output_path)
+        written = str(output_path) if result.written else None
         onnx_check = checks[0] if checks else None
         if as_json:
             onnx_dict = None if onnx_check is None else onnx_check.to_dict()
             report.emit_json(
                 {"ok": code == 0, "exit_code": code, "output": written, **result.to_dict()}
-                | {"onnx": onnx_dict}
+                | {"onnx": onnx_dict, "noop": result.noop}
             )
             return code
-        out = report.console()
-        report.plan_table(out, result.plan)
-        report.warnings_block(report.console(stderr=True), result.plan)
-        report.summary_line(out, result.plan, result.params_before, result.params_after)
-        if result.verification is not None:
-            report.verification_lines(out, result.verification)
-            if not result.passed:
-                out.print(result.verification.failure_message(), markup=False)
-        out.print(f"wrote {written}" if written else "dry run: nothing written", markup=False)
-        if onnx_check is not None:
-            out.print(onnx_check.summary(), markup=False)
-            out.print(f"wrote {onnx_check.path}", markup=False)
+        _show_conversion(input_path, result, written, opts["dry_run"], onnx_check)
         return code
 
     run_command(as_json, verbose, body)
+
+
+def _show_conversion(
+    input_path: Path, result: Any, written: str | None, dry_run: bool, onnx_check: Any
+) -> None:
+    """`convert`'s text report: the plan, the figures, the layout kept, what was written."""
+    out = report.console()
+    if result.noop and not written:  # --allow-noop
+        out.print(
+            f"{shown(str(input_path))} is already in deploy form: nothing to fold; nothing written",
+            markup=False,
+        )
+        return
+    report.plan_table(out, result.plan)
+    report.warnings_block(report.console(stderr=True), result.plan)
+    report.summary_line(out, result.plan, result.params_before, result.params_after)
+    if result.verification is not None:
+        report.verification_lines(out, result.verification)
+        if not result.passed:
+            out.print(result.verification.failure_message(), markup=False)
+    if result.layout is not None:
+        report.layout_lines(out, result.layout, result.others)
+    if written:
+        out.print(shown(f"wrote {written}"), markup=False)
+    else:
+        out.print("dry run: nothing written" if dry_run else "nothing written", markup=False)
+    if onnx_check is not None:
+        out.print(onnx_check.summary(), markup=False)
+        out.print(f"wrote {onnx_check.path}", markup=False)
 
 
 EXPORT_EXAMPLES = """
@@ -500,12 +518,14 @@ def inspect(input_path: Path, **opts: Any) -> None:
         if as_json:
             report.emit_json(
                 {"ok": True, "params_before": before, "params_after": after, **plan.to_dict()}
+                | plan.record().form()
             )
             return EXIT_OK
         out = report.console()
         report.plan_table(out, plan)
         report.warnings_block(out, plan)
         report.summary_line(out, plan, before, after)
+        report.form_line(out, plan)
         return EXIT_OK
 
     run_command(as_json, verbose, body)

@@ -115,6 +115,15 @@ class PlanRecord:
         object.__setattr__(self, "fused_by_rule", MappingProxyType(dict(self.fused_by_rule)))
         object.__setattr__(self, "warnings", tuple(self.warnings))
 
+    def form(self) -> dict[str, Any]:
+        """Whether the model this plan is of holds train-time blocks: `form` "train" (with
+        how many blocks, by family) or "deploy" (nothing to fold)."""
+        families: dict[str, int] = {}
+        for block in self.blocks:
+            families[block.family] = families.get(block.family, 0) + 1
+        form = "train" if self.blocks else "deploy"
+        return {"form": form, "train_blocks": len(self.blocks), "families": families}
+
     def to_json(self) -> dict[str, Any]:
         return {
             "blocks": [b.to_json() for b in self.blocks],

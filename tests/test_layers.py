@@ -37,7 +37,7 @@ LAYERS: list[tuple[str, set[str]]] = [
         {"dtypes", "arch", "verification", "bench", "deploy_constraint", "convention"}
         | {"zoo.repvgg", "zoo.dbb_nets", "zoo.demo"},
     ),
-    ("checkpoint I/O", {"checkpoint", "zoo.checkpoints", "model_choice"}),
+    ("checkpoint I/O", {"checkpoint", "layout", "zoo.checkpoints", "model_choice"}),
     ("workflows", {"pipeline", "onnx_export", "batch.worker"}),
     (
         "interface",
