@@ -249,18 +249,13 @@ def _read_safetensors(path: Path) -> tuple[dict[str, Tensor], dict[str, str]]:
     return tensors, metadata
 
 
-def read_deploy(
-    path: str | Path, *, key: str | None = None, trust_pickle: bool = False
-) -> tuple[dict[str, Tensor], dict[str, str]]:
-    """A deploy checkpoint's tensors and metadata ({} for .pth/.pt, which carry none).
-
-    With `trust_pickle`, a .pt/.pth that pickles a whole model (a same-layout output) gives its
-    model's state dict, under `key` as for a train checkpoint."""
+def read_deploy(path: str | Path) -> tuple[dict[str, Tensor], dict[str, str]]:
+    """A deploy checkpoint's tensors and metadata ({} for .pth/.pt, which carry none)."""
     path = Path(path)
     _check_readable(path, INPUT_SUFFIXES)
     if path.suffix.lower() == ".safetensors":
         return _read_safetensors(path)
-    loaded = read_checkpoint(path, key=key, trust_pickle=trust_pickle)
+    loaded = read_checkpoint(path)
     return loaded.state_dict, {}
 
 

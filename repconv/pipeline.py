@@ -64,8 +64,8 @@ class Result:
 
     @property
     def noop(self) -> bool:
-        """Nothing to fold: the model was already in deploy form."""
-        return not self.plan.entries
+        """Nothing to fold and nothing left unfolded: the model was already in deploy form."""
+        return self.plan.record().form()["form"] == "deploy"
 
     @property
     def passed(self) -> bool:
@@ -595,9 +595,7 @@ def verify_files(
     options = ConvertOptions.merged(options, keywords)
     input_shape, samples, seed = options.input_shape, options.samples, options.seed
     _check_two_files(Path(train_path), Path(deploy_path))
-    state, meta = checkpoint.read_deploy(
-        deploy_path, key=options.key, trust_pickle=options.trust_pickle
-    )
+    state, meta, pickled = _read_deploy_file(Path(deploy_path), options)
     record, what = metadata.read(meta), Path(deploy_path).name
     loaded = checkpoint.read_checkpoint(
         train_path, key=options.key, trust_pickle=options.trust_pickle
@@ -617,6 +615,8 @@ def verify_files(
     train_keys = set(model.state_dict())
     applied = engine.apply(model, engine.plan(model, keep=keep))
     _check_deploy_is_converted(train_keys, set(model.state_dict()), set(state), what)
+    if pickled:  # written in its own layout: settled for its framework's loader, as convert does
+        layout.settle(model, _folded_norms(applied), reference.inputs[0])
     if deploy_model is not None:
         _fill_deploy(deploy_model, model, kept, lambda _key: torch.float64)
         model = deploy_model
@@ -645,6 +645,17 @@ def verify_files(
             "form): the check compared two deploy-form files"
         )
     return verification, notes
+
+
+def _read_deploy_file(
+    path: Path, options: ConvertOptions
+) -> tuple[dict[str, Tensor], dict[str, str], bool]:
+    """A deploy file's tensors, metadata, and whether it pickles its model (a same-layout
+    output of `convert --trust-pickle`: read with --trust-pickle, under --key)."""
+    if path.suffix.lower() == ".safetensors" or not options.trust_pickle:
+        return (*checkpoint.read_deploy(path), False)
+    loaded = checkpoint.read_checkpoint(path, key=options.key, trust_pickle=True)
+    return loaded.state_dict, {}, loaded.module is not None
 
 
 def _check_two_files(train_path: Path, deploy_path: Path) -> None:

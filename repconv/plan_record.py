@@ -117,12 +117,18 @@ class PlanRecord:
 
     def form(self) -> dict[str, Any]:
         """Whether the model this plan is of holds train-time blocks: `form` "train" (with
-        how many blocks, by family) or "deploy" (nothing to fold)."""
+        how many blocks, by family, and how many norms or blocks are left unfolded) or
+        "deploy" (nothing to fold, nothing left unfolded)."""
         families: dict[str, int] = {}
         for block in self.blocks:
             families[block.family] = families.get(block.family, 0) + 1
-        form = "train" if self.blocks else "deploy"
-        return {"form": form, "train_blocks": len(self.blocks), "families": families}
+        form = "train" if self.blocks or self.warnings else "deploy"
+        return {
+            "form": form,
+            "train_blocks": len(self.blocks),
+            "families": families,
+            "unfolded": len(self.warnings),
+        }
 
     def to_json(self) -> dict[str, Any]:
         return {
