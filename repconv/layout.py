@@ -125,7 +125,15 @@ def _adopt_fused_forward(model: nn.Module, norm_path: str) -> str | None:
 
 
 def _neutral_dead_implicits(model: nn.Module, probe: Tensor) -> list[str]:
-    """Implicit layers the model's forward no longer calls, set to their neutral value."""
+    """Implicit layers the model's forward no longer calls, set to their neutral value. Only a
+    model holding implicit layers is run (once, a float copy on the probe, to see which)."""
+    implicit = {}
+    for path, module in model.named_modules():
+        neutral = _implicit_neutral(module)
+        if neutral is not None:
+            implicit[path] = neutral
+    if not implicit:
+        return []
     twin = copy.deepcopy(model)
     for tensor in (*twin.parameters(), *twin.buffers()):
         if tensor.is_floating_point():
@@ -142,10 +150,9 @@ def _neutral_dead_implicits(model: nn.Module, probe: Tensor) -> list[str]:
         for hook in hooks:
             hook.remove()
     changed = []
-    for path, module in model.named_modules():
-        neutral = None if path in called else _implicit_neutral(twin.get_submodule(path))
-        if neutral is not None:
-            (param,) = module.parameters()
+    for path, neutral in implicit.items():
+        if path not in called:
+            (param,) = model.get_submodule(path).parameters()
             with torch.no_grad():
                 param.fill_(neutral)
             changed.append(f"{path}: not run any more, set to {neutral:g}")
@@ -157,11 +164,11 @@ def _implicit_neutral(module: nn.Module) -> float | None:
     params = list(module.parameters())
     if list(module.children()) or len(params) != 1 or params[0].dim() == 0:
         return None
-    p = params[0]
+    p = params[0].detach().double()
     x = torch.randn((2, *p.shape[1:]), dtype=p.dtype, generator=torch.Generator().manual_seed(0))
     try:
         with torch.no_grad():
-            y = module(x)
+            y = copy.deepcopy(module).double()(x)
     except Exception:
         return None
     if not isinstance(y, Tensor) or y.shape != torch.broadcast_shapes(x.shape, p.shape):
@@ -212,12 +219,41 @@ def check_same_tensors(what: str, written: nn.Module, loaded: Any) -> None:
             raise RuntimeError(f"{what}: {key} loads back changed")
 
 
+def _forward_kind(module: nn.Module, graph_forward: type) -> str | None:
+    """What an instance's own `forward` is: none, a method (named), or a rewritten graph's."""
+    forward = vars(module).get("forward")
+    if forward is None:
+        return None
+    owner = getattr(forward, "__self__", None)
+    if isinstance(forward, graph_forward) or isinstance(owner, torch.fx.GraphModule):
+        return "graph"
+    return f"method {getattr(forward, '__name__', type(forward).__name__)}"
+
+
+def check_same_forwards(what: str, written: nn.Module, loaded: nn.Module) -> bool:
+    """Each module loaded back runs the forward it was written with (an instance's own
+    `forward` survives pickling); whether any is a rewritten graph's (re-traced by torch when it
+    loads), which only running it proves right."""
+    from repconv.tracing import GraphForward
+
+    theirs = dict(loaded.named_modules())
+    graphs = False
+    for path, module in written.named_modules():
+        kind = _forward_kind(module, GraphForward)
+        other = theirs.get(path)
+        if other is None or _forward_kind(other, GraphForward) != kind:
+            raise BadInput(f"{what}: {path or '<root>'} loads back with another forward")
+        graphs = graphs or kind == "graph"
+    return graphs
+
+
 __all__ = [
     "CONVERTED",
     "DROPPED",
     "KEPT",
     "WHOLE_FILE",
     "Rewritten",
+    "check_same_forwards",
     "check_same_tensors",
     "is_training_state",
     "models_in",

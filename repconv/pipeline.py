@@ -33,6 +33,7 @@ from repconv.errors import BadInput, VerificationFailed
 from repconv.model_choice import Builder
 from repconv.modules import param_count
 from repconv.options import ConvertOptions, recorded_options, takes_options
+from repconv.outputs import measure
 from repconv.plan_record import PlanRecord
 from repconv.rules.base import Rule
 from repconv.terminal import shown
@@ -419,6 +420,7 @@ def _convert_layout(
     its layout (`layout.rewritten`), loaded back and checked before it is renamed into place.
     The result returned is the model --key (or the usual nesting) names; the others ride on it."""
     models = layout.models_in(loaded.container)
+    loaded.state_dict = None  # the models hold what they need; let fused-away tensors go
     by_module: dict[int, Result] = {}
     for key, module in models.items():
         if id(module) not in by_module:
@@ -460,8 +462,15 @@ def _folded_norms(applied: Applied) -> list[str]:
 
 
 def _probe(result: Result) -> Tensor | None:
-    """One of the verification inputs (None without verification)."""
-    return None if result.reference is None else result.reference.inputs[0]
+    """One of the verification inputs, when a block's own method ran (it may leave modules the
+    forward no longer calls); None without verification."""
+    if result.reference is None or not _ran_a_method(result.plan):
+        return None
+    return result.reference.inputs[0]
+
+
+def _ran_a_method(applied: Applied) -> bool:
+    return any(o.rule == "deploy_method" and o.status == "fused" for o in applied.entries)
 
 
 def _model_name(loaded: checkpoint.LoadedCheckpoint, key: str) -> str:
@@ -470,7 +479,8 @@ def _model_name(loaded: checkpoint.LoadedCheckpoint, key: str) -> str:
 
 def _loads_back(container: Any, by_key: Mapping[str, Result]) -> None:
     """The file just written, loaded back: each model of the written class with exactly the
-    written tensors, and (verified conversions) computing what the train model did."""
+    written tensors and forwards, and (verified conversions whose forwards changed after the
+    verification, or were rewritten) computing what the train model did, on one sample."""
     models = layout.models_in(container)
     for key, result in by_key.items():
         what = key or "the model"
@@ -478,11 +488,17 @@ def _loads_back(container: Any, by_key: Mapping[str, Result]) -> None:
         if back is None:
             raise BadInput(f"the written file holds no model under {key!r} once loaded back")
         layout.check_same_tensors(what, result.model, back)
+        graphs = layout.check_same_forwards(what, result.model, back)
         verification, reference = result.verification, result.reference
+        # Run only what tensors and forwards alone do not prove: a rewritten graph's forward
+        # re-traced by torch, or modules `layout.settle` changed after verification.
         if reference is None or verification is None:
             continue
+        if not (graphs or result.source.get("settled")):
+            continue
         dtypes.hold_all_in(back, reference.dtype)
-        figures = reference.figures(back.eval())
+        # One sample proves the pickled forward is the verified one (all were judged already).
+        figures = measure(V.run_model(back.eval(), reference.inputs[:1]), reference.outputs[:1])
         atol, rtol = verification.written_atol, verification.written_rtol
         if not all(f.passes(atol, rtol) for f in figures.values()):
             raise BadInput(
@@ -616,7 +632,8 @@ def verify_files(
     applied = engine.apply(model, engine.plan(model, keep=keep))
     _check_deploy_is_converted(train_keys, set(model.state_dict()), set(state), what)
     if pickled:  # written in its own layout: settled for its framework's loader, as convert does
-        layout.settle(model, _folded_norms(applied), reference.inputs[0])
+        probe = reference.inputs[0] if _ran_a_method(applied) else None
+        layout.settle(model, _folded_norms(applied), probe)
     if deploy_model is not None:
         _fill_deploy(deploy_model, model, kept, lambda _key: torch.float64)
         model = deploy_model

@@ -233,3 +233,11 @@ def test_implicit_layers_no_longer_run_are_set_to_their_neutral_values():
         torch.testing.assert_close(model(x)[0], before)
         head.fuse()  # the framework's loader fusing again
         torch.testing.assert_close(model(x)[0], before)
+
+
+def test_a_model_loading_back_with_another_forward_is_refused():
+    written = ultralytics_layout.Conv(2, 2)
+    written.forward = written.forward_fuse
+    with pytest.raises(BadInput, match="another forward"):
+        layout.check_same_forwards("ema", written, ultralytics_layout.Conv(2, 2))
+    assert not layout.check_same_forwards("ema", written, written)
