@@ -316,7 +316,10 @@ def convert(input_path: Path, output_path: Path, **opts: Any) -> None:
     """Convert a train checkpoint INPUT into a verified deploy checkpoint OUTPUT.
 
     OUTPUT is .safetensors (with metadata) or .pth/.pt. It is written atomically and only when
-    verification passes.
+    verification passes. A pickled checkpoint read with --trust-pickle into a .pt/.pth OUTPUT is
+    written back in its own layout (every model converted, training state set to None), loaded
+    back and checked before it is renamed into place. An INPUT already in deploy form is
+    refused (exit 2; --allow-noop: exit 0), and nothing is written.
     """
     as_json, verbose = opts.pop("as_json"), opts.pop("verbose")
 
@@ -505,7 +508,8 @@ def verify(train_path: Path, deploy_path: Path, **opts: Any) -> None:
 @click.argument("input_path", metavar="INPUT", type=click.Path(path_type=Path))
 @_common_model_options
 def inspect(input_path: Path, **opts: Any) -> None:
-    """List the blocks INPUT holds, the rule for each and parameters before/after.
+    """List the blocks INPUT holds, the rule for each and parameters before/after, and
+    whether INPUT is in train form (blocks to fold) or already in deploy form.
 
     Nothing is written. Example:  repconv inspect train.pth --arch repvgg_a0
     """

@@ -431,8 +431,10 @@ def _convert_layout(
     main_key = loaded.source_key or layout.WHOLE_FILE
     main = by_key[main_key]
     everything_noop = all(r.noop for r in by_key.values())
+    if everything_noop:
+        _check_outcome(main, options, loaded.path.name)
     for key, result in by_key.items():
-        if not (result.noop and not everything_noop):
+        if not result.noop:  # a deploy-form EMA beside a train-form model is written as it is
             _check_outcome(result, options, _model_name(loaded, key))
     for result in by_module.values():
         if not result.noop:

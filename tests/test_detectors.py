@@ -120,6 +120,13 @@ def test_the_output_loads_in_its_framework_and_matches_the_train_model(tmp_path,
     assert all(error < limit for error in seen["errors"].values()), seen["errors"]
     # The framework's loader fuses again at load time: that changes nothing.
     assert seen["loader_error"] < limit, seen
+    # The output is in deploy form: inspect says so, convert refuses it and writes nothing.
+    inspected = json.loads(cli("inspect", deploy, "--trust-pickle", "--json").stdout)
+    assert inspected["form"] == "deploy" and inspected["train_blocks"] == 0
+    again = tmp_path / "again.pt"
+    result = cli("convert", deploy, again, "--trust-pickle", *QUICK)
+    assert result.exit_code == 2 and "already in deploy form" in result.stderr
+    assert not again.exists()
 
 
 @pytest.mark.slow
