@@ -129,7 +129,7 @@ def _neutral_dead_implicits(model: nn.Module, probe: Tensor) -> list[str]:
     model holding implicit layers is run (once, a float copy on the probe, to see which)."""
     implicit = {}
     for path, module in model.named_modules():
-        neutral = _implicit_neutral(module)
+        neutral = implicit_neutral(module)
         if neutral is not None:
             implicit[path] = neutral
     if not implicit:
@@ -159,7 +159,7 @@ def _neutral_dead_implicits(model: nn.Module, probe: Tensor) -> list[str]:
     return changed
 
 
-def _implicit_neutral(module: nn.Module) -> float | None:
+def implicit_neutral(module: nn.Module) -> float | None:
     """0 for a module computing `x + p`, 1 for `x * p` (its one parameter `p`), else None."""
     params = list(module.parameters())
     if list(module.children()) or len(params) != 1 or params[0].dim() == 0:
@@ -255,6 +255,7 @@ __all__ = [
     "Rewritten",
     "check_same_forwards",
     "check_same_tensors",
+    "implicit_neutral",
     "is_training_state",
     "models_in",
     "rewritten",

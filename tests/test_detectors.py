@@ -21,6 +21,8 @@ import yolov6_layout
 import yolov7_layout
 from click.testing import CliRunner
 from helpers import randomized
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from layouts import build
 
 from repconv import layout
@@ -248,3 +250,30 @@ def test_a_model_loading_back_with_another_forward_is_refused():
     with pytest.raises(BadInput, match="another forward"):
         layout.check_same_forwards("ema", written, ultralytics_layout.Conv(2, 2))
     assert not layout.check_same_forwards("ema", written, written)
+
+
+class _Affine(torch.nn.Module):
+    def __init__(self, channels: int, kind: str):
+        super().__init__()
+        self.kind = kind
+        self.p = torch.nn.Parameter(torch.randn(1, channels, 1, 1))
+
+    def forward(self, x):
+        if self.kind == "add":
+            return x + self.p
+        if self.kind == "mul":
+            return self.p * x
+        return x * self.p + 1  # an affine map with no neutral value of its one parameter
+
+
+@settings(max_examples=25, deadline=None)
+@given(channels=st.integers(1, 16), kind=st.sampled_from(["add", "mul", "affine"]))
+def test_an_implicit_layer_is_told_by_what_it_computes(channels, kind):
+    module = _Affine(channels, kind)
+    expected = {"add": 0.0, "mul": 1.0, "affine": None}[kind]
+    assert layout.implicit_neutral(module) == expected
+    if expected is not None:  # its neutral value makes it the identity
+        with torch.no_grad():
+            module.p.fill_(expected)
+        x = torch.randn(2, channels, 3, 3)
+        torch.testing.assert_close(module(x), x)
