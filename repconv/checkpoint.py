@@ -59,6 +59,9 @@ class LoadedCheckpoint:
     # The keys of the file's other nested state dicts (prefixes stripped), by their entry: what
     # a misfit's message may suggest with --key.
     others: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    # With --trust-pickle and a pickled model: the whole object the file holds (the layout a
+    # same-layout output writes back, `layout.py`); None otherwise.
+    container: Any = None
 
 
 def _check_readable(path: Path, suffixes: tuple[str, ...]) -> None:
@@ -231,15 +234,16 @@ def read_checkpoint(
         )
     obj = _load_pickle(path, trust_pickle, mmap=not checked.compressed, key=key)
     source_key, found = _find_weights(path, obj, key)
+    container = None
     if isinstance(found, nn.Module):
-        module, state = found, dict(found.state_dict())
+        module, state, container = found, dict(found.state_dict()), obj
     else:
         module, state = None, _own_copies_of_integers(_tensors_only(found))
     if not state:
         raise BadInput(f"{path.name} holds no tensors")
     state, stripped = _strip_prefixes(state)
     others = _other_entries(obj, source_key)
-    return LoadedCheckpoint(path, sha, state, module, source_key, stripped, others)
+    return LoadedCheckpoint(path, sha, state, module, source_key, stripped, others, container)
 
 
 def _other_entries(obj: Any, source_key: str | None) -> dict[str, tuple[str, ...]]:

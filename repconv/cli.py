@@ -345,7 +345,10 @@ def convert(input_path: Path, output_path: Path, **opts: Any) -> None:
     """Convert a train checkpoint INPUT into a verified deploy checkpoint OUTPUT.
 
     OUTPUT is .safetensors (with metadata) or .pth/.pt. It is written atomically and only when
-    verification passes.
+    verification passes. A pickled checkpoint read with --trust-pickle into a .pt/.pth OUTPUT is
+    written back in its own layout (every model converted, training state set to None), loaded
+    back and checked before it is renamed into place. An INPUT already in deploy form is
+    refused (exit 2; --allow-noop: exit 0), and nothing is written.
     """
     as_json, verbose = opts.pop("as_json"), opts.pop("verbose")
 
@@ -376,28 +379,16 @@ def convert(input_path: Path, output_path: Path, **opts: Any) -> None:
                 before_writing=export_first,
             )
         code = EXIT_OK if result.passed else EXIT_FAILED
-        written = None if opts["dry_run"] else str(output_path)
+        written = str(output_path) if result.written else None
         onnx_check = checks[0] if checks else None
         if as_json:
             onnx_dict = None if onnx_check is None else onnx_check.to_dict()
             report.emit_json(
                 {"ok": code == 0, "exit_code": code, "output": written, **result.to_dict()}
-                | {"onnx": onnx_dict}
+                | {"onnx": onnx_dict, "noop": result.noop}
             )
             return code
-        out = report.console()
-        _print_source(out, result.source)
-        report.plan_table(out, result.plan)
-        report.warnings_block(report.console(stderr=True), result.plan)
-        report.summary_line(out, result.plan, result.params_before, result.params_after)
-        if result.verification is not None:
-            report.verification_lines(out, result.verification)
-            if not result.passed:
-                out.print(result.verification.failure_message(), markup=False)
-        out.print(f"wrote {written}" if written else "dry run: nothing written", markup=False)
-        if onnx_check is not None:
-            out.print(onnx_check.summary(), markup=False)
-            out.print(f"wrote {onnx_check.path}", markup=False)
+        _show_conversion(input_path, result, written, opts["dry_run"], onnx_check)
         return code
 
     run_command(as_json, verbose, body)
@@ -412,6 +403,36 @@ def _print_source(out, source: dict[str, Any]) -> None:
     )
     if read_from:
         out.print(read_from, markup=False)
+
+
+def _show_conversion(
+    input_path: Path, result: Any, written: str | None, dry_run: bool, onnx_check: Any
+) -> None:
+    """`convert`'s text report: the plan, the figures, the layout kept, what was written."""
+    out = report.console()
+    if result.noop and not written:  # --allow-noop
+        out.print(
+            f"{shown(str(input_path))} is already in deploy form: nothing to fold; nothing written",
+            markup=False,
+        )
+        return
+    _print_source(out, result.source)
+    report.plan_table(out, result.plan)
+    report.warnings_block(report.console(stderr=True), result.plan)
+    report.summary_line(out, result.plan, result.params_before, result.params_after)
+    if result.verification is not None:
+        report.verification_lines(out, result.verification)
+        if not result.passed:
+            out.print(result.verification.failure_message(), markup=False)
+    if result.layout is not None:
+        report.layout_lines(out, result.layout, result.others)
+    if written:
+        out.print(shown(f"wrote {written}"), markup=False)
+    else:
+        out.print("dry run: nothing written" if dry_run else "nothing written", markup=False)
+    if onnx_check is not None:
+        out.print(onnx_check.summary(), markup=False)
+        out.print(f"wrote {onnx_check.path}", markup=False)
 
 
 EXPORT_EXAMPLES = """
@@ -532,7 +553,8 @@ def verify(train_path: Path, deploy_path: Path, **opts: Any) -> None:
 @click.argument("input_path", metavar="INPUT", type=click.Path(path_type=Path))
 @_common_model_options
 def inspect(input_path: Path, **opts: Any) -> None:
-    """List the blocks INPUT holds, the rule for each and parameters before/after.
+    """List the blocks INPUT holds, the rule for each and parameters before/after, and
+    whether INPUT is in train form (blocks to fold) or already in deploy form.
 
     Nothing is written. Example:  repconv inspect train.pth --arch repvgg_a0
     """
@@ -545,12 +567,14 @@ def inspect(input_path: Path, **opts: Any) -> None:
         if as_json:
             report.emit_json(
                 {"ok": True, "params_before": before, "params_after": after, **plan.to_dict()}
+                | plan.record().form()
             )
             return EXIT_OK
         out = report.console()
         report.plan_table(out, plan)
         report.warnings_block(out, plan)
         report.summary_line(out, plan, before, after)
+        report.form_line(out, plan)
         return EXIT_OK
 
     run_command(as_json, verbose, body)

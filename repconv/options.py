@@ -280,6 +280,28 @@ class ConvertOptions:
     )
     strict: bool = _option(False, "flag", "convert", "Exit 2 if any norm is left unfolded.")
     force: bool = _option(False, "flag", "convert", "Write the output even if verification fails.")
+    state_dict_only: bool = _option(
+        False,
+        "flag",
+        "convert",
+        "With a pickled model (--trust-pickle) and a .pt/.pth OUTPUT, write its state dict "
+        "alone instead of the input's own layout.",
+        recorded=False,  # .pt/.pth outputs carry no record
+    )
+    keep_training_state: bool = _option(
+        False,
+        "flag",
+        "convert",
+        "Keep the optimizer/scheduler entries of a pickled checkpoint (default: set to None).",
+        recorded=False,
+    )
+    allow_noop: bool = _option(
+        False,
+        "flag",
+        "convert",
+        "Exit 0 (writing nothing) when INPUT is already in deploy form, instead of 2.",
+        recorded=False,  # whether a run fails, not what the file holds
+    )
 
     def __post_init__(self) -> None:
         # Frozen: the one normalization goes through object.__setattr__, at construction.

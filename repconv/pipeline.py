@@ -24,6 +24,7 @@ from repconv import (
     deploy_map,
     dtypes,
     engine,
+    layout,
     metadata,
     model_choice,
 )
@@ -33,6 +34,7 @@ from repconv.errors import BadInput, VerificationFailed
 from repconv.model_choice import Builder
 from repconv.modules import kernel_extent, param_count
 from repconv.options import ConvertOptions, recorded_options, takes_options
+from repconv.outputs import measure
 from repconv.plan_record import PlanRecord
 from repconv.rules.base import Rule
 from repconv.terminal import shown
@@ -56,12 +58,29 @@ class Result:
     reference: V.Reference | None = field(default=None, repr=False)
     # How the file reads in the train class by the conv-BN convention (None: not checked).
     convention: convention.ConventionCheck | None = None
+    # A same-layout output (`layout.py`): what became of each entry of the input, and the
+    # conversions of its other models by key (`source["key"]` names this one's).
+    layout: dict[str, str] | None = None
+    others: dict[str, Result] = field(default_factory=dict)
+    written: bool = False  # whether convert_file wrote the output
+
+    @property
+    def noop(self) -> bool:
+        """Nothing to fold and nothing left unfolded: the model was already in deploy form."""
+        return self.plan.record().form()["form"] == "deploy"
 
     @property
     def passed(self) -> bool:
         return self.verification is None or self.verification.passed
 
     def to_dict(self) -> dict[str, Any]:
+        document = self._own_dict()
+        if self.layout is not None:
+            document["layout"] = dict(self.layout)
+            document["others"] = {k: r._own_dict() for k, r in self.others.items()}
+        return document
+
+    def _own_dict(self) -> dict[str, Any]:
         return {
             "source": self.source,
             "params_before": self.params_before,
@@ -73,7 +92,12 @@ class Result:
 
 
 @one_at_a_time
-@takes_options("deploy", "check", "convert", omit=("strict", "force"))
+@takes_options(
+    "deploy",
+    "check",
+    "convert",
+    omit=("strict", "force", "state_dict_only", "keep_training_state", "allow_noop"),
+)
 def convert(
     model: nn.Module,
     options: ConvertOptions | None = None,
@@ -328,42 +352,181 @@ def convert_file(
     nothing written.
     """
     options = ConvertOptions.merged(options, keywords)
-    strict, force = options.strict, options.force
     input_path, output_path = Path(input_path), Path(output_path)
     out = checkpoint.check_output_path(output_path, inputs=[input_path])
     loaded = checkpoint.read_checkpoint(
         input_path, key=options.key, trust_pickle=options.trust_pickle
     )
     choice = _train_choice(loaded, options)
+    if _same_layout(loaded, choice, out, options):
+        return _convert_layout(loaded, choice, out, options, dry_run, before_writing)
     model = _load_model(loaded, choice.train)
     loaded.state_dict = None  # the model holds what it needs; let fused-away tensors go
     result = convert(model, options, deploy_model=_empty(choice.deploy))
-    arch_spec, kwargs = choice.train.spec, choice.train.kwargs
-    result.source = {
-        "path": str(input_path),
-        "sha256": loaded.sha256,
-        "key": loaded.source_key,
-        "stripped_prefixes": list(loaded.stripped_prefixes),
-        "arch": arch_spec,
-        "models": choice.reasons(),
-    }
-    if strict and result.plan.warnings:
-        first = result.plan.warnings[0]
-        raise BadInput(
-            f"--strict: {len(result.plan.warnings)} norm(s) or block(s) left unfolded, "
-            f"first {first['path']}: {first['message']}"
-        )
-    if not result.passed and not force:
-        failure = VerificationFailed(result.verification.failure_message())
-        failure.result = result
-        raise failure
-    if not dry_run:
+    result.source = _source(loaded, choice)
+    _check_outcome(result, options, loaded.path.name)
+    if not dry_run and not result.noop:
         if before_writing is not None:
             before_writing(result)
         recorded = recorded_options(options)
+        arch_spec, kwargs = choice.train.spec, choice.train.kwargs
         meta = metadata_for(result, arch_spec, kwargs, loaded.sha256, recorded)
         checkpoint.write_checkpoint(out, result.state_dict, meta, tensors_digest=True)
+        result.written = True
     return result
+
+
+def _source(
+    loaded: checkpoint.LoadedCheckpoint, choice: model_choice.ModelChoice, **extra: Any
+) -> dict:
+    """Where the weights came from, and why each model was built as it was."""
+    return {
+        "path": str(loaded.path),
+        "sha256": loaded.sha256,
+        "key": loaded.source_key,
+        "stripped_prefixes": list(loaded.stripped_prefixes),
+        "arch": choice.train.spec,
+        "models": choice.reasons(),
+        **extra,
+    }
+
+
+def _check_outcome(result: Result, options: ConvertOptions, what: str) -> None:
+    """Whether a conversion may be written: not already in deploy form (unless --allow-noop,
+    which writes nothing either), --strict with nothing left unfolded, verification passed
+    (unless --force). `what` names the model (a file, or a key of a pickled layout)."""
+    if result.noop:
+        if options.allow_noop:
+            return
+        raise BadInput(
+            f"{shown(what)} is already in deploy form: no train-time blocks or conv-BN pairs to "
+            "fold; nothing written (--allow-noop makes this exit 0)"
+        )
+    if options.strict and result.plan.warnings:
+        first = result.plan.warnings[0]
+        raise BadInput(
+            f"--strict: {len(result.plan.warnings)} norm(s) or block(s) left unfolded in "
+            f"{shown(what)}, first {first['path']}: {first['message']}"
+        )
+    if not result.passed and not options.force:
+        failure = VerificationFailed(result.verification.failure_message())
+        failure.result = result
+        raise failure
+
+
+def _same_layout(
+    loaded: checkpoint.LoadedCheckpoint,
+    choice: model_choice.ModelChoice,
+    out: Path,
+    options: ConvertOptions,
+) -> bool:
+    """Write the input's own layout back: a trusted pickled model (used as the train model)
+    into a .pt/.pth output, unless --state-dict-only."""
+    pickled = loaded.container is not None and choice.train.at_hand
+    torch_file = out.suffix.lower() in (".pt", ".pth")
+    return pickled and torch_file and not options.state_dict_only
+
+
+def _convert_layout(
+    loaded: checkpoint.LoadedCheckpoint,
+    choice: model_choice.ModelChoice,
+    out: Path,
+    options: ConvertOptions,
+    dry_run: bool,
+    before_writing: Callable[[Result], Any] | None,
+) -> Result:
+    """Every model the pickled file holds converted and verified; the file written back in
+    its layout (`layout.rewritten`), loaded back and checked before it is renamed into place.
+    The result returned is the model --key (or the usual nesting) names; the others ride on it."""
+    models = layout.models_in(loaded.container)
+    loaded.state_dict = None  # the models hold what they need; let fused-away tensors go
+    by_module: dict[int, Result] = {}
+    for key, module in models.items():
+        if id(module) not in by_module:
+            result = convert(module.eval(), options, deploy_model=_empty(choice.deploy))
+            result.source = _source(loaded, choice, key=key or None)
+            by_module[id(module)] = result
+    by_key = {key: by_module[id(module)] for key, module in models.items()}
+    main_key = loaded.source_key or layout.WHOLE_FILE
+    main = by_key[main_key]
+    everything_noop = all(r.noop for r in by_key.values())
+    if everything_noop:
+        _check_outcome(main, options, loaded.path.name)
+    for key, result in by_key.items():
+        if not result.noop:  # a deploy-form EMA beside a train-form model is written as it is
+            _check_outcome(result, options, _model_name(loaded, key))
+    for result in by_module.values():
+        if not result.noop:
+            result.source["settled"] = layout.settle(
+                result.model, _folded_norms(result.plan), _probe(result)
+            )
+    rewritten = layout.rewritten(
+        loaded.container, {k: r.model for k, r in by_key.items()}, options.keep_training_state
+    )
+    main.layout = rewritten.entries
+    main.others = {k: r for k, r in by_key.items() if r is not main}
+    if not dry_run and not everything_noop:
+        if before_writing is not None:
+            before_writing(main)
+        layout.write_checked(out, rewritten.container, lambda back: _loads_back(back, by_key))
+        main.written = True
+    return main
+
+
+def _folded_norms(applied: Applied) -> list[str]:
+    """The norms the conv -> BN pass folded (their slots now Identity)."""
+    return [
+        o.step.chain[-1]
+        for o in applied.entries
+        if o.rule == "conv_bn" and o.status == "fused" and len(o.step.chain) == 2
+    ]
+
+
+def _probe(result: Result) -> Tensor | None:
+    """One of the verification inputs, when a block's own method ran (it may leave modules the
+    forward no longer calls); None without verification."""
+    if result.reference is None or not _ran_a_method(result.plan):
+        return None
+    return result.reference.inputs[0]
+
+
+def _ran_a_method(applied: Applied) -> bool:
+    return any(o.rule == "deploy_method" and o.status == "fused" for o in applied.entries)
+
+
+def _model_name(loaded: checkpoint.LoadedCheckpoint, key: str) -> str:
+    return loaded.path.name if key == layout.WHOLE_FILE else f"{loaded.path.name}[{key!r}]"
+
+
+def _loads_back(container: Any, by_key: Mapping[str, Result]) -> None:
+    """The file just written, loaded back: each model of the written class with exactly the
+    written tensors and forwards, and (verified conversions whose forwards changed after the
+    verification, or were rewritten) computing what the train model did, on one sample."""
+    models = layout.models_in(container)
+    for key, result in by_key.items():
+        what = key or "the model"
+        back = models.get(key)
+        if back is None:
+            raise BadInput(f"the written file holds no model under {key!r} once loaded back")
+        layout.check_same_tensors(what, result.model, back)
+        graphs = layout.check_same_forwards(what, result.model, back)
+        verification, reference = result.verification, result.reference
+        # Run only what tensors and forwards alone do not prove: a rewritten graph's forward
+        # re-traced by torch, or modules `layout.settle` changed after verification.
+        if reference is None or verification is None:
+            continue
+        if not (graphs or result.source.get("settled")):
+            continue
+        dtypes.hold_all_in(back, reference.dtype)
+        # One sample proves the pickled forward is the verified one (all were judged already).
+        figures = measure(V.run_model(back.eval(), reference.inputs[:1]), reference.outputs[:1])
+        atol, rtol = verification.written_atol, verification.written_rtol
+        if not all(f.passes(atol, rtol) for f in figures.values()):
+            raise BadInput(
+                f"{what}, pickled and loaded back, computes something else than the model "
+                "verified (a forward that does not survive pickling); write a .safetensors "
+                "file, or the state dict alone with --state-dict-only"
+            )
 
 
 def _deploy_structure(model: nn.Module, recorded_plan: PlanRecord | None = None) -> None:
@@ -469,7 +632,8 @@ def verify_files(
     """
     options = ConvertOptions.merged(options, keywords)
     input_shape, samples, seed = options.input_shape, options.samples, options.seed
-    state, meta = checkpoint.read_deploy(deploy_path)
+    _check_two_files(Path(train_path), Path(deploy_path))
+    state, meta, pickled = _read_deploy_file(Path(deploy_path), options)
     record, what = metadata.read(meta), Path(deploy_path).name
     key = options.key if options.key is not None else _recorded_key(record, what)
     loaded = checkpoint.read_checkpoint(train_path, key=key, trust_pickle=options.trust_pickle)
@@ -483,14 +647,22 @@ def verify_files(
     # The passes the conversion was made without, as the file records them: a record that
     # lies about them makes the recomputed tensors differ from the file's.
     recorded_plan = model_choice.recorded(record, "plan", what)
-    left_out = recorded_plan.left_out if recorded_plan is not None else None
+    if recorded_plan is not None:
+        left_out = recorded_plan.left_out
+    else:  # a pickled file records nothing: the form convert writes by default
+        left_out = deploy_form.passes_left_out(model, False, deploy_model is not None)
     plan = engine.plan(model, keep=keep, leave_out=left_out)
     # As `convert` does by default: the whole model in float64, references before the rewrite.
     dtypes.hold_all_in(model, torch.float64)
     reference = V.take_reference(
         model, shape, samples, seed, torch.float64, _extents(model, plan), bool(input_shape)
     )
+    train_keys = set(model.state_dict())
     applied = engine.apply(model, plan)
+    _check_deploy_is_converted(train_keys, set(model.state_dict()), set(state), what)
+    if pickled:  # written in its own layout: settled for its framework's loader, as convert does
+        probe = reference.inputs[0] if _ran_a_method(applied) else None
+        layout.settle(model, _folded_norms(applied), probe)
     if deploy_model is not None:
         _fill_deploy(deploy_model, model, kept, lambda _key: torch.float64)
         model = deploy_model
@@ -502,7 +674,7 @@ def verify_files(
             written = reference.figures(model)
     file_dtypes = {t.dtype for t in state.values() if t.is_floating_point()}
     verification = V.Verification(
-        input_shape=shape,
+        input_shape=reference.shape,
         samples=samples,
         seed=seed,
         dtype="float64",
@@ -513,7 +685,48 @@ def verify_files(
         **V.written_tolerances(file_dtypes, options.atol, options.rtol),
     )
     notes = _verify_notes(record, loaded.sha256, applied, what)
+    if not applied.entries:
+        notes["train"] = (
+            f"{Path(train_path).name} holds no train-time blocks (it is already in deploy "
+            "form): the check compared two deploy-form files"
+        )
     return verification, notes | _key_note(loaded, what, options.key is None and key is not None)
+
+
+def _read_deploy_file(
+    path: Path, options: ConvertOptions
+) -> tuple[dict[str, Tensor], dict[str, str], bool]:
+    """A deploy file's tensors, metadata, and whether it pickles its model (a same-layout
+    output of `convert --trust-pickle`: read with --trust-pickle, under --key)."""
+    if path.suffix.lower() == ".safetensors" or not options.trust_pickle:
+        return (*checkpoint.read_deploy(path), False)
+    loaded = checkpoint.read_checkpoint(path, key=options.key, trust_pickle=True)
+    return loaded.state_dict, {}, loaded.module is not None
+
+
+def _check_two_files(train_path: Path, deploy_path: Path) -> None:
+    """`verify` compares a train checkpoint with the file convert wrote from it: not a file
+    with itself."""
+    same = train_path.resolve() == deploy_path.resolve()
+    if not same and train_path.exists() and deploy_path.exists():
+        same = train_path.samefile(deploy_path)
+    if same:
+        raise BadInput(
+            f"TRAIN and DEPLOY are the same file ({shown(train_path.name)}): verify compares a "
+            "train checkpoint with the deploy file `repconv convert` wrote from it"
+        )
+
+
+def _check_deploy_is_converted(
+    train_keys: set[str], converted_keys: set[str], file_keys: set[str], what: str
+) -> None:
+    """A DEPLOY holding the train model's own names, where the conversion changes them, is a
+    train checkpoint: said as such, not as a list of differing keys."""
+    if file_keys == train_keys and converted_keys != train_keys:
+        raise BadInput(
+            f"{shown(what)} is a train-form checkpoint (its tensors have the train model's "
+            "names, nothing in it is fused): give DEPLOY as the file `repconv convert` wrote"
+        )
 
 
 def _key_note(loaded: checkpoint.LoadedCheckpoint, what: str, recorded: bool) -> dict[str, str]:

@@ -119,6 +119,25 @@ class PlanRecord:
         object.__setattr__(self, "warnings", tuple(self.warnings))
         object.__setattr__(self, "left_out", MappingProxyType(dict(self.left_out)))
 
+    def form(self) -> dict[str, Any]:
+        """Whether the model this plan is of holds train-time blocks: `form` "train" (with
+        how many blocks, by family, and how many norms or blocks are left unfolded) or
+        "deploy" (nothing to fold, nothing left unfolded)."""
+        families: dict[str, int] = {}
+        for block in self.blocks:
+            families[block.family] = families.get(block.family, 0) + 1
+        # A norm kept live on purpose (a pass left out, `left_out`) is part of the deploy form.
+        unfolded = [
+            w for w in self.warnings if not any(why in w.message for why in self.left_out.values())
+        ]
+        form = "train" if self.blocks or unfolded else "deploy"
+        return {
+            "form": form,
+            "train_blocks": len(self.blocks),
+            "families": families,
+            "unfolded": len(unfolded),
+        }
+
     def to_json(self) -> dict[str, Any]:
         written = {
             "blocks": [b.to_json() for b in self.blocks],

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager, redirect_stdout
 from typing import TYPE_CHECKING, Any, Protocol, TextIO
 
@@ -121,6 +121,31 @@ def summary_line(out: Console, plan: PlanRecord | Recordable, before: int, after
     out.print(
         shown(f"fused: {fused}; params {millions(before)} -> {millions(after)}"), markup=False
     )
+
+
+def form_line(out: Console, plan: PlanRecord | Recordable) -> None:
+    """Whether the model holds train-time blocks (how many, of which families) or is already
+    in deploy form."""
+    form = _record(plan).form()
+    if form["form"] == "deploy":
+        out.print(
+            "form: deploy (no train-time blocks or conv-BN pairs: nothing to fold)", markup=False
+        )
+        return
+    families = ", ".join(f"{n} {family}" for family, n in sorted(form["families"].items()))
+    out.print(
+        shown(f"form: train ({form['train_blocks']} block(s) to fold: {families})"), markup=False
+    )
+
+
+def layout_lines(out: Console, entries: Mapping[str, str], others: Mapping[str, Any]) -> None:
+    """A same-layout output: what became of each entry, then the other models' checks."""
+    what = ", ".join(f"{key or '<file>'} {fate}" for key, fate in entries.items())
+    out.print(shown(f"layout kept: {what}"), markup=False)
+    for key, result in others.items():
+        if result.verification is not None:
+            out.print(shown(f"{key}:"), end=" ", markup=False)
+            verification_lines(out, result.verification)
 
 
 def rules_table(out: Console, rows: Sequence[dict[str, Any]]) -> None:

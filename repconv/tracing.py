@@ -190,8 +190,9 @@ class GraphForward:
     rewritten graph, run with the block as `self`.
 
     Set on the instance, so the block keeps its class and every attribute. Copyable
-    (`copy.deepcopy`); not picklable, as the code exists only in this process: save the
-    state_dict and rebuild with `repconv.load_deploy`.
+    (`copy.deepcopy`), and picklable: pickled, it becomes the `forward` of a
+    `torch.fx.GraphModule` holding the same submodules and parameters (`picklable_forward`),
+    which torch alone loads back, so a pickled deploy model needs no repconv to load.
     """
 
     def __init__(self, block: nn.Module, graph: fx.Graph):
@@ -209,10 +210,29 @@ class GraphForward:
         return GraphForward(copy.deepcopy(self.block, memo), self.graph)
 
     def __reduce__(self) -> Any:
-        raise TypeError(
-            "a block fused by repconv's data-flow pass cannot be pickled; save its state_dict "
-            "and rebuild the deploy model with repconv.load_deploy"
-        )
+        return getattr, (picklable_forward(self.block, self.graph), "forward")
+
+
+def picklable_forward(block: nn.Module, graph: fx.Graph) -> fx.GraphModule:
+    """A GraphModule running `graph` on `block`'s own submodules and parameters (the same
+    objects, not copies), for pickling. A graph reading a buffer of the block is refused: a
+    module's buffers are replaced, not updated, when it is cast (`.float()`), and the
+    GraphModule would keep the old ones."""
+    for node in graph.nodes:
+        if node.op != "get_attr":
+            continue
+        owner, _, name = str(node.target).rpartition(".")
+        module = block.get_submodule(owner) if owner else block
+        if name in module._buffers:
+            raise TypeError(
+                f"the forward repconv rewrote for {type(block).__name__} reads the buffer "
+                f"{node.target}, which a pickled copy of that forward would not follow"
+            )
+    own = copy.deepcopy(graph)
+    # torch re-traces a GraphModule's code when it loads one, with the tracer that made the
+    # graph: torch's own, so loading needs nothing of repconv's.
+    own._tracer_cls, own._tracer_extras = None, None
+    return fx.GraphModule(block, own, class_name=f"{type(block).__name__}Fused")
 
 
 @functools.lru_cache(maxsize=256)

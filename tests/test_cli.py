@@ -103,26 +103,26 @@ def test_json_output_and_determinism(runner, train_ckpt, tmp_path):
     assert first.read_bytes() == second.read_bytes()
 
 
-def test_idempotent_on_a_deploy_checkpoint(runner, train_ckpt, tmp_path):
+def test_a_deploy_checkpoint_is_recognised_and_not_converted_again(runner, train_ckpt, tmp_path):
     out = tmp_path / "deploy.safetensors"
     again = tmp_path / "again.safetensors"
     assert run(runner, "convert", train_ckpt, out, "--arch", "demo_mixed").exit_code == 0
-    # Building the deploy form directly (deploy=True) and converting it again changes nothing.
-    result = run(
-        runner,
-        "convert",
-        out,
-        again,
-        "--arch",
-        "demo_mixed",
-        "--arch-kwargs",
-        '{"deploy": true}',
-        "--json",
-    )
+    # The deploy form built directly (deploy=True) holds nothing to fold: said in one line,
+    # exit 2, nothing written; --allow-noop makes it exit 0, still writing nothing.
+    deploy_arch = ["--arch", "demo_mixed", "--arch-kwargs", '{"deploy": true}']
+    result = run(runner, "convert", out, again, *deploy_arch)
+    assert result.exit_code == 2 and "already in deploy form" in result.output
+    assert len(result.output.strip().splitlines()) == 1 and not again.exists()
+    result = run(runner, "convert", out, again, *deploy_arch, "--allow-noop", "--json")
     doc = json.loads(result.output)
-    assert result.exit_code == 0 and doc["plan"]["blocks"] == []
-    a, b = load_file(out), load_file(again)
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert result.exit_code == 0 and doc["noop"] and doc["output"] is None
+    assert doc["plan"]["blocks"] == [] and not again.exists()
+    result = run(runner, "inspect", out, *deploy_arch, "--json")
+    assert json.loads(result.output)["form"] == "deploy"
+    result = run(runner, "inspect", train_ckpt, "--arch", "demo_mixed", "--json")
+    doc = json.loads(result.output)
+    assert doc["form"] == "train" and doc["train_blocks"] == len(doc["blocks"]) > 0
+    assert {"RepVGG", "DBB", "ACB"} <= set(doc["families"])
 
 
 def test_inspect_and_rules(runner, train_ckpt):

@@ -47,7 +47,7 @@ LAYERS: list[tuple[str, set[str]]] = [
         | {"deploy_form"}
         | {"zoo.repvgg", "zoo.dbb_nets", "zoo.demo"},
     ),
-    ("checkpoint I/O", {"checkpoint", "zoo.checkpoints", "model_choice"}),
+    ("checkpoint I/O", {"checkpoint", "layout", "zoo.checkpoints", "model_choice"}),
     ("workflows", {"pipeline", "onnx_export", "batch.worker"}),
     (
         "interface",

@@ -125,6 +125,8 @@ def convert_job(job) -> dict[str, Any]:
     try:
         result = pipeline.convert_file(job.input, job.output, job.options)
         outcome["status"] = "converted"
+        if result.noop and not result.written:  # allow_noop: nothing to do, nothing written
+            outcome.update(status="up to date", reason="already in deploy form: nothing written")
     except Exception as exc:  # every failure is this entry's, not the batch's
         if isinstance(exc, VerificationFailed):
             result = exc.result
