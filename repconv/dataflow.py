@@ -53,6 +53,12 @@ _NORM_RANKS = {nn.BatchNorm2d: 2, nn.BatchNorm3d: 3}
 # What reads a traced value's size: the result is a number (or numbers), never a tensor.
 _SIZE_METHODS = {"size", "dim", "numel", "nelement", "ndimension"}
 _SIZE_ATTRIBUTES = {"shape", "ndim"}
+# Methods and functions whose result may share its input's memory.
+_VIEWS = (
+    {"getitem", "view", "view_as", "reshape", "reshape_as", "expand", "expand_as"}
+    | {"transpose", "permute", "squeeze", "unsqueeze", "flatten", "unflatten", "narrow", "t"}
+    | {"diagonal", "select", "unbind", "split", "chunk", "as_strided", "movedim", "swapaxes"}
+)
 PASS_THROUGH = (nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d)
 
 
@@ -268,15 +274,44 @@ class Analysis:
         return self.constants[node]
 
     def _evaluate_constant(self, node: fx.Node) -> Any:
+        """The value a constant node has where the forward reads it. A tensor written in place
+        (`mask[:, :, 1, 1] = 1`, `k.fill_diagonal_(1)`) is that value once written, if every
+        write comes before every read (else, or written through a view, it is not taken as a
+        constant); the writes go to a copy, never to the model's tensors."""
         if node.op == "get_attr":
             value = _attribute(self.root, str(node.target))
             if not isinstance(value, Tensor):
                 raise _NotLinear
-            return value.detach()
-        args = fx.node.map_arg(node.args, self.constant)
+            value = value.detach()
+        else:
+            value = self._call(node)
+        writers = [u for u in node.users if _writes_in_place(u) and u.args[0] is node]
+        if any(_writes_in_place(u) for a in _aliases(node) for u in a.users):
+            raise _NotLinear  # written through a view
+        if not writers:
+            return value
+        last = max(self._position[w] for w in writers)
+        if any(self._position[u] < last for u in node.users if u not in writers):
+            raise _NotLinear  # read before it is written: two values under one name
+        value = value.clone() if isinstance(value, Tensor) else value
+        for writer in sorted(writers, key=self._position.__getitem__):
+            self._call(writer, first=value)
+        return value
+
+    def _call(self, node: fx.Node, first: Any = None) -> Any:
+        """Run a constant node on its inputs' values (`first` in place of its first input);
+        an in-place op on a copy of that input."""
+        if first is not None:
+            args = [first, *fx.node.map_arg(node.args[1:], self.constant)]
+        else:
+            args = list(fx.node.map_arg(node.args, self.constant))
+            if _writes_in_place(node) and isinstance(args[0], Tensor):
+                args[0] = args[0].clone()
         kwargs = fx.node.map_arg(node.kwargs, self.constant)
         if node.op == "call_method":
             return getattr(args[0], str(node.target))(*args[1:], **kwargs)
+        if node.op != "call_function":
+            raise _NotLinear
         return node.target(*args, **kwargs)
 
     # -- shapes --
@@ -685,6 +720,36 @@ def _is_eval_dropout(node: fx.Node) -> bool:
     )
 
 
+def _name_of(node: fx.Node) -> str:
+    target = node.target
+    return target if isinstance(target, str) else getattr(target, "__name__", "")
+
+
+def _writes_in_place(node: fx.Node) -> bool:
+    """`t[...] = v`, `t.fill_(v)`, `nn.init.zeros_(t)`: the node writes into its first input."""
+    if node.op not in ("call_function", "call_method") or not node.args:
+        return False
+    if not isinstance(node.args[0], fx.Node):
+        return False
+    if node.target is operator.setitem:
+        return True
+    name = _name_of(node)
+    return name.endswith("_") and not name.endswith("__")
+
+
+def _aliases(node: fx.Node) -> list[fx.Node]:
+    """The nodes that may share `node`'s memory: its views, and theirs."""
+    found: list[fx.Node] = []
+    stack = [node]
+    while stack:
+        for user in stack.pop().users:
+            first = user.args[0] if user.args else None
+            if first in (node, *found) and _name_of(user) in _VIEWS and user not in found:
+                found.append(user)
+                stack.append(user)
+    return found
+
+
 def _is_size(node: fx.Node) -> bool:
     """Whether the node computes a number from traced sizes (and constants) alone: a size,
     a shape, an element of one, arithmetic on them, a tensor of those shapes."""
@@ -712,6 +777,21 @@ def _holds_node(value: Any) -> bool:
     found = []
     fx.node.map_arg(value, found.append)
     return bool(found)
+
+
+def _numbers(value: Any, analysis: Analysis) -> Any:
+    """A geometric argument with each constant node in it evaluated (a size of a parameter);
+    _NotLinear when it holds anything else (a size read from a traced value)."""
+
+    def number(node: fx.Node) -> Any:
+        if node.meta.get("repconv_constant") is not True:
+            raise _NotLinear
+        found = analysis.constant(node)
+        if isinstance(found, Tensor):
+            raise _NotLinear
+        return found
+
+    return fx.node.map_arg(value, number)
 
 
 def _is_coefficient(arg: Any) -> bool:
@@ -888,8 +968,9 @@ def _functional_conv(node: fx.Node, analysis: Analysis) -> L.LinearValue:
         raise _NotLinear
     if bias is not None and not (isinstance(bias, fx.Node) and _is_coefficient(bias)):
         raise _NotLinear
-    if any(_holds_node(bound.get(k)) for k in ("stride", "padding", "dilation", "groups")):
-        raise _NotLinear  # a geometry read from the input
+    for key in ("stride", "padding", "dilation", "groups"):
+        if key in bound:  # `padding=self.weight.size(2) // 2` is a number; `x.size(2)` is not
+            bound[key] = _numbers(bound[key], analysis)
     kernel = analysis.constant(weight)
     if not isinstance(kernel, Tensor) or kernel.dim() < 3:
         raise _NotLinear
