@@ -24,7 +24,9 @@ back as it was (`_Snapshot`), with a warning.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from collections.abc import Set as AbstractSet
+from contextlib import contextmanager
 from dataclasses import dataclass
 from itertools import count, islice
 from typing import Any
@@ -451,22 +453,12 @@ class DataflowRun(PassRun):
         probe = self.context.check.probe(block)
         dtype = floating_dtype(block)
         snapshot = _Snapshot(block)
-        try:
+        with _undone_on_failure(snapshot, "fusing it failed"):
             shape = fuse_block(model, step)
             if dtype is not None:  # as the engine will round it
                 snapshot.round_new_tensors(dtype)
+        with _undone_on_failure(snapshot, "its rewritten forward failed"):
             error = probe.error_of(block) if probe is not None else 0.0
-        except (KeyboardInterrupt, BadInput, MemoryError):
-            snapshot.restore()
-            raise
-        except NotFusable:
-            snapshot.restore()
-            raise
-        except Exception as exc:  # the analysis or the rewritten forward: never a crash
-            snapshot.restore()
-            raise NotFusable(
-                f"its rewritten forward failed, undone, block left as it was: {_first_line(exc)}"
-            ) from None
         if probe is not None and not error <= probe.limit:
             snapshot.restore()
             raise NotFusable(
@@ -474,6 +466,23 @@ class DataflowRun(PassRun):
                 f"limit {probe.limit:g}); undone, block left as it was"
             )
         return shape
+
+
+@contextmanager
+def _undone_on_failure(snapshot: _Snapshot, what: str) -> Iterator[None]:
+    """Any failure puts the block back as it was; one of the analysis or of the rewritten
+    forward (not bad input, memory or an interrupt) becomes NotFusable: a warning, not a crash."""
+    try:
+        yield
+    except (BadInput, MemoryError, NotFusable):
+        snapshot.restore()
+        raise
+    except Exception as exc:
+        snapshot.restore()
+        raise NotFusable(f"{what}, undone, block left as it was: {_first_line(exc)}") from None
+    except BaseException:
+        snapshot.restore()
+        raise
 
 
 PASS = DataflowPass()
