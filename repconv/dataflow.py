@@ -275,9 +275,9 @@ class Analysis:
 
     def _evaluate_constant(self, node: fx.Node) -> Any:
         """The value a constant node has where the forward reads it. A tensor written in place
-        (`mask[:, :, 1, 1] = 1`, `k.fill_diagonal_(1)`) is that value once written, if every
-        write comes before every read (else, or written through a view, it is not taken as a
-        constant); the writes go to a copy, never to the model's tensors."""
+        (`k.fill_diagonal_(1)`, `nn.init.zeros_(k)`, `k[...] = v`) is that value once written,
+        if every write comes before every read (else, or written through a view, it is not
+        taken as a constant); the writes go to a copy, never to the model's tensors."""
         if node.op == "get_attr":
             value = _attribute(self.root, str(node.target))
             if not isinstance(value, Tensor):

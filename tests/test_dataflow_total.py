@@ -23,6 +23,7 @@ from torch import nn
 
 import repconv
 from repconv import dataflow, engine
+from repconv.block_check import ProbeCheck
 from repconv.cli import main
 from repconv.rules import dataflow as dataflow_pass
 from tests import total_blocks as T
@@ -209,7 +210,15 @@ def test_an_eval_forward_building_a_mask_without_a_dtype_is_verified_in_float64(
         ("1", "fused"),
         ("2", "fused"),
     ]
+    assert all(o.block_error is not None for o in result.plan.entries if o.rule == "dataflow")
     assert torch.get_default_dtype() == torch.float32  # set while running, restored
+
+
+def test_a_block_building_a_mask_without_a_dtype_has_a_probe():
+    block = randomized(T.OnTheFlyIdentity())
+    probe = ProbeCheck().probe(block)
+    assert probe is not None and probe.input.dtype == torch.float64
+    assert probe.error_of(block) == 0.0
 
 
 class WrittenIdentity(nn.Module):

@@ -47,6 +47,7 @@ from repconv.modules import (
     join_path,
     param_count,
 )
+from repconv.paths import within
 from repconv.rules.base import Pass, PassRun, RunContext, Step
 
 NAME = "dataflow"
@@ -125,14 +126,25 @@ def _first_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text.splitlines()[0]}" if text else type(exc).__name__
 
 
-def _depth(step: Step) -> int:
-    return step.path.count(".") + 1 if step.path else 0
-
-
 def _inner_first(steps: list[Step]) -> list[Step]:
-    """Deeper blocks before the blocks holding them (stable otherwise): an outer block's
-    rewritten forward inlines its inner blocks' code, so it is traced once they are fused."""
-    return sorted(steps, key=_depth, reverse=True)
+    """The steps in their order, except that a block comes after every block inside it: an
+    outer block's rewritten forward inlines its inner blocks' code, so it is traced once they
+    are fused (else it would call what their fusion deletes)."""
+    ordered: list[Step] = []
+    placed: set[int] = set()
+
+    def place(index: int) -> None:
+        placed.add(index)
+        outer = steps[index].path
+        for inner, step in enumerate(steps):
+            if inner not in placed and step.path != outer and within(step.path, outer):
+                place(inner)
+        ordered.append(steps[index])
+
+    for index in range(len(steps)):
+        if index not in placed:
+            place(index)
+    return ordered
 
 
 def _by_owner(regions: list[dataflow.Region]) -> list[tuple[str, list[dataflow.Region]]]:
