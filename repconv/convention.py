@@ -24,7 +24,14 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from repconv.modules import NormActTail, is_norm_act, is_norm_like, is_plain_conv, join_path
+from repconv.modules import (
+    NormActTail,
+    default_dtype,
+    is_norm_act,
+    is_norm_like,
+    is_plain_conv,
+    join_path,
+)
 from repconv.outputs import compare_outputs
 from repconv.tolerances import EXACT_LIMIT
 
@@ -110,10 +117,23 @@ def check(
 ) -> ConventionCheck | None:
     """Load the deploy model's tensors (held in the verification dtype, as the file will hold
     them) into `structure` by the convention, per block and whole; NamesLie when a strict load
-    computes something else. `inputs` and `references` are the verification's (the first sample
+    computes something else. It runs with torch's default dtype that of the inputs, as the
+    verification does. `inputs` and `references` are the verification's (the first sample
     is used); `blocks` maps each fused block's path to the input shape it saw."""
     if structure is None:
         return None
+    with default_dtype(inputs[0].dtype):
+        return _check(structure, deploy, inputs, references, blocks, written_limit)
+
+
+def _check(
+    structure: nn.Module,
+    deploy: nn.Module,
+    inputs: Sequence[Tensor],
+    references: Sequence[Any],
+    blocks: Mapping[str, Sequence[int]],
+    written_limit: float,
+) -> ConventionCheck:
     state = deploy.state_dict()
     result = ConventionCheck(loads=False)
     for path, shape in blocks.items():

@@ -7,6 +7,12 @@ identity, average pooling, zero padding, multiplication by a scalar or per-chann
 sums and differences. A **region** is such a value that something non-linear (or the output)
 consumes: the nodes that computed it are replaced by one conv of its source.
 
+Sizes read from a traced value (`x.size(3)`, `b, c, h, w = x.shape`, and what is computed from
+them alone) are not tensors: an operation reading one as an operand or as a geometric argument
+(a kernel size, a padding) is non-linear here. The analysis is total: a node it fails on in any
+other way (a call it cannot follow, a bug of its own) is taken as non-linear too, and the block
+whose code holds that node is left as it was (`Analysis.failures`, the pass's warnings).
+
 Where an operation has no exact single-conv form (a padded 3x3 after a 3x3, a sum of values of
 two different sources...), the analysis cuts: the operand becomes a source of its own, and the
 analysis runs again, until every region is exact and no node is shared between regions. It
@@ -29,7 +35,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from repconv import linear_map as L
-from repconv.errors import NotFusable
+from repconv.errors import BadInput, NotFusable
 from repconv.geometry import Geometry
 from repconv.kernels import NormStats, norm_scale_shift
 from repconv.modules import is_foldable_norm, is_norm_like, is_plain_conv
@@ -44,6 +50,15 @@ _POOLS = {nn.AvgPool1d: 1, nn.AvgPool2d: 2, nn.AvgPool3d: 3}
 _POOL_FUNCTIONS = {F.avg_pool1d: 1, F.avg_pool2d: 2, F.avg_pool3d: 3}
 _CONV_FUNCTIONS = {F.conv1d: 1, F.conv2d: 2, F.conv3d: 3}
 _NORM_RANKS = {nn.BatchNorm2d: 2, nn.BatchNorm3d: 3}
+# What reads a traced value's size: the result is a number (or numbers), never a tensor.
+_SIZE_METHODS = {"size", "dim", "numel", "nelement", "ndimension"}
+_SIZE_ATTRIBUTES = {"shape", "ndim"}
+# Methods and functions whose result may share its input's memory.
+_VIEWS = (
+    {"getitem", "view", "view_as", "reshape", "reshape_as", "expand", "expand_as"}
+    | {"transpose", "permute", "squeeze", "unsqueeze", "flatten", "unflatten", "narrow", "t"}
+    | {"diagonal", "select", "unbind", "split", "chunk", "as_strided", "movedim", "swapaxes"}
+)
 PASS_THROUGH = (nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d)
 
 
@@ -233,9 +248,12 @@ class Analysis:
         self.device = _device_of(root)
         # (owner, reason): sums of branches from one input that are not linear (see _refusals)
         self.refusals: list[tuple[str, str]] = []
+        # block -> why: the blocks holding a node the analysis failed on, left as they were
+        self.failures: dict[str, str] = {}
         self.shapes = _Shapes()
         self._position = {node: i for i, node in enumerate(graph.nodes)}
         for node in graph.nodes:
+            node.meta["repconv_size"] = _is_size(node)
             node.meta["repconv_constant"] = self._is_constant(node)
             node.meta["repconv_kind"] = ""
         for node in graph.nodes:
@@ -256,21 +274,52 @@ class Analysis:
         return self.constants[node]
 
     def _evaluate_constant(self, node: fx.Node) -> Any:
+        """The value a constant node has where the forward reads it. A tensor written in place
+        (`k.fill_diagonal_(1)`, `nn.init.zeros_(k)`, `k[...] = v`) is that value once written,
+        if every write comes before every read (else, or written through a view, it is not
+        taken as a constant); the writes go to a copy, never to the model's tensors."""
         if node.op == "get_attr":
             value = _attribute(self.root, str(node.target))
             if not isinstance(value, Tensor):
                 raise _NotLinear
-            return value.detach()
-        args = fx.node.map_arg(node.args, self.constant)
+            value = value.detach()
+        else:
+            value = self._call(node)
+        writers = [u for u in node.users if _writes_in_place(u) and u.args[0] is node]
+        if any(_writes_in_place(u) for a in _aliases(node) for u in a.users):
+            raise _NotLinear  # written through a view
+        if not writers:
+            return value
+        last = max(self._position[w] for w in writers)
+        if any(self._position[u] < last for u in node.users if u not in writers):
+            raise _NotLinear  # read before it is written: two values under one name
+        value = value.clone() if isinstance(value, Tensor) else value
+        for writer in sorted(writers, key=self._position.__getitem__):
+            self._call(writer, first=value)
+        return value
+
+    def _call(self, node: fx.Node, first: Any = None) -> Any:
+        """Run a constant node on its inputs' values (`first` in place of its first input);
+        an in-place op on a copy of that input."""
+        if first is not None:
+            args = [first, *fx.node.map_arg(node.args[1:], self.constant)]
+        else:
+            args = list(fx.node.map_arg(node.args, self.constant))
+            if _writes_in_place(node) and isinstance(args[0], Tensor):
+                args[0] = args[0].clone()
         kwargs = fx.node.map_arg(node.kwargs, self.constant)
         if node.op == "call_method":
             return getattr(args[0], str(node.target))(*args[1:], **kwargs)
+        if node.op != "call_function":
+            raise _NotLinear
         return node.target(*args, **kwargs)
 
     # -- shapes --
 
     def _learn_shapes(self, node: fx.Node) -> None:
-        tensors = [a for a in node.all_input_nodes if a.meta.get("repconv_constant") is not True]
+        if node.meta["repconv_size"]:
+            return
+        tensors = [a for a in node.all_input_nodes if _is_tensor_operand(a)]
         if node.op == "call_module":
             module = self.modules.get(str(node.target))
             if is_plain_conv(module) and tensors:
@@ -326,7 +375,7 @@ class Analysis:
             found, shared = self._collect(run)
             if not run.new_cuts and not shared:
                 self.refusals = _refusals(self.graph, run, self.modules)
-                return [r for r in found if r.worth_fusing]
+                return [r for r in found if r.worth_fusing and not self._touches_failure(r)]
             cuts |= run.new_cuts | shared
         raise AssertionError("the cut points grow with every run; they cannot exceed the nodes")
 
@@ -340,12 +389,33 @@ class Analysis:
                 continue
             except (_NotLinear, L.NotExact, NotFusable):
                 continue
+            except (BadInput, MemoryError):
+                raise
+            except Exception as exc:  # the analysis cannot follow this node: non-linear, and
+                # its block is left as it was
+                self._failed(node, exc)
+                continue
             run.values[node], run.sources[node] = value, source
         for node in run.values:
             absorbed = _absorbing_users(node, run)
             if node not in run.cuts and absorbed and len(absorbed) < len(node.users):
                 run.new_cuts.add(node)  # both inside a region and used outside it
         return run
+
+    def _failed(self, node: fx.Node, exc: Exception) -> None:
+        text = str(exc).strip().splitlines()
+        error = f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
+        reason = f"the data-flow analysis failed on `{node.name}` ({error}); left as it was"
+        self.failures.setdefault(_frame(node), reason)
+
+    def _touches_failure(self, region: Region) -> bool:
+        """Whether fusing the region would change a block the analysis failed in: the region
+        is that block's, or one of its nodes is in that block's own code."""
+        if not self.failures:
+            return False
+        return region.owner in self.failures or any(
+            _frame(n) in self.failures for n in region.nodes
+        )
 
     def _collect(self, run: _Pass) -> tuple[list[Region], set[fx.Node]]:
         owner_of: dict[fx.Node, fx.Node] = {}
@@ -384,12 +454,16 @@ class Analysis:
         """`node`'s value as seen by its users: its region's value, or itself as a source."""
         if node in run.values and node not in run.cuts:
             return run.values[node], run.sources[node]
+        if not isinstance(node, fx.Node) or not _is_tensor_operand(node):
+            raise _NotLinear  # a number, a constant, or a traced size
         shape = self.shapes.of(node)
-        if shape is None or node.meta.get("repconv_constant") is True:
+        if shape is None:
             raise _NotLinear
         return L.identity(shape[0], shape[1], device=self.device), node
 
     def _evaluate(self, node: fx.Node, run: _Pass) -> tuple[L.LinearValue, fx.Node]:
+        if node.meta["repconv_size"]:
+            raise _NotLinear  # a number computed from traced sizes
         if node.op == "call_module":
             return self._module_call(node, run)
         if node.op in ("call_function", "call_method"):
@@ -535,7 +609,7 @@ def _refusals(graph: fx.Graph, run: _Pass, modules: dict[str, nn.Module]) -> lis
     for node in graph.nodes:
         if node in run.values or not (node.target in _ADD or node.target in _SUB):
             continue
-        operands = [a for a in node.args if isinstance(a, fx.Node)]
+        operands = [a for a in node.args if isinstance(a, fx.Node) and not a.meta["repconv_size"]]
         sources = {run.sources[a] for a in operands if a in run.values}
         sources |= {a for a in operands if a.op == "placeholder"}
         for operand in operands:
@@ -646,6 +720,80 @@ def _is_eval_dropout(node: fx.Node) -> bool:
     )
 
 
+def _name_of(node: fx.Node) -> str:
+    target = node.target
+    return target if isinstance(target, str) else getattr(target, "__name__", "")
+
+
+def _writes_in_place(node: fx.Node) -> bool:
+    """`t[...] = v`, `t.fill_(v)`, `nn.init.zeros_(t)`: the node writes into its first input."""
+    if node.op not in ("call_function", "call_method") or not node.args:
+        return False
+    if not isinstance(node.args[0], fx.Node):
+        return False
+    if node.target is operator.setitem:
+        return True
+    name = _name_of(node)
+    return name.endswith("_") and not name.endswith("__")
+
+
+def _aliases(node: fx.Node) -> list[fx.Node]:
+    """The nodes that may share `node`'s memory: its views, and theirs."""
+    found: list[fx.Node] = []
+    stack = [node]
+    while stack:
+        for user in stack.pop().users:
+            first = user.args[0] if user.args else None
+            if first in (node, *found) and _name_of(user) in _VIEWS and user not in found:
+                found.append(user)
+                stack.append(user)
+    return found
+
+
+def _is_size(node: fx.Node) -> bool:
+    """Whether the node computes a number from traced sizes (and constants) alone: a size,
+    a shape, an element of one, arithmetic on them, a tensor of those shapes."""
+    if node.op == "call_method" and node.target in _SIZE_METHODS:
+        return True
+    if node.op != "call_function" and node.op != "call_method":
+        return False
+    if node.target is getattr and len(node.args) > 1 and node.args[1] in _SIZE_ATTRIBUTES:
+        return True
+    if node.target is len:
+        return True
+    inputs = [a for a in node.all_input_nodes if a.meta.get("repconv_constant") is not True]
+    return bool(inputs) and all(a.meta.get("repconv_size") is True for a in inputs)
+
+
+def _is_tensor_operand(node: fx.Node) -> bool:
+    """A value a linear map may act on: neither a constant nor a traced size."""
+    return (
+        node.meta.get("repconv_constant") is not True and node.meta.get("repconv_size") is not True
+    )
+
+
+def _holds_node(value: Any) -> bool:
+    """Whether an argument is, or holds (in a list, tuple or dict), a traced value."""
+    found = []
+    fx.node.map_arg(value, found.append)
+    return bool(found)
+
+
+def _numbers(value: Any, analysis: Analysis) -> Any:
+    """A geometric argument with each constant node in it evaluated (a size of a parameter);
+    _NotLinear when it holds anything else (a size read from a traced value)."""
+
+    def number(node: fx.Node) -> Any:
+        if node.meta.get("repconv_constant") is not True:
+            raise _NotLinear
+        found = analysis.constant(node)
+        if isinstance(found, Tensor):
+            raise _NotLinear
+        return found
+
+    return fx.node.map_arg(value, number)
+
+
 def _is_coefficient(arg: Any) -> bool:
     if isinstance(arg, (int, float)) and not isinstance(arg, bool):
         return True
@@ -738,8 +886,8 @@ def _functional_pool(node: fx.Node, shape: tuple[int, int] | None, device) -> L.
         "divisor_override": None,
     }
     options = defaults | bound
-    if any(isinstance(options[k], fx.Node) for k in names[1:] if k in options):
-        raise _NotLinear
+    if any(_holds_node(options[k]) for k in names[1:] if k in options):
+        raise _NotLinear  # a size read from the input (a global pool): not one fixed window
     return _pool(
         shape[0],
         shape[1],
@@ -782,7 +930,9 @@ def _pad_map(node: fx.Node, shape: tuple[int, int] | None, device) -> L.LinearVa
     pads = node.args[1] if len(node.args) > 1 else node.kwargs.get("pad")
     mode = node.args[2] if len(node.args) > 2 else node.kwargs.get("mode", "constant")
     fill = node.args[3] if len(node.args) > 3 else node.kwargs.get("value", None)
-    if shape is None or mode != "constant" or fill not in (None, 0, 0.0):
+    if _holds_node([mode, fill]) or shape is None or mode != "constant":
+        raise _NotLinear
+    if fill not in (None, 0, 0.0):
         raise _NotLinear
     channels, rank = shape
     if (
@@ -818,7 +968,12 @@ def _functional_conv(node: fx.Node, analysis: Analysis) -> L.LinearValue:
         raise _NotLinear
     if bias is not None and not (isinstance(bias, fx.Node) and _is_coefficient(bias)):
         raise _NotLinear
+    for key in ("stride", "padding", "dilation", "groups"):
+        if key in bound:  # `padding=self.weight.size(2) // 2` is a number; `x.size(2)` is not
+            bound[key] = _numbers(bound[key], analysis)
     kernel = analysis.constant(weight)
+    if not isinstance(kernel, Tensor) or kernel.dim() < 3:
+        raise _NotLinear
     rank = kernel.dim() - 2
     stride = _tuple(bound.get("stride", 1), rank)
     padding = bound.get("padding", 0)

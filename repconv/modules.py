@@ -9,8 +9,9 @@ of a block in any codebase are recognised too. Nothing here imports a pass.
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from collections.abc import Set as AbstractSet
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -213,6 +214,21 @@ def floating_dtype(module: nn.Module) -> torch.dtype | None:
         if tensor.is_floating_point():
             return tensor.dtype
     return None
+
+
+@contextmanager
+def default_dtype(dtype: torch.dtype | None) -> Iterator[None]:
+    """torch's default dtype set to `dtype` while active (float32 for the half dtypes, the only
+    other default torch allows; None leaves it as it is), restored after. Code that builds
+    tensors without a dtype (`torch.zeros(...)` in a forward or a deploy method) then builds
+    them in the dtype of the tensors it meets. The one place repconv sets torch's default."""
+    previous = torch.get_default_dtype()
+    if dtype is not None:
+        torch.set_default_dtype(dtype if dtype in (torch.float32, torch.float64) else torch.float32)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
 
 
 def corrupt_statistics(norm: nn.Module) -> tuple[int, int] | None:

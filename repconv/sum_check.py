@@ -13,6 +13,7 @@ import torch.fx as fx
 from torch import nn
 
 from repconv import dataflow, memo, tracing
+from repconv.errors import BadInput
 from repconv.modules import join_path
 
 
@@ -43,7 +44,12 @@ def _traced_sum_is_exact(block: nn.Module, children: list[str]) -> bool:
         for path, m in block.get_submodule(name).named_modules()
         if not m._modules
     }
-    regions = [r for r in dataflow.analyse(block, graph) if r.owner == ""]
+    try:
+        regions = [r for r in dataflow.analyse(block, graph) if r.owner == ""]
+    except (BadInput, MemoryError):
+        raise
+    except Exception:  # the analysis cannot follow the block: not proven, the later passes' one
+        return False
     return any(
         set(r.module_targets()) == expected
         and r.adds_leaves_only

@@ -27,6 +27,7 @@ from torch import Tensor, nn
 
 from repconv.arch import rejected_input
 from repconv.errors import BadInput, is_out_of_memory
+from repconv.modules import default_dtype
 from repconv.outputs import Figure, compare_outputs, measure, worst
 from repconv.tolerances import written_limit
 
@@ -197,8 +198,9 @@ def recording_input_shapes(model: nn.Module, paths: Sequence[str]) -> Iterator[d
 
 
 def run_model(model: nn.Module, inputs: Sequence[Tensor]) -> list[Any]:
-    """The model's output on each input, without autograd."""
-    with torch.no_grad():
+    """The model's output on each input, without autograd, with torch's default dtype that of
+    the inputs (a forward building a tensor without a dtype builds it in theirs)."""
+    with torch.no_grad(), default_dtype(inputs[0].dtype if inputs else None):
         return [model(x) for x in inputs]
 
 
@@ -353,9 +355,11 @@ def probe_shape(seen: Sequence[int] | None) -> tuple[int, ...] | None:
 
 
 def run_chain(model: nn.Module, paths: Sequence[str], x: Tensor) -> Any:
-    """Run the modules at `paths` one after the other (a step's modules, in data-flow order)."""
-    for path in paths:
-        x = model.get_submodule(path)(x)
+    """Run the modules at `paths` one after the other (a step's modules, in data-flow order),
+    torch's default dtype that of `x`."""
+    with default_dtype(x.dtype):
+        for path in paths:
+            x = model.get_submodule(path)(x)
     return x
 
 

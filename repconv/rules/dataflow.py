@@ -11,13 +11,25 @@ fold, as a conv -> BN fold leaves it), else the one conv of that shape the forwa
 consumed are deleted, and the block's forward becomes its traced code with each region replaced
 by its conv call, set on the instance (`GraphForward`). `load_deploy` rebuilds that form by
 replaying the plan.
+
+The pass is total: a module whose analysis fails is left as it was (a refusal, with the reason,
+shown as a warning; its children are analysed alone), and so is a block whose code holds a node
+the analysis failed on (`dataflow.Analysis.failures`). Inner blocks are fused before the blocks
+holding them, so an outer block's rewritten forward is traced from its inner blocks' fused
+forwards. A rewritten forward is checked on the block before it stays (the check the engine
+hands the pass, `block_check.ProbeCheck` by default: the block probed before and after): one
+that raises (it reads what the fusion deleted) or moves the output is undone, the block put
+back as it was (`_Snapshot`), with a warning.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from collections.abc import Set as AbstractSet
+from contextlib import contextmanager
 from dataclasses import dataclass
 from itertools import count, islice
+from typing import Any
 
 import torch
 import torch.fx as fx
@@ -25,7 +37,7 @@ from torch import nn
 
 from repconv import dataflow, tracing
 from repconv import linear_map as L
-from repconv.errors import NotFusable
+from repconv.errors import BadInput, NotFusable
 from repconv.fused_conv import stock_conv
 from repconv.modules import (
     floating_dtype,
@@ -35,7 +47,8 @@ from repconv.modules import (
     join_path,
     param_count,
 )
-from repconv.rules.base import Pass, Step
+from repconv.paths import within
+from repconv.rules.base import Pass, PassRun, RunContext, Step
 
 NAME = "dataflow"
 SUMMARY = (
@@ -70,21 +83,68 @@ def _search(module: nn.Module, prefix: str, claimed: AbstractSet[int]) -> list[S
     try:
         graph = tracing.graph_of(module, claimed)
     except Exception:  # untraceable here: its children may trace
-        return [
-            s for n, c in module.named_children() for s in _search(c, join_path(prefix, n), claimed)
-        ]
+        return _children(module, prefix, claimed)
+    try:
+        return _analysed(module, graph, prefix, claimed)
+    except (BadInput, MemoryError):
+        raise
+    except Exception as exc:  # the analysis must never end a conversion: left as it was
+        reason = f"the data-flow analysis failed on it ({_first_line(exc)}); left as it was"
+        return [_refused(module, prefix, "", reason), *_children(module, prefix, claimed)]
+
+
+def _children(module: nn.Module, prefix: str, claimed: AbstractSet[int]) -> list[Step]:
+    return [
+        s for n, c in module.named_children() for s in _search(c, join_path(prefix, n), claimed)
+    ]
+
+
+def _analysed(
+    module: nn.Module, graph: fx.Graph, prefix: str, claimed: AbstractSet[int]
+) -> list[Step]:
+    """One step per block holding regions, and a refusal for each block that holds a sum
+    that is not linear or a node the analysis failed on."""
     analysis = dataflow.Analysis(module, graph, claimed)
     regions = analysis.regions()
     steps = [_step(module, prefix, owner, group, claimed) for owner, group in _by_owner(regions)]
     fused = {r.owner for r in regions}
-    for owner, reason in dict(analysis.refusals).items():
+    reasons = dict(analysis.refusals) | analysis.failures
+    for owner, reason in reasons.items():
         if owner not in fused:  # a block with a region says what it fused, not what it left
-            path = join_path(prefix, owner)
-            block = module.get_submodule(owner)
-            steps.append(
-                Step(path, PASS, PASS.family, "not linear", param_count(block), refusal=reason)
-            )
+            steps.append(_refused(module, prefix, owner, reason))
     return steps
+
+
+def _refused(module: nn.Module, prefix: str, owner: str, reason: str) -> Step:
+    block = module.get_submodule(owner)
+    path = join_path(prefix, owner)
+    return Step(path, PASS, PASS.family, "not linear", param_count(block), refusal=reason)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0]}" if text else type(exc).__name__
+
+
+def _inner_first(steps: list[Step]) -> list[Step]:
+    """The steps in their order, except that a block comes after every block inside it: an
+    outer block's rewritten forward inlines its inner blocks' code, so it is traced once they
+    are fused (else it would call what their fusion deletes)."""
+    ordered: list[Step] = []
+    placed: set[int] = set()
+
+    def place(index: int) -> None:
+        placed.add(index)
+        outer = steps[index].path
+        for inner, step in enumerate(steps):
+            if inner not in placed and step.path != outer and within(step.path, outer):
+                place(inner)
+        ordered.append(steps[index])
+
+    for index in range(len(steps)):
+        if index not in placed:
+            place(index)
+    return ordered
 
 
 def _by_owner(regions: list[dataflow.Region]) -> list[tuple[str, list[dataflow.Region]]]:
@@ -345,10 +405,96 @@ class DataflowPass(Pass):
     kind = "regions"
 
     def find(self, root: nn.Module, claimed: AbstractSet[int], at: str = "") -> list[Step]:
-        return _search(root, at, claimed)
+        return _inner_first(_search(root, at, claimed))
 
     def fuse_step(self, model: nn.Module, step: Step) -> tuple[int, ...]:
         return fuse_block(model, step)
+
+    def open(self, context: RunContext) -> DataflowRun:
+        return DataflowRun(self, context)
+
+
+class _Snapshot:
+    """A block as it was before it was fused, kept without copying a tensor: each module's own
+    entries (attributes, an instance forward, children, parameters, buffers). Fusing only adds,
+    replaces and deletes entries (a conv absorbing the fold gets new Parameters), never writes
+    into a tensor, so putting the entries back is the block as it was."""
+
+    def __init__(self, block: nn.Module):
+        self.block = block
+        self.entries = [(m, dict(vars(m)), [dict(t) for t in _tables(m)]) for m in block.modules()]
+        self.tensors = {id(t) for m in block.modules() for t in _tensors(m)}
+
+    def round_new_tensors(self, dtype: torch.dtype) -> None:
+        """Round the floating tensors the fusion added (left in float64) to `dtype`, as the
+        engine will, without writing into any tensor the block had before."""
+        for module in self.block.modules():
+            for table in _tables(module)[1:]:
+                for name, tensor in table.items():
+                    if tensor is None or id(tensor) in self.tensors:
+                        continue
+                    if tensor.is_floating_point() and tensor.dtype != dtype:
+                        rounded = tensor.detach().to(dtype)
+                        if isinstance(tensor, nn.Parameter):
+                            rounded = nn.Parameter(rounded, requires_grad=tensor.requires_grad)
+                        table[name] = rounded
+
+    def restore(self) -> None:
+        for module, attributes, saved in self.entries:
+            vars(module).clear()
+            vars(module).update(attributes)  # the same tables, emptied and refilled next
+            for table, entries in zip(_tables(module), saved):
+                table.clear()
+                table.update(entries)
+
+
+def _tables(module: nn.Module) -> list[dict[str, Any]]:
+    return [module._modules, module._parameters, module._buffers]
+
+
+def _tensors(module: nn.Module) -> list[torch.Tensor]:
+    return [t for t in [*module._parameters.values(), *module._buffers.values()] if t is not None]
+
+
+class DataflowRun(PassRun):
+    """The pass in one apply: each block fused, then checked on its probe, undone if wrong."""
+
+    def fuse(self, step: Step) -> tuple[int, ...]:
+        model = self.context.model
+        block = model.get_submodule(step.path)
+        probe = self.context.check.probe(block)
+        dtype = floating_dtype(block)
+        snapshot = _Snapshot(block)
+        with _undone_on_failure(snapshot, "fusing it failed"):
+            shape = fuse_block(model, step)
+            if dtype is not None:  # as the engine will round it
+                snapshot.round_new_tensors(dtype)
+        with _undone_on_failure(snapshot, "its rewritten forward failed"):
+            error = probe.error_of(block) if probe is not None else 0.0
+        if probe is not None and not error <= probe.limit:
+            snapshot.restore()
+            raise NotFusable(
+                f"its rewritten forward changed the block's output by {error:.3g} (relative, "
+                f"limit {probe.limit:g}); undone, block left as it was"
+            )
+        return shape
+
+
+@contextmanager
+def _undone_on_failure(snapshot: _Snapshot, what: str) -> Iterator[None]:
+    """Any failure puts the block back as it was; one of the analysis or of the rewritten
+    forward (not bad input, memory or an interrupt) becomes NotFusable: a warning, not a crash."""
+    try:
+        yield
+    except (BadInput, MemoryError, NotFusable):
+        snapshot.restore()
+        raise
+    except Exception as exc:
+        snapshot.restore()
+        raise NotFusable(f"{what}, undone, block left as it was: {_first_line(exc)}") from None
+    except BaseException:
+        snapshot.restore()
+        raise
 
 
 PASS = DataflowPass()

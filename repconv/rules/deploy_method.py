@@ -36,15 +36,20 @@ from __future__ import annotations
 
 import copy
 import inspect
-from collections.abc import Iterator
 from collections.abc import Set as AbstractSet
-from contextlib import contextmanager
 
 import torch
 from torch import nn
 
 from repconv.errors import BadInput, NotFusable, RepconvError
-from repconv.modules import floating_dtype, is_norm_like, join_path, param_count, put_module
+from repconv.modules import (
+    default_dtype,
+    floating_dtype,
+    is_norm_like,
+    join_path,
+    param_count,
+    put_module,
+)
 from repconv.rules.base import BlockCheck, BlockProbe, Pass, PassRun, RunContext, Step
 
 NAME = "deploy_method"
@@ -100,17 +105,6 @@ def holds_norm(module: nn.Module) -> bool:
 
 def _floating_dtype(module: nn.Module) -> torch.dtype:
     return floating_dtype(module) or torch.get_default_dtype()
-
-
-@contextmanager
-def default_dtype(dtype: torch.dtype) -> Iterator[None]:
-    """torch's default dtype set to `dtype` (float32 for half dtypes), restored after."""
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype if dtype in (torch.float32, torch.float64) else torch.float32)
-    try:
-        yield
-    finally:
-        torch.set_default_dtype(previous)
 
 
 def _uses_forward_fuse(block: nn.Module, probe: BlockProbe | None, removed: bool) -> None:
