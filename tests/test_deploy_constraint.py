@@ -147,3 +147,28 @@ def test_a_method_must_leave_what_the_deploy_model_keeps(folds_post_bn):
         assert method.status == "fused" and hasattr(model[0], "fused")
     with torch.no_grad():
         assert rel_error(model(x), want) < 1e-12
+
+
+class IndexedStem(nn.Module):
+    """RepLKNet's layout: `stem` a ModuleList the forward indexes (never calls), `spare` a
+    ModuleList it never touches; the deploy form keeps both as the train form has them."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.ModuleList([conv_bn(3, 4, 3, padding=1), conv_bn(4, 4, 1)])
+        self.spare = nn.ModuleList([conv_bn(4, 4, 1)])
+
+    def forward(self, x):
+        x = self.stem[0](x)
+        for layer in self.stem[1:]:
+            x = layer(x)
+        return x
+
+
+def test_a_module_list_counts_as_run_when_a_module_under_it_runs():
+    train = IndexedStem()
+    with torch.device("meta"):
+        deploy = IndexedStem()
+    assert kept_by(deploy, train, (3, 8, 8)) == [""]
+    deploy.spare = nn.ModuleList([nn.Conv2d(4, 4, 1)])  # the root no longer matches whole
+    assert kept_by(deploy, train, (3, 8, 8)) == ["stem"]
