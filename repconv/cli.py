@@ -364,6 +364,8 @@ def convert(input_path: Path, output_path: Path, **opts: Any) -> None:
             report.verification_lines(out, result.verification)
             if not result.passed:
                 out.print(result.verification.failure_message(), markup=False)
+        if result.convention is not None:
+            report.convention_line(out, result.convention.to_dict())
         out.print(f"wrote {written}" if written else "dry run: nothing written", markup=False)
         if onnx_check is not None:
             out.print(onnx_check.summary(), markup=False)
@@ -489,6 +491,8 @@ def verify(train_path: Path, deploy_path: Path, **opts: Any) -> None:
 def inspect(input_path: Path, **opts: Any) -> None:
     """List the blocks INPUT holds, the rule for each and parameters before/after.
 
+    INPUT a deploy file repconv wrote: what it records of its conversion (its plan, and
+    whether it loads into the train class by the conv-BN convention); nothing is built.
     Nothing is written. Example:  repconv inspect train.pth --arch repvgg_a0
     """
     as_json, verbose = opts.pop("as_json"), opts.pop("verbose")
@@ -496,7 +500,11 @@ def inspect(input_path: Path, **opts: Any) -> None:
     def body() -> int:
         from repconv import pipeline
 
-        plan, before, after = pipeline.inspect_file(input_path, _taken_options(opts))
+        options = _taken_options(opts)
+        recorded = pipeline.recorded_conversion(input_path)
+        if recorded is not None:
+            return _show_recorded(recorded, as_json)
+        plan, before, after = pipeline.inspect_file(input_path, options)
         if as_json:
             report.emit_json(
                 {"ok": True, "params_before": before, "params_after": after, **plan.to_dict()}
@@ -509,6 +517,19 @@ def inspect(input_path: Path, **opts: Any) -> None:
         return EXIT_OK
 
     run_command(as_json, verbose, body)
+
+
+def _show_recorded(recorded: Any, as_json: bool) -> int:
+    """`inspect` of a deploy file: the conversion it records."""
+    if as_json:
+        report.emit_json({"ok": True, "recorded": True, **recorded.to_dict()})
+        return EXIT_OK
+    out = report.console()
+    report.plan_table(out, recorded.plan, title="Blocks (as recorded)")
+    report.warnings_block(out, recorded.plan)
+    report.summary_line(out, recorded.plan, recorded.params_before, recorded.params_after)
+    report.convention_line(out, recorded.convention)
+    return EXIT_OK
 
 
 @main.command()

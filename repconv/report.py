@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager, redirect_stdout
 from typing import TYPE_CHECKING, Any, Protocol, TextIO
 
@@ -113,6 +113,16 @@ def verification_lines(out: Console, v: Verification) -> None:
     out.print(": ".join(parts[:1]) + ": " + ", ".join(parts[1:]), markup=False)
     if v.tensors is not None:  # names the file's keys
         out.print(shown(f"tensors: {v.tensors.summary()}"), markup=False)
+
+
+def convention_line(out: Console, convention: Mapping[str, Any] | None) -> None:
+    """Whether the file loads into the train class by the conv-BN convention (the names never
+    lie either way: a file that does not load fails loudly with missing or unexpected keys)."""
+    if convention is None:
+        answer = "not checked"
+    else:
+        answer = "yes" if convention.get("loads_into_train_class") else "no"
+    out.print(f"loads into the train class by the conv-BN convention: {answer}", markup=False)
 
 
 def summary_line(out: Console, plan: PlanRecord | Recordable, before: int, after: int) -> None:

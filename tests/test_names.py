@@ -4,6 +4,8 @@ fails that strict load loudly."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from click.testing import CliRunner
@@ -16,6 +18,7 @@ from repconv import metadata
 from repconv.cli import main
 from repconv.convention import NamesLie, loaded_by_convention, structure_of
 from repconv.files import read_safetensors_metadata
+from repconv.modules import param_count
 from repconv.rules import dataflow as dataflow_pass
 from repconv.zoo.blocks import RepVGGBlock, conv_bn
 
@@ -165,3 +168,28 @@ def test_the_check_is_recorded_in_the_file_and_json(tmp_path):
 
 def plain_pair() -> nn.Module:
     return nn.Sequential(conv_bn(4, 4, 3, padding=1), nn.ReLU())
+
+
+@pytest.mark.parametrize(
+    ("layers", "answer"),
+    [("plain_pair", "yes"), ("two_blocks", "no")],
+    ids=["conv-bn", "renamed-block"],
+)
+def test_convert_and_inspect_show_the_recorded_check(tmp_path, layers, answer):
+    """`inspect` of a deploy file shows what it records, from its header alone: no --arch,
+    nothing built; `convert` prints the same line."""
+    model = randomized(globals()[layers]())
+    source, out = tmp_path / "train.pth", tmp_path / "deploy.safetensors"
+    torch.save(model.state_dict(), source)
+    args = ["convert", str(source), str(out), "--arch", f"{__file__}:{layers}"]
+    converted = CliRunner().invoke(main, [*args, "--input-shape", "4,8,8"])
+    assert converted.exit_code == 0, converted.output
+    line = f"loads into the train class by the conv-BN convention: {answer}"
+    assert line in converted.stdout
+    shown = CliRunner().invoke(main, ["inspect", str(out)])
+    assert shown.exit_code == 0, shown.output
+    assert line in shown.stdout and "(as recorded)" in shown.stdout
+    as_json = json.loads(CliRunner().invoke(main, ["inspect", str(out), "--json"]).stdout)
+    assert as_json["recorded"] is True
+    assert as_json["convention"]["loads_into_train_class"] is (answer == "yes")
+    assert as_json["params_before"] == param_count(model)
