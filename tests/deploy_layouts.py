@@ -119,30 +119,22 @@ class RTDETRRepVggBlock(L.RTDETRRepVggBlock):
         return super().forward(x)
 
 
-# ---- RepGhost-style ghost module: `cheap_operation` Sequential collapses to a bare conv ----------
+# ---- RepGhost RepGhostModule(deploy=True) (ChengpengChen/RepGhost, model/repghost.py) -----------
 
 
-class RepGhostModule(nn.Module):
-    """RepGhost's module without its BN re-param branch (ChengpengChen/RepGhost, repghost.py,
-    reparam_bn off): `primary_conv` Sequential(conv, BN, ReLU) and `cheap_operation`
-    Sequential(depthwise conv, BN), then ReLU. Upstream's switch_to_deploy replaces
-    `cheap_operation` by a bare conv with a bias (key `cheap_operation.0.weight` becomes
-    `cheap_operation.weight`); this deploy form also holds `primary_conv`'s conv with a bias
-    and no BN (upstream keeps that BN unfused: see NOTES in tests/test_deploy_arch.py)."""
+class RepGhostModule(L.RepGhostModule):
+    """Upstream's `deploy=True` constructor builds `primary_conv` as in training (conv without a
+    bias, BN, ReLU: the BN stays live), no `fusion_conv` / `fusion_bn` branches (empty
+    Sequentials), and `cheap_operation` as a bare depthwise conv with a bias (key
+    `cheap_operation.0.weight` becomes `cheap_operation.weight`). The forward is inherited: the
+    loop over the empty fusion branches adds nothing."""
 
     def __init__(self, inp: int, oup: int, kernel_size=1, dw_size=3, stride=1, deploy=False):
-        super().__init__()
+        super().__init__(inp, oup, kernel_size, dw_size, stride)
         self.deploy = deploy
-        primary = nn.Conv2d(inp, oup, kernel_size, stride, kernel_size // 2, bias=deploy)
-        norm = nn.Identity() if deploy else nn.BatchNorm2d(oup)
-        self.primary_conv = nn.Sequential(primary, norm, nn.ReLU())
-        cheap = nn.Conv2d(oup, oup, dw_size, 1, dw_size // 2, groups=oup, bias=deploy)
-        self.cheap_operation = cheap if deploy else nn.Sequential(cheap, nn.BatchNorm2d(oup))
-        self.relu = nn.ReLU()
-
-    def forward(self, x):
-        x1 = self.primary_conv(x)
-        return self.relu(self.cheap_operation(x1))
+        if deploy:
+            self.fusion_conv, self.fusion_bn = nn.Sequential(), nn.Sequential()
+            self.cheap_operation = fused_conv(oup, oup, dw_size, 1, dw_size // 2, oup)
 
 
 # ---- YOLOv6 QARepVGGBlock with a deploy form holding `rbr_reparam` (meituan/YOLOv6) -------------
@@ -263,6 +255,190 @@ class RepVGGDW(L.RepVGGDW):
         return super().forward(x)
 
 
+# ---- yolov7 model with deploy=True: its `Conv` units stay live (WongKinYiu/yolov7) -------------
+
+
+class YoloV7Conv(L.UltralyticsConv):
+    """yolov7 `Conv(c1, c2, k=1, s=1, p=None, g=1, act=True)`: children `conv` (no bias), `bn`,
+    `act`; forward act(bn(conv(x))). It has no deploy flag: a model built with `deploy=True`
+    holds it as in training (only `model.fuse()` switches it to `fuseforward`), BN live."""
+
+
+# ---- RT-DETR CSPRepLayer after convert_to_deploy (rtdetr_pytorch/src/zoo/rtdetr) ----------------
+
+
+class ConvNormLayer(L.ConvNormLayer):
+    """RT-DETR's `ConvNormLayer`: no deploy form at all, so conv + `norm` stay live."""
+
+
+class CSPRepLayer(nn.Module):
+    """RT-DETR `CSPRepLayer(in_channels, out_channels, num_blocks=3, expansion=1.0, bias=None,
+    act="silu")`: `conv1`, `conv2` 1x1 ConvNormLayers with the activation, `bottlenecks` a
+    Sequential of RepVggBlocks, `conv3` a 1x1 ConvNormLayer when the hidden width differs from
+    the output (else Identity); forward conv3(bottlenecks(conv1(x)) + conv2(x)). Only the
+    RepVggBlocks convert (`convert_to_deploy`, which keeps their dead `conv1`/`conv2`): the
+    deploy model's ConvNormLayers are the train ones, live. Activations are SiLU modules here
+    (upstream builds them from the name)."""
+
+    def __init__(self, cin: int, cout: int, num_blocks: int = 3, expansion=1.0, deploy=False):
+        super().__init__()
+        hidden = int(cout * expansion)
+        self.conv1 = ConvNormLayer(cin, hidden, 1, 1, act=nn.SiLU())
+        self.conv2 = ConvNormLayer(cin, hidden, 1, 1, act=nn.SiLU())
+        self.bottlenecks = nn.Sequential(
+            *[RTDETRRepVggBlock(hidden, hidden, nn.SiLU(), deploy) for _ in range(num_blocks)]
+        )
+        same = hidden == cout
+        self.conv3 = nn.Identity() if same else ConvNormLayer(hidden, cout, 1, 1, act=nn.SiLU())
+
+    def forward(self, x):
+        x_1 = self.bottlenecks(self.conv1(x))
+        return self.conv3(x_1 + self.conv2(x))
+
+
+# ---- MobileOne with use_se=True: the SE block stays live (apple/ml-mobileone) -------------------
+
+
+class SEBlock(nn.Module):
+    """apple `SEBlock(in_channels, rd_ratio=0.0625)`: `reduce` and `expand` 1x1 convs with a
+    bias; the pool's kernel is the input's size, read in the forward (`b, c, h, w =
+    inputs.size()`, `F.avg_pool2d(inputs, kernel_size=[h, w])`), then relu, sigmoid and
+    `x.view(-1, c, 1, 1)` gating the input. Built the same in both forms."""
+
+    def __init__(self, in_channels: int, rd_ratio: float = 0.0625):
+        super().__init__()
+        reduced = int(in_channels * rd_ratio)
+        self.reduce = nn.Conv2d(in_channels, reduced, 1, 1, bias=True)
+        self.expand = nn.Conv2d(reduced, in_channels, 1, 1, bias=True)
+
+    def forward(self, inputs):
+        _b, c, h, w = inputs.size()
+        x = torch.nn.functional.avg_pool2d(inputs, kernel_size=[h, w])
+        x = torch.sigmoid(self.expand(torch.relu(self.reduce(x))))
+        return inputs * x.view(-1, c, 1, 1)
+
+
+class MobileOneSEBlock(MobileOneBlock):
+    """`MobileOneBlock(..., use_se=True)`: `se` an SEBlock after the branch sum (train) or after
+    `reparam_conv` (inference_mode), before the activation."""
+
+    def __init__(self, *args, inference_mode: bool = False, **kwargs):
+        super().__init__(*args, inference_mode=inference_mode, **kwargs)
+        self.se = SEBlock(self.out_channels)
+
+
+# ---- RepLKNet model (DingXiaoH/RepLKNet-pytorch, replknet.py) --------------------------------
+
+
+def conv_bn_relu(cin: int, cout: int, k: int, stride: int, padding: int, groups: int = 1):
+    """RepLKNet's `conv_bn_relu`: an nn.Sequential with children `conv`, `bn`, `nonlinear`."""
+    unit = L.conv_bn_seq(cin, cout, k, stride, padding, groups)
+    unit.add_module("nonlinear", nn.ReLU())
+    return unit
+
+
+class RepLKBlock(nn.Module):
+    """`RepLKBlock(in, dw, block_lk_size, small_kernel, drop_path, small_kernel_merged)`:
+    x + drop_path(pw2(lk_nonlinear(large_kernel(pw1(prelkb_bn(x)))))); `prelkb_bn` a BN live
+    before the 1x1 `pw1` in both forms (drop_path: identity in eval)."""
+
+    def __init__(self, channels: int, lk: int, small: int, merged: bool):
+        super().__init__()
+        self.pw1 = conv_bn_relu(channels, channels, 1, 1, 0)
+        self.pw2 = L.conv_bn_seq(channels, channels, 1, 1, 0)
+        self.large_kernel = ReparamLargeKernelConv(
+            channels, channels, lk, 1, channels, small, small_kernel_merged=merged
+        )
+        self.lk_nonlinear = nn.ReLU()
+        self.prelkb_bn = nn.BatchNorm2d(channels)
+        self.drop_path = nn.Identity()
+
+    def forward(self, x):
+        out = self.pw1(self.prelkb_bn(x))
+        out = self.pw2(self.lk_nonlinear(self.large_kernel(out)))
+        return x + self.drop_path(out)
+
+
+class ConvFFN(nn.Module):
+    """`ConvFFN(in, internal, out, drop_path)`: x + drop_path(pw2(GELU(pw1(preffn_bn(x)))))."""
+
+    def __init__(self, channels: int, internal: int):
+        super().__init__()
+        self.drop_path = nn.Identity()
+        self.preffn_bn = nn.BatchNorm2d(channels)
+        self.pw1 = L.conv_bn_seq(channels, internal, 1, 1, 0)
+        self.pw2 = L.conv_bn_seq(internal, channels, 1, 1, 0)
+        self.nonlinear = nn.GELU()
+
+    def forward(self, x):
+        out = self.pw2(self.nonlinear(self.pw1(self.preffn_bn(x))))
+        return x + self.drop_path(out)
+
+
+class RepLKNetStage(nn.Module):
+    """`blocks` a ModuleList alternating RepLKBlock and ConvFFN, run in a loop."""
+
+    def __init__(self, channels: int, num_blocks: int, lk: int, small: int, merged: bool):
+        super().__init__()
+        blocks: list[nn.Module] = []
+        for _ in range(num_blocks):
+            blocks += [RepLKBlock(channels, lk, small, merged), ConvFFN(channels, 4 * channels)]
+        self.blocks = nn.ModuleList(blocks)
+        self.norm = nn.Identity()
+
+    def forward(self, x):
+        for blk in self.blocks:
+            x = blk(x)
+        return x
+
+
+class RepLKNetModel(nn.Module):
+    """`RepLKNet(large_kernel_sizes, layers, channels, drop_path_rate, small_kernel, ...,
+    num_classes, small_kernel_merged)`: drop-path rates read with `.item()` in `__init__` (no
+    meta build), `stem` a ModuleList of four conv_bn_relu units that the forward indexes
+    (`stem[0]`, then `stem[1:]` in a loop: the list itself is never called), `stages` and
+    `transitions` ModuleLists indexed the same way, then `norm` (BN), `avgpool`, `head`. With
+    `small_kernel_merged=True` only the large kernels become `lkb_reparam`: every conv_bn(_relu)
+    unit and the pre-block BNs stay live."""
+
+    def __init__(self, merged: bool = False, width: int = 4, in_channels: int = 3):
+        super().__init__()
+        channels, layers, kernels = [width, 2 * width], [1, 1], [7, 5]
+        self.drop_rates = [x.item() for x in torch.linspace(0, 0.1, sum(layers))]
+        c = channels[0]
+        self.stem = nn.ModuleList(
+            [
+                conv_bn_relu(in_channels, c, 3, 2, 1),
+                conv_bn_relu(c, c, 3, 1, 1, groups=c),
+                conv_bn_relu(c, c, 1, 1, 0),
+                conv_bn_relu(c, c, 3, 2, 1, groups=c),
+            ]
+        )
+        self.stages, self.transitions = nn.ModuleList(), nn.ModuleList()
+        for i, (n, lk) in enumerate(zip(layers, kernels)):
+            self.stages.append(RepLKNetStage(channels[i], n, lk, 3, merged))
+            if i < len(layers) - 1:
+                self.transitions.append(
+                    nn.Sequential(
+                        conv_bn_relu(channels[i], channels[i + 1], 1, 1, 0),
+                        conv_bn_relu(channels[i + 1], channels[i + 1], 3, 2, 1, channels[i + 1]),
+                    )
+                )
+        self.norm = nn.BatchNorm2d(channels[-1])
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.head = nn.Linear(channels[-1], 10)
+
+    def forward(self, x):
+        x = self.stem[0](x)
+        for stem_layer in self.stem[1:]:
+            x = stem_layer(x)
+        for i in range(len(self.stages)):
+            x = self.stages[i](x)
+            if i < len(self.stages) - 1:
+                x = self.transitions[i](x)
+        return self.head(torch.flatten(self.avgpool(self.norm(x)), 1))
+
+
 # ---- deploy forms that do NOT fit (error paths) --------------------------------------------------
 
 
@@ -350,6 +526,22 @@ def _blocks(layout: str, w: int, deploy: bool) -> list[nn.Module]:
             nn.ReLU(),
         ],
         "yolov10_repvggdw": lambda: [RepVGGDW(w, deploy=d), RepVGGDW(w, deploy=d)],
+        "yolov7_deploy": lambda: [
+            YoloV7Conv(w, 2 * w, 3, 2),
+            YoloV7RepConv(2 * w, 2 * w, deploy=d),
+            YoloV7Conv(2 * w, w, 1, 1),
+            YoloV7RepConv(w, 2 * w, 3, 2, deploy=d),
+        ],
+        "rtdetr_deploy": lambda: [
+            CSPRepLayer(w, 2 * w, num_blocks=2, expansion=0.5, deploy=d),
+            CSPRepLayer(2 * w, 2 * w, num_blocks=1, deploy=d),
+        ],
+        "mobileone_se": lambda: [  # 16 channels: the SE reduces them to one
+            MobileOneSEBlock(w, 4 * w, 1, 1, 0, num_conv_branches=2, inference_mode=d),
+            MobileOneSEBlock(
+                4 * w, 4 * w, 3, 1, 1, groups=4 * w, num_conv_branches=2, inference_mode=d
+            ),
+        ],
         "yolov6_live_bn": lambda: [
             QARepVGGBlock(w, w, deploy=d, keep_bn=True),
             QARepVGGBlock(w, 2 * w, stride=2, deploy=d, keep_bn=True),
@@ -385,9 +577,27 @@ PAIRS = (
     "yolov10_repvggdw",
     # Its deploy form keeps the train conv's name `lk_origin` for the fused conv (with a bias).
     "unireplknet",
+    # Deploy models keeping plain conv + BN units (and SE blocks) live beside the fused blocks.
+    "yolov7_deploy",
+    "rtdetr_deploy",
+    "mobileone_se",
+    # Whole models whose deploy constructors call `.item()` in __init__ (built on the CPU).
+    "replknet_model",
 )
 # The train modules each pair's deploy form keeps live (kept out of the fold), spelled out.
 LIVE = {
+    "repghost": ("blocks.0.primary_conv", "blocks.1.primary_conv"),
+    "yolov7_deploy": ("blocks.0", "blocks.2"),
+    "rtdetr_deploy": (
+        *("blocks.0.conv1", "blocks.0.conv2", "blocks.0.conv3"),
+        *("blocks.1.conv1", "blocks.1.conv2"),
+    ),
+    "mobileone_se": ("blocks.0.se", "blocks.1.se"),
+    "replknet_model": (
+        *("stem", "transitions", "norm", "head"),
+        *(f"stages.{i}.blocks.0.{m}" for i in (0, 1) for m in ("pw1", "pw2", "prelkb_bn")),
+        *(f"stages.{i}.blocks.1" for i in (0, 1)),
+    ),
     "yolov6_live_bn": ("blocks.0.bn", "blocks.1.bn"),
     "yolov6_v2_live_bn": ("blocks.0.bn", "blocks.1.bn"),
 }
@@ -406,6 +616,10 @@ DEPLOY_CONV = {
     "alpha_repvgg": "rbr_reparam",
     "unireplknet": "lk_origin",
     "yolov10_repvggdw": "conv",
+    "yolov7_deploy": "rbr_reparam",
+    "rtdetr_deploy": "conv",
+    "mobileone_se": "reparam_conv",
+    "replknet_model": "lkb_reparam",
 }
 BLOCK_TYPES = (
     RepVGGBlock,
@@ -436,8 +650,14 @@ class DeployPairNet(nn.Module):
         return self.blocks(self.stem(x))
 
 
+# Layouts that are whole models of their own (no DeployPairNet stem around them).
+MODELS: dict[str, Callable[..., nn.Module]] = {"replknet_model": RepLKNetModel}
+
+
 def build(
     layout: str = "repvgg", deploy: bool = False, width: int = 4, in_channels: int = 3
-) -> DeployPairNet:
+) -> nn.Module:
     """The net for `layout` (PAIRS, or an error-path layout) in train or deploy form."""
+    if layout in MODELS:
+        return MODELS[layout](deploy, width, in_channels)
     return DeployPairNet(layout, width, in_channels, deploy)

@@ -172,3 +172,16 @@ def test_a_module_list_counts_as_run_when_a_module_under_it_runs():
     assert kept_by(deploy, train, (3, 8, 8)) == [""]
     deploy.spare = nn.ModuleList([nn.Conv2d(4, 4, 1)])  # the root no longer matches whole
     assert kept_by(deploy, train, (3, 8, 8)) == ["stem"]
+
+
+def test_a_train_model_built_on_cpu_keeps_the_checkpoints_dtypes(monkeypatch):
+    """The CPU fallback assigns the loaded tensors as the meta build does: a float16
+    checkpoint stays float16 (and is written so), not copied into float32 parameters."""
+    from repconv import arch
+
+    monkeypatch.setattr(arch, "resolve", lambda spec: ItemInInit)
+    state = randomized(ItemInInit(), dtype=torch.float16).state_dict()
+    model = arch.build_loaded("item_in_init", {}, state)
+    assert {t.dtype for t in model.state_dict().values() if t.is_floating_point()} == {
+        torch.float16
+    }
