@@ -439,6 +439,200 @@ class RepLKNetModel(nn.Module):
         return self.head(torch.flatten(self.avgpool(self.norm(x)), 1))
 
 
+# ---- UniRepLKNet model (AILab-CVC/UniRepLKNet, unireplknet.py) -------------------------------
+
+
+class ChannelsFirstLayerNorm(nn.Module):
+    """UniRepLKNet's (ConvNeXt's) `LayerNorm(..., data_format="channels_first")`: `weight`,
+    `bias`; normalises over the channel dimension of NCHW inputs. Nothing to fold: live."""
+
+    def __init__(self, channels: int, eps: float = 1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(channels))
+        self.bias = nn.Parameter(torch.zeros(channels))
+        self.eps = eps
+
+    def forward(self, x):
+        u = x.mean(1, keepdim=True)
+        s = (x - u).pow(2).mean(1, keepdim=True)
+        x = (x - u) / torch.sqrt(s + self.eps)
+        return self.weight[:, None, None] * x + self.bias[:, None, None]
+
+
+class GRN(nn.Module):
+    """`GRNwithNHWC(dim, use_bias)`: (gamma * Nx + 1) * x (+ beta), Nx the spatial L2 norm over
+    its channel mean; `beta` only when use_bias (the deploy form has none: it is folded).
+    Upstream starts both at zero; this copy starts them random, so the folds are tested."""
+
+    def __init__(self, dim: int, use_bias: bool = True):
+        super().__init__()
+        self.use_bias = use_bias
+        self.gamma = nn.Parameter(0.5 * torch.randn(1, 1, 1, dim))
+        if use_bias:
+            self.beta = nn.Parameter(0.5 * torch.randn(1, 1, 1, dim))
+
+    def forward(self, x):
+        gx = torch.norm(x, p=2, dim=(1, 2), keepdim=True)
+        nx = gx / (gx.mean(dim=-1, keepdim=True) + 1e-6)
+        out = (self.gamma * nx + 1) * x
+        return out + self.beta if self.use_bias else out
+
+
+class Permute(nn.Module):
+    """`NCHWtoNHWC` / `NHWCtoNCHW`."""
+
+    def __init__(self, *dims: int):
+        super().__init__()
+        self.dims = dims
+
+    def forward(self, x):
+        return x.permute(*self.dims)
+
+
+class UniSEBlock(nn.Module):
+    """UniRepLKNet's `SEBlock(input_channels, internal_neurons)`: `down`, `up` 1x1 convs,
+    adaptive pool, relu, sigmoid, `x.view(-1, self.input_channels, 1, 1)`; live in both."""
+
+    def __init__(self, channels: int, internal: int):
+        super().__init__()
+        self.down = nn.Conv2d(channels, internal, 1, 1, bias=True)
+        self.up = nn.Conv2d(internal, channels, 1, 1, bias=True)
+        self.input_channels = channels
+        self.nonlinear = nn.ReLU()
+
+    def forward(self, inputs):
+        x = torch.nn.functional.adaptive_avg_pool2d(inputs, output_size=(1, 1))
+        x = torch.sigmoid(self.up(self.nonlinear(self.down(x))))
+        return inputs * x.view(-1, self.input_channels, 1, 1)
+
+
+def _bn_scale(bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
+    scale = bn.weight / (bn.running_var + bn.eps).sqrt()
+    return scale, bn.bias - bn.running_mean * scale
+
+
+def _dilated_as_dense(kernel: torch.Tensor, rate: int, size: int) -> torch.Tensor:
+    """A depthwise kernel dilated by `rate`, as a dense `size` x `size` kernel (centred)."""
+    k = kernel.shape[-1]
+    span = rate * (k - 1) + 1
+    dense = kernel.new_zeros(kernel.shape[0], 1, span, span)
+    dense[:, :, ::rate, ::rate] = kernel
+    pad = (size - span) // 2
+    return torch.nn.functional.pad(dense, [pad] * 4)
+
+
+class UniRepLKNetBlock(nn.Module):
+    """`UniRepLKNetBlock(dim, kernel_size, drop_path, layer_scale_init_value, deploy)`:
+    x + gamma * pwconv2(act(pwconv1(se(norm(dwconv(x)))))); `dwconv` a DilatedReparamBlock
+    for kernels >= 7 else a depthwise conv (bias=deploy), `norm` a BN (Identity when deploy),
+    `pwconv1` Sequential(NCHWtoNHWC, Linear), `act` Sequential(GELU, GRN(use_bias=not
+    deploy)), `pwconv2` Sequential(Linear without bias, NHWCtoNCHW, BN), or Sequential(Linear,
+    NHWCtoNCHW) when deploy, `gamma` a layer scale (None when deploy). Its `reparameterize`
+    follows upstream's: merge the dilated branches, fold `norm` into the dwconv, and fold GRN's
+    beta, pwconv2's BN and gamma into pwconv2's Linear."""
+
+    def __init__(self, dim: int, kernel_size: int, deploy: bool = False):
+        super().__init__()
+        if kernel_size >= 7:
+            self.dwconv = DilatedReparamBlock(dim, kernel_size, deploy=deploy)
+        else:
+            self.dwconv = nn.Conv2d(dim, dim, kernel_size, 1, kernel_size // 2, groups=dim)
+            if not deploy:
+                self.dwconv.bias = None
+        self.norm = nn.Identity() if deploy else nn.BatchNorm2d(dim)
+        self.se = UniSEBlock(dim, dim // 4)
+        self.pwconv1 = nn.Sequential(Permute(0, 2, 3, 1), nn.Linear(dim, 4 * dim))
+        self.act = nn.Sequential(nn.GELU(), GRN(4 * dim, use_bias=not deploy))
+        if deploy:
+            self.pwconv2 = nn.Sequential(nn.Linear(4 * dim, dim), Permute(0, 3, 1, 2))
+        else:
+            self.pwconv2 = nn.Sequential(
+                nn.Linear(4 * dim, dim, bias=False), Permute(0, 3, 1, 2), nn.BatchNorm2d(dim)
+            )
+        # Upstream's layer scale starts at 1e-6; random here, so its fold is tested.
+        self.gamma = None if deploy else nn.Parameter(1 + 0.5 * torch.randn(dim))
+        self.drop_path = nn.Identity()
+
+    def forward(self, x):
+        y = self.se(self.norm(self.dwconv(x)))
+        y = self.pwconv2(self.act(self.pwconv1(y)))
+        if self.gamma is not None:
+            y = self.gamma.view(1, -1, 1, 1) * y
+        return x + self.drop_path(y)
+
+    @torch.no_grad()
+    def reparameterize(self):
+        conv = self.dwconv.lk_origin if hasattr(self.dwconv, "lk_origin") else self.dwconv
+        weight, bias = conv.weight, torch.zeros(conv.out_channels, dtype=conv.weight.dtype)
+        if hasattr(self.dwconv, "origin_bn"):  # merge the dilated branches (each conv + BN)
+            scale, bias = _bn_scale(self.dwconv.origin_bn)
+            weight = weight * scale.view(-1, 1, 1, 1)
+            for k, r in zip(self.dwconv.kernel_sizes, self.dwconv.dilates):
+                scale, shift = _bn_scale(getattr(self.dwconv, f"dil_bn_k{k}_{r}"))
+                branch = getattr(self.dwconv, f"dil_conv_k{k}_{r}").weight
+                weight = weight + _dilated_as_dense(branch, r, weight.shape[-1]) * scale.view(
+                    -1, 1, 1, 1
+                )
+                bias = bias + shift
+            del self.dwconv.origin_bn
+            for k, r in zip(self.dwconv.kernel_sizes, self.dwconv.dilates):
+                delattr(self.dwconv, f"dil_conv_k{k}_{r}")
+                delattr(self.dwconv, f"dil_bn_k{k}_{r}")
+        scale, shift = _bn_scale(self.norm)
+        fused = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size,
+                          padding=conv.padding, groups=conv.groups)  # fmt: skip
+        fused.weight.copy_(weight * scale.view(-1, 1, 1, 1))
+        fused.bias.copy_(bias * scale + shift)
+        if hasattr(self.dwconv, "lk_origin"):
+            self.dwconv.lk_origin = fused
+        else:
+            self.dwconv = fused
+        self.norm = nn.Identity()
+        final = self.gamma if self.gamma is not None else 1
+        self.gamma = None
+        linear, bn = self.pwconv2[0], self.pwconv2[2]
+        beta = self.act[1].beta.view(-1)
+        del self.act[1].beta
+        self.act[1].use_bias = False
+        scale, shift = _bn_scale(bn)
+        new = nn.Linear(linear.in_features, linear.out_features)
+        new.weight.copy_(linear.weight * (scale * final).view(-1, 1))
+        new.bias.copy_((linear.weight @ beta * scale + shift) * final)
+        self.pwconv2 = nn.Sequential(new, self.pwconv2[1])
+
+
+class UniRepLKNetModel(nn.Module):
+    """`UniRepLKNet(in_chans, num_classes, depths, dims, drop_path_rate, kernel_sizes, deploy)`:
+    drop-path rates read with `.item()` in `__init__` (no meta build); `downsample_layers` a
+    ModuleList of conv + channels-first LayerNorm units (conv with a bias: live in both forms);
+    `stages` a ModuleList of Sequentials of blocks; then `norm` (a LayerNorm over the pooled
+    features) and `head`. Two stages here, kernel 3 then 7."""
+
+    def __init__(self, deploy: bool = False, width: int = 4, in_channels: int = 3):
+        super().__init__()
+        dims, kernels = (width, 2 * width), (3, 7)
+        self.drop_rates = [x.item() for x in torch.linspace(0, 0.1, len(kernels))]
+        first = nn.Sequential(
+            nn.Conv2d(in_channels, dims[0] // 2, 3, 2, 1),
+            ChannelsFirstLayerNorm(dims[0] // 2),
+            nn.GELU(),
+            nn.Conv2d(dims[0] // 2, dims[0], 3, 2, 1),
+            ChannelsFirstLayerNorm(dims[0]),
+        )
+        then = nn.Sequential(nn.Conv2d(dims[0], dims[1], 3, 2, 1), ChannelsFirstLayerNorm(dims[1]))
+        self.downsample_layers = nn.ModuleList([first, then])
+        self.stages = nn.ModuleList(
+            nn.Sequential(UniRepLKNetBlock(d, k, deploy)) for d, k in zip(dims, kernels)
+        )
+        self.norm = nn.LayerNorm(dims[-1], eps=1e-6)
+        self.head = nn.Linear(dims[-1], 10)
+
+    def forward(self, x):
+        for i in range(len(self.stages)):
+            x = self.stages[i](self.downsample_layers[i](x))
+        return self.head(self.norm(x.mean([-2, -1])))
+
+
 # ---- deploy forms that do NOT fit (error paths) --------------------------------------------------
 
 
@@ -583,6 +777,7 @@ PAIRS = (
     "mobileone_se",
     # Whole models whose deploy constructors call `.item()` in __init__ (built on the CPU).
     "replknet_model",
+    "unireplknet_model",
 )
 # The train modules each pair's deploy form keeps live (kept out of the fold), spelled out.
 LIVE = {
@@ -593,6 +788,10 @@ LIVE = {
         *("blocks.1.conv1", "blocks.1.conv2"),
     ),
     "mobileone_se": ("blocks.0.se", "blocks.1.se"),
+    "unireplknet_model": (
+        *("downsample_layers", "head", "norm"),
+        *(f"stages.{i}.0.{m}" for i in (0, 1) for m in ("pwconv1", "se")),
+    ),
     "replknet_model": (
         *("stem", "transitions", "norm", "head"),
         *(f"stages.{i}.blocks.0.{m}" for i in (0, 1) for m in ("pw1", "pw2", "prelkb_bn")),
@@ -620,6 +819,7 @@ DEPLOY_CONV = {
     "rtdetr_deploy": "conv",
     "mobileone_se": "reparam_conv",
     "replknet_model": "lkb_reparam",
+    "unireplknet_model": "lk_origin",
 }
 BLOCK_TYPES = (
     RepVGGBlock,
@@ -651,7 +851,10 @@ class DeployPairNet(nn.Module):
 
 
 # Layouts that are whole models of their own (no DeployPairNet stem around them).
-MODELS: dict[str, Callable[..., nn.Module]] = {"replknet_model": RepLKNetModel}
+MODELS: dict[str, Callable[..., nn.Module]] = {
+    "replknet_model": RepLKNetModel,
+    "unireplknet_model": UniRepLKNetModel,
+}
 
 
 def build(
