@@ -185,3 +185,36 @@ def test_a_train_model_built_on_cpu_keeps_the_checkpoints_dtypes(monkeypatch):
     assert {t.dtype for t in model.state_dict().values() if t.is_floating_point()} == {
         torch.float16
     }
+
+
+class PreNormFFN(nn.Module):
+    """RepLKNet's ConvFFN shape: a BN (`pre_bn`) before a 1x1 conv-BN unit (`pw1`), beside a
+    residual the data-flow pass could otherwise fold it into. Its deploy form keeps `pre_bn`
+    live and folds only `pw1`'s own BN (the conv gains a bias)."""
+
+    def __init__(self, deploy: bool = False):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 4, 3, padding=1)
+        self.pre_bn = nn.BatchNorm2d(4)
+        self.pw1 = nn.Sequential()
+        self.pw1.add_module("conv", nn.Conv2d(4, 8, 1, bias=deploy))
+        if not deploy:
+            self.pw1.add_module("bn", nn.BatchNorm2d(8))
+
+    def forward(self, x):
+        x = self.stem(x)
+        return x.sum(1, keepdim=True) + torch.nn.functional.gelu(self.pw1(self.pre_bn(x)))
+
+
+def test_a_live_bn_before_a_1x1_conv_is_not_folded_into_it():
+    """Folded into `pw1.conv` while the deploy model also runs it, the BN would apply twice."""
+    train = randomized(PreNormFFN())
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    with torch.no_grad():
+        want = train(x)
+    kept = {k: v.clone() for k, v in train.pre_bn.state_dict().items()}
+    result = repconv.convert(train, deploy_model=PreNormFFN(True).double(), input_shape=[3, 8, 8])
+    assert result.passed
+    assert all(torch.equal(result.state_dict[f"pre_bn.{k}"], v) for k, v in kept.items())
+    with torch.no_grad():
+        assert rel_error(result.model(x), want) < 1e-12

@@ -193,3 +193,26 @@ def test_convert_and_inspect_show_the_recorded_check(tmp_path, layers, answer):
     assert as_json["recorded"] is True
     assert as_json["convention"]["loads_into_train_class"] is (answer == "yes")
     assert as_json["params_before"] == param_count(model)
+
+
+class TwoHeads(nn.Module):
+    """Two RepVGG-style heads of the same shape summed at the model root: two regions of one
+    block. Each fused conv needs the rewritten forward, so each gets a name of its own; the
+    second region's conv never moves into a conv the first one consumed (that would name
+    the regression head after the classification head's `cls_a.0`)."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(4, 4, 3, padding=1)
+        self.cls_a, self.cls_b = conv_bn(4, 4, 3, padding=1), conv_bn(4, 4, 1)
+        self.reg_a, self.reg_b = conv_bn(4, 4, 3, padding=1), conv_bn(4, 4, 1)
+
+    def forward(self, x):
+        x = self.stem(x)
+        return torch.relu(self.cls_a(x) + self.cls_b(x)), torch.relu(self.reg_a(x) + self.reg_b(x))
+
+
+def test_a_second_region_never_takes_the_name_of_a_conv_the_first_consumed():
+    result = repconv.convert(randomized(TwoHeads()), input_shape=SHAPE)
+    assert result.passed
+    assert {k.rpartition(".")[0] for k in result.state_dict} == {"stem", "reparam", "reparam_1"}
