@@ -364,8 +364,7 @@ def convert(input_path: Path, output_path: Path, **opts: Any) -> None:
             report.verification_lines(out, result.verification)
             if not result.passed:
                 out.print(result.verification.failure_message(), markup=False)
-        if result.convention is not None:
-            report.convention_line(out, result.convention.to_dict())
+        report.convention_line(out, result.convention and result.convention.to_dict())
         out.print(f"wrote {written}" if written else "dry run: nothing written", markup=False)
         if onnx_check is not None:
             out.print(onnx_check.summary(), markup=False)

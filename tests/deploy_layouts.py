@@ -720,6 +720,27 @@ def _blocks(layout: str, w: int, deploy: bool) -> list[nn.Module]:
             nn.ReLU(),
         ],
         "yolov10_repvggdw": lambda: [RepVGGDW(w, deploy=d), RepVGGDW(w, deploy=d)],
+        "yolov6_live_bn": lambda: [
+            QARepVGGBlock(w, w, deploy=d, keep_bn=True),
+            QARepVGGBlock(w, 2 * w, stride=2, deploy=d, keep_bn=True),
+        ],
+        "yolov6_v2_live_bn": lambda: [
+            QARepVGGBlockV2(w, w, deploy=d, keep_bn=True),
+            QARepVGGBlockV2(w, 2 * w, stride=2, deploy=d, keep_bn=True),
+        ],
+        # Error paths: these deploy forms do not fit their train form.
+        "repvgg_extra": lambda: [RepVGGWithExtra(w, w, deploy=d)],
+        "two_candidates": lambda: [TwoCandidates(w, deploy=d)],
+    }
+    makers.update(_live_makers(w, d))
+    if layout not in makers:
+        raise ValueError(f"unknown layout {layout!r}; known: {', '.join(makers)}")
+    return makers[layout]()
+
+
+def _live_makers(w: int, d: bool) -> dict[str, Callable[[], list[nn.Module]]]:
+    """Layouts whose deploy forms keep plain conv + BN units or SE blocks live."""
+    return {
         "yolov7_deploy": lambda: [
             YoloV7Conv(w, 2 * w, 3, 2),
             YoloV7RepConv(2 * w, 2 * w, deploy=d),
@@ -736,21 +757,7 @@ def _blocks(layout: str, w: int, deploy: bool) -> list[nn.Module]:
                 4 * w, 4 * w, 3, 1, 1, groups=4 * w, num_conv_branches=2, inference_mode=d
             ),
         ],
-        "yolov6_live_bn": lambda: [
-            QARepVGGBlock(w, w, deploy=d, keep_bn=True),
-            QARepVGGBlock(w, 2 * w, stride=2, deploy=d, keep_bn=True),
-        ],
-        "yolov6_v2_live_bn": lambda: [
-            QARepVGGBlockV2(w, w, deploy=d, keep_bn=True),
-            QARepVGGBlockV2(w, 2 * w, stride=2, deploy=d, keep_bn=True),
-        ],
-        # Error paths: these deploy forms do not fit their train form.
-        "repvgg_extra": lambda: [RepVGGWithExtra(w, w, deploy=d)],
-        "two_candidates": lambda: [TwoCandidates(w, deploy=d)],
     }
-    if layout not in makers:
-        raise ValueError(f"unknown layout {layout!r}; known: {', '.join(makers)}")
-    return makers[layout]()
 
 
 # Pairs whose deploy form fits the train form (the conversion must fill it).
