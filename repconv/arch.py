@@ -236,8 +236,8 @@ def build_loaded(
         if prepare is not None:
             prepare(model)
         check_fit(model, state_dict, what, others)
-        try:
-            model.load_state_dict(state_dict, strict=True)
+        try:  # assigned, as on meta: the tensors keep the checkpoint's dtypes (float16 stays)
+            model.load_state_dict(state_dict, strict=True, assign=True)
         except RuntimeError as exc:
             first = str(exc).strip().splitlines()[-1].strip()
             raise BadInput(f"{what} does not fit the architecture: {first}") from None

@@ -424,6 +424,7 @@ def _show_conversion(
         report.verification_lines(out, result.verification)
         if not result.passed:
             out.print(result.verification.failure_message(), markup=False)
+    report.convention_line(out, result.convention and result.convention.to_dict())
     if result.layout is not None:
         report.layout_lines(out, result.layout, result.others)
     if written:
@@ -556,6 +557,8 @@ def inspect(input_path: Path, **opts: Any) -> None:
     """List the blocks INPUT holds, the rule for each and parameters before/after, and
     whether INPUT is in train form (blocks to fold) or already in deploy form.
 
+    INPUT a deploy file repconv wrote: what it records of its conversion (its plan, and
+    whether it loads into the train class by the conv-BN convention); nothing is built.
     Nothing is written. Example:  repconv inspect train.pth --arch repvgg_a0
     """
     as_json, verbose = opts.pop("as_json"), opts.pop("verbose")
@@ -563,7 +566,11 @@ def inspect(input_path: Path, **opts: Any) -> None:
     def body() -> int:
         from repconv import pipeline
 
-        plan, before, after = pipeline.inspect_file(input_path, _taken_options(opts))
+        options = _taken_options(opts)
+        recorded = pipeline.recorded_conversion(input_path)
+        if recorded is not None:
+            return _show_recorded(recorded, as_json)
+        plan, before, after = pipeline.inspect_file(input_path, options)
         if as_json:
             report.emit_json(
                 {"ok": True, "params_before": before, "params_after": after, **plan.to_dict()}
@@ -578,6 +585,23 @@ def inspect(input_path: Path, **opts: Any) -> None:
         return EXIT_OK
 
     run_command(as_json, verbose, body)
+
+
+def _show_recorded(recorded: Any, as_json: bool) -> int:
+    """`inspect` of a deploy file: the conversion it records."""
+    # What repconv wrote is the deploy form: its recorded blocks were folded on the way there.
+    form = {"form": "deploy", "train_blocks": 0, "families": {}}
+    form["unfolded"] = recorded.plan.form()["unfolded"]
+    if as_json:
+        report.emit_json({"ok": True, "recorded": True, **recorded.to_dict()} | form)
+        return EXIT_OK
+    out = report.console()
+    report.plan_table(out, recorded.plan, title="Blocks (as recorded)")
+    report.warnings_block(out, recorded.plan)
+    report.summary_line(out, recorded.plan, recorded.params_before, recorded.params_after)
+    report.convention_line(out, recorded.convention)
+    out.print("form: deploy (written by repconv convert: its recorded blocks are folded)")
+    return EXIT_OK
 
 
 @main.command()

@@ -33,16 +33,19 @@ def _shapes(model: nn.Module) -> dict[str, tuple[int, ...]]:
 
 
 def _run_by_forward(model: nn.Module, paths: Sequence[str], shape: Sequence[int]) -> set[str]:
-    """The modules among `paths` that the model's forward calls, found on an input of no
-    values (the meta device). A forward that cannot run so (it reads values) tells nothing:
-    every module is taken as run, the safe side (kept, filled from the train checkpoint)."""
+    """The modules among `paths` that the model's forward runs, found on an input of no values
+    (the meta device). A module counts as run when it or any module under it is called: a
+    ModuleList or ModuleDict is indexed, never called itself (RepLKNet's `stem`, `stages`).
+    A forward that cannot run so (it reads values) tells nothing: every module is taken as
+    run, the safe side (kept, filled from the train checkpoint)."""
     seen: set[str] = set()
-    modules = dict(model.named_modules())
-    handles = [
-        modules[path].register_forward_pre_hook(lambda *_args, path=path: seen.add(path))
-        for path in paths
-        if path in modules
-    ]
+    wanted = set(paths)
+    handles = []
+    for name, module in model.named_modules():
+        found = tuple(path for path in _scopes(name) if path in wanted)
+        if found:
+            hook = module.register_forward_pre_hook(lambda *_a, found=found: seen.update(found))
+            handles.append(hook)
     device = next((t.device for t in model.parameters()), torch.device("cpu"))
     dtype = next((t.dtype for t in model.parameters() if t.is_floating_point()), torch.float32)
     try:
@@ -58,3 +61,9 @@ def _run_by_forward(model: nn.Module, paths: Sequence[str], shape: Sequence[int]
         for handle in handles:
             handle.remove()
     return seen
+
+
+def _scopes(path: str) -> list[str]:
+    """The module paths `path` is inside, itself included ("a.b" -> "", "a", "a.b")."""
+    parts = path.split(".") if path else []
+    return [".".join(parts[:n]) for n in range(len(parts) + 1)]

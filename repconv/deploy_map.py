@@ -109,36 +109,73 @@ def _match_modules(
 ) -> None:
     """Whole modules at once: a conv's weight and bias move together, so a weight can never
     be paired with another conv's bias. Each deploy module takes the nearest fused module with
-    the same tensors; two at the same distance, or one wanted by two deploy modules alike, is
-    ambiguous."""
+    the same tensors (the most path segments shared); a deploy module whose nearest is unique
+    and no other's nearest takes it, which removes it from the others' choices, until none is
+    decided so (a second head of the same shape is left one candidate once the first, nearer
+    by its path, took its own). Two left at the same distance, or one wanted by two deploy
+    modules alike, is ambiguous: never a guess."""
     candidates = _by_module(sorted(spare))
     signatures = {m: _signature(keys, fused) for m, keys in candidates.items()}
-    choices: dict[str, list[str]] = {}
     wanted = _by_module(left)
+    fits: dict[str, list[str]] = {}
     for module, keys in sorted(wanted.items()):
         want = _signature(keys, deploy)
         scope = _module(module) if module else ""
-        fits = [m for m, sig in signatures.items() if sig == want and within(m, scope)]
-        if not fits:
+        found = [m for m, sig in signatures.items() if sig == want and within(m, scope)]
+        if found:
+            fits[module] = found
+        else:
             result.unplaced += sorted(keys)
-            continue
-        best = max(_shared_depth(m, module) for m in fits)
-        choices[module] = [m for m in fits if _shared_depth(m, module) == best]
-    wanted_by: dict[str, list[str]] = {}
-    for module, nearest in choices.items():
-        for m in nearest:
-            wanted_by.setdefault(m, []).append(module)
-    for module, nearest in choices.items():
-        if len(nearest) > 1:
-            result.ambiguous.append((module, sorted(nearest)))
-            continue
-        rivals = wanted_by[nearest[0]]
-        if len(rivals) > 1:
-            result.ambiguous.append((nearest[0], sorted(rivals)))
-            continue
-        by_leaf = {_leaf(k): k for k in candidates[nearest[0]]}
+    chosen, undecided = _decide(fits)
+    for module, fused_module in chosen.items():
+        by_leaf = {_leaf(k): k for k in candidates[fused_module]}
         for key in wanted[module]:
             result.sources[key] = Source("fused", by_leaf[_leaf(key)])
+    for module, left_fits in undecided.items():
+        best = _nearest(module, left_fits)
+        rivals = [m for m, c in undecided.items() if best and best[0] in _nearest(m, c)]
+        if not best:  # what fitted it went to deploy modules nearer to it
+            result.unplaced += sorted(wanted[module])
+        elif len(best) > 1:
+            result.ambiguous.append((module, sorted(best)))
+        else:
+            result.ambiguous.append((best[0], sorted(rivals)))
+
+
+def _nearest(module: str, fits: Sequence[str]) -> list[str]:
+    if not fits:
+        return []
+    best = max(_shared_depth(m, module) for m in fits)
+    return [m for m in fits if _shared_depth(m, module) == best]
+
+
+def _decide(fits: Mapping[str, list[str]]) -> tuple[dict[str, str], dict[str, list[str]]]:
+    """Deploy module -> fused module, where the paths decide: repeatedly, a deploy module whose
+    nearest candidate is unique takes it if, of the deploy modules it is nearest to, it is the
+    one nearest to it; what it takes leaves the others' choices. Also the modules left
+    undecided, with the candidates left to them."""
+    chosen: dict[str, str] = {}
+    open_fits = {m: list(c) for m, c in fits.items()}
+    while True:
+        nearest = {m: _nearest(m, c) for m, c in open_fits.items()}
+        claimants: dict[str, list[str]] = {}
+        for module, best in nearest.items():
+            for candidate in best:
+                claimants.setdefault(candidate, []).append(module)
+        decided = {
+            module: best[0]
+            for module, best in nearest.items()
+            if len(best) == 1 and _nearest(best[0], claimants[best[0]]) == [module]
+        }
+        if not decided:
+            return chosen, open_fits
+        chosen.update(decided)
+        taken = set(decided.values())
+        open_fits = {
+            m: [c for c in cands if c not in taken]
+            for m, cands in open_fits.items()
+            if m not in decided
+        }
 
 
 def kept_modules(train: Mapping[str, Shape], deploy: Mapping[str, Shape]) -> list[str]:

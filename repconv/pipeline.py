@@ -24,6 +24,7 @@ from repconv import (
     deploy_map,
     dtypes,
     engine,
+    files,
     layout,
     metadata,
     model_choice,
@@ -818,6 +819,53 @@ def inspect_file(
     before = param_count(model)
     applied = engine.convert_model(model)
     return applied, before, param_count(model)
+
+
+@dataclass(frozen=True)
+class RecordedConversion:
+    """What a deploy file written by repconv records of its conversion (its header alone)."""
+
+    plan: PlanRecord
+    params_before: int
+    params_after: int
+    verification: dict[str, Any] | None  # None: written without verification
+
+    @property
+    def convention(self) -> dict[str, Any] | None:
+        """How the file reads in the train class by the conv-BN convention, as recorded (None:
+        not checked, e.g. a file filled into a deploy model of the user's)."""
+        return None if self.verification is None else self.verification.get("convention")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "params_before": self.params_before,
+            "params_after": self.params_after,
+            **self.plan.to_json(),
+            "verification": self.verification,
+            "convention": self.convention,
+        }
+
+
+def recorded_conversion(path: str | Path) -> RecordedConversion | None:
+    """The conversion a deploy file records, or None if it is not one repconv wrote (a train
+    checkpoint). Read from the header only: no tensor is loaded, no code runs."""
+    path = Path(path)
+    if path.suffix.lower() != ".safetensors" or not path.is_file():
+        return None
+    try:
+        fields = files.read_safetensors_metadata(path)
+    except (OSError, ValueError):
+        return None  # not readable as one: the train-checkpoint path says why
+    if fields.get(metadata.FORMAT_KEY) != metadata.FORMAT:
+        return None
+    record, what = metadata.read(fields), path.name
+    plan = model_choice.recorded(record, "plan", what)
+    if plan is None:
+        raise BadInput(f"{shown(what)}: records no plan")
+    before, after = model_choice.recorded(record, "params", what)
+    return RecordedConversion(
+        plan, before, after, model_choice.recorded(record, "verification", what)
+    )
 
 
 @one_at_a_time

@@ -115,6 +115,16 @@ def verification_lines(out: Console, v: Verification) -> None:
         out.print(shown(f"tensors: {v.tensors.summary()}"), markup=False)
 
 
+def convention_line(out: Console, convention: Mapping[str, Any] | None) -> None:
+    """Whether the file loads into the train class by the conv-BN convention (the names never
+    lie either way: a file that does not load fails loudly with missing or unexpected keys)."""
+    if convention is None:
+        answer = "not checked"
+    else:
+        answer = "yes" if convention.get("loads_into_train_class") else "no"
+    out.print(f"loads into the train class by the conv-BN convention: {answer}", markup=False)
+
+
 def summary_line(out: Console, plan: PlanRecord | Recordable, before: int, after: int) -> None:
     counts = _record(plan).fused_by_rule
     fused = ", ".join(f"{n} {rule}" for rule, n in sorted(counts.items())) or "nothing"

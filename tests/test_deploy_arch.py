@@ -29,8 +29,9 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 import repconv
-from repconv import engine
+from repconv import arch, engine
 from repconv.cli import main
+from repconv.deploy_constraint import kept_by
 from repconv.files import read_safetensors_metadata
 from repconv.tolerances import written_limit
 
@@ -86,7 +87,7 @@ def deploy_forward_checks(x: torch.Tensor):
     block = randomize_(D.RTDETRRepVggBlock(4, 4, deploy=True))
     yield block(x), torch.relu(F.conv2d(x, block.conv.weight, block.conv.bias, 1, 1))
     block = randomize_(D.RepGhostModule(4, 4, deploy=True))
-    primary = torch.relu(block.primary_conv[0](x))
+    primary = torch.relu(block.primary_conv[1](block.primary_conv[0](x)))  # its BN live
     cheap = F.conv2d(primary, block.cheap_operation.weight, block.cheap_operation.bias, 1, 1, 1, 4)
     yield block(x), torch.relu(cheap)
     block = randomize_(D.QARepVGGBlock(4, 4, deploy=True))
@@ -154,17 +155,19 @@ def test_pair_train_forms_are_the_layouts_copies():
         (D.AlphaRepVGGBlock(4, 4), L.AlphaRepVGGBlock(4, 4)),
         (D.DilatedReparamBlock(4, 7), L.DilatedReparamBlock(4, 7)),
         (D.RepVGGDW(4), L.RepVGGDW(4)),
+        (D.RepGhostModule(4, 4), L.RepGhostModule(4, 4)),
     ]
     for ours, theirs in pairs:
         assert list(ours.state_dict()) == list(theirs.state_dict())
 
 
-def test_pair_repghost_train_form_is_conv_bn_relu_then_depthwise_conv_bn_relu():
+def test_pair_repghost_train_form_adds_the_fusion_bn_to_the_cheap_operation():
     block = randomized(D.RepGhostModule(4, 4))
     x = torch.randn(2, 4, 8, 8, dtype=torch.float64)
     conv, bn, _ = block.primary_conv
     x1 = torch.relu(bn(conv(x)))
-    want = torch.relu(block.cheap_operation[1](block.cheap_operation[0](x1)))
+    cheap = block.cheap_operation[1](block.cheap_operation[0](x1))
+    want = torch.relu(cheap + block.fusion_bn[0](x1))
     with torch.no_grad():
         assert rel_error(block(x), want) < EXACT
 
@@ -192,6 +195,15 @@ def test_pair_filled_by_hand_matches_the_train_model(layout):
         reference = train(x)
         fill_by_hand(layout, train, deploy)
         assert rel_error(deploy(x), reference) <= EXACT
+
+
+@pytest.mark.parametrize("layout", sorted(D.LIVE))
+def test_the_deploy_constraint_keeps_what_each_pair_keeps_live(layout):
+    """What the deploy form runs of the train modules as they are (spelled out in LIVE) is
+    what `deploy_constraint.kept_by` finds; dead branches are not kept."""
+    train = train_net(layout)
+    deploy = arch.build_empty(ARCH, {"layout": layout, "deploy": True})
+    assert kept_by(deploy, train, SHAPE) == sorted(D.LIVE[layout])
 
 
 def test_pair_yolov6_live_bn_filled_by_hand_does_not_match():

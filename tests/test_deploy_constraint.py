@@ -147,3 +147,74 @@ def test_a_method_must_leave_what_the_deploy_model_keeps(folds_post_bn):
         assert method.status == "fused" and hasattr(model[0], "fused")
     with torch.no_grad():
         assert rel_error(model(x), want) < 1e-12
+
+
+class IndexedStem(nn.Module):
+    """RepLKNet's layout: `stem` a ModuleList the forward indexes (never calls), `spare` a
+    ModuleList it never touches; the deploy form keeps both as the train form has them."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.ModuleList([conv_bn(3, 4, 3, padding=1), conv_bn(4, 4, 1)])
+        self.spare = nn.ModuleList([conv_bn(4, 4, 1)])
+
+    def forward(self, x):
+        x = self.stem[0](x)
+        for layer in self.stem[1:]:
+            x = layer(x)
+        return x
+
+
+def test_a_module_list_counts_as_run_when_a_module_under_it_runs():
+    train = IndexedStem()
+    with torch.device("meta"):
+        deploy = IndexedStem()
+    assert kept_by(deploy, train, (3, 8, 8)) == [""]
+    deploy.spare = nn.ModuleList([nn.Conv2d(4, 4, 1)])  # the root no longer matches whole
+    assert kept_by(deploy, train, (3, 8, 8)) == ["stem"]
+
+
+def test_a_train_model_built_on_cpu_keeps_the_checkpoints_dtypes(monkeypatch):
+    """The CPU fallback assigns the loaded tensors as the meta build does: a float16
+    checkpoint stays float16 (and is written so), not copied into float32 parameters."""
+    from repconv import arch
+
+    monkeypatch.setattr(arch, "resolve", lambda spec: ItemInInit)
+    state = randomized(ItemInInit(), dtype=torch.float16).state_dict()
+    model = arch.build_loaded("item_in_init", {}, state)
+    assert {t.dtype for t in model.state_dict().values() if t.is_floating_point()} == {
+        torch.float16
+    }
+
+
+class PreNormFFN(nn.Module):
+    """RepLKNet's ConvFFN shape: a BN (`pre_bn`) before a 1x1 conv-BN unit (`pw1`), beside a
+    residual the data-flow pass could otherwise fold it into. Its deploy form keeps `pre_bn`
+    live and folds only `pw1`'s own BN (the conv gains a bias)."""
+
+    def __init__(self, deploy: bool = False):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 4, 3, padding=1)
+        self.pre_bn = nn.BatchNorm2d(4)
+        self.pw1 = nn.Sequential()
+        self.pw1.add_module("conv", nn.Conv2d(4, 8, 1, bias=deploy))
+        if not deploy:
+            self.pw1.add_module("bn", nn.BatchNorm2d(8))
+
+    def forward(self, x):
+        x = self.stem(x)
+        return x.sum(1, keepdim=True) + torch.nn.functional.gelu(self.pw1(self.pre_bn(x)))
+
+
+def test_a_live_bn_before_a_1x1_conv_is_not_folded_into_it():
+    """Folded into `pw1.conv` while the deploy model also runs it, the BN would apply twice."""
+    train = randomized(PreNormFFN())
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    with torch.no_grad():
+        want = train(x)
+    kept = {k: v.clone() for k, v in train.pre_bn.state_dict().items()}
+    result = repconv.convert(train, deploy_model=PreNormFFN(True).double(), input_shape=[3, 8, 8])
+    assert result.passed
+    assert all(torch.equal(result.state_dict[f"pre_bn.{k}"], v) for k, v in kept.items())
+    with torch.no_grad():
+        assert rel_error(result.model(x), want) < 1e-12

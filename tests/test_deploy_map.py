@@ -121,3 +121,20 @@ def test_kept_modules_are_the_outermost_with_the_same_tensors():
     assert kept_modules(train, deploy) == ["block.bn", "stem"]
     assert kept_modules(train, train) == [""]  # the deploy model is the train model
     assert kept_modules(train, {}) == []
+
+
+def test_a_second_head_of_the_same_shape_is_decided_by_the_first_heads_path():
+    """`heads.0` is nearest its own `heads.0.0`; that leaves `extra` (as near to both) one
+    candidate: the paths decide, no ambiguity."""
+    deploy = {**conv_at("heads.0"), **conv_at("extra")}
+    fused = {**conv_at("heads.0.0"), **conv_at("reparam")}
+    placed = plan_mapping(deploy, fused, {})
+    require_complete(placed, "x")
+    assert placed.sources["heads.0.weight"] == Source("fused", "heads.0.0.weight")
+    assert placed.sources["extra.bias"] == Source("fused", "reparam.bias")
+
+
+def test_a_module_whose_only_fit_went_to_a_nearer_one_is_named_unfilled():
+    deploy = {**conv_at("heads.0"), **conv_at("extra")}
+    with pytest.raises(BadInput, match=r"extra\.bias, extra\.weight, which nothing fills"):
+        require_complete(plan_mapping(deploy, conv_at("heads.0.0"), {}), "x")

@@ -4,6 +4,8 @@ fails that strict load loudly."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from click.testing import CliRunner
@@ -16,6 +18,7 @@ from repconv import metadata
 from repconv.cli import main
 from repconv.convention import NamesLie, loaded_by_convention, structure_of
 from repconv.files import read_safetensors_metadata
+from repconv.modules import param_count
 from repconv.rules import dataflow as dataflow_pass
 from repconv.zoo.blocks import RepVGGBlock, conv_bn
 
@@ -165,3 +168,51 @@ def test_the_check_is_recorded_in_the_file_and_json(tmp_path):
 
 def plain_pair() -> nn.Module:
     return nn.Sequential(conv_bn(4, 4, 3, padding=1), nn.ReLU())
+
+
+@pytest.mark.parametrize(
+    ("layers", "answer"),
+    [("plain_pair", "yes"), ("two_blocks", "no")],
+    ids=["conv-bn", "renamed-block"],
+)
+def test_convert_and_inspect_show_the_recorded_check(tmp_path, layers, answer):
+    """`inspect` of a deploy file shows what it records, from its header alone: no --arch,
+    nothing built; `convert` prints the same line."""
+    model = randomized(globals()[layers]())
+    source, out = tmp_path / "train.pth", tmp_path / "deploy.safetensors"
+    torch.save(model.state_dict(), source)
+    args = ["convert", str(source), str(out), "--arch", f"{__file__}:{layers}"]
+    converted = CliRunner().invoke(main, [*args, "--input-shape", "4,8,8"])
+    assert converted.exit_code == 0, converted.output
+    line = f"loads into the train class by the conv-BN convention: {answer}"
+    assert line in converted.stdout
+    shown = CliRunner().invoke(main, ["inspect", str(out)])
+    assert shown.exit_code == 0, shown.output
+    assert line in shown.stdout and "(as recorded)" in shown.stdout
+    as_json = json.loads(CliRunner().invoke(main, ["inspect", str(out), "--json"]).stdout)
+    assert as_json["recorded"] is True
+    assert as_json["convention"]["loads_into_train_class"] is (answer == "yes")
+    assert as_json["params_before"] == param_count(model)
+
+
+class TwoHeads(nn.Module):
+    """Two RepVGG-style heads of the same shape summed at the model root: two regions of one
+    block. Each fused conv needs the rewritten forward, so each gets a name of its own; the
+    second region's conv never moves into a conv the first one consumed (that would name
+    the regression head after the classification head's `cls_a.0`)."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(4, 4, 3, padding=1)
+        self.cls_a, self.cls_b = conv_bn(4, 4, 3, padding=1), conv_bn(4, 4, 1)
+        self.reg_a, self.reg_b = conv_bn(4, 4, 3, padding=1), conv_bn(4, 4, 1)
+
+    def forward(self, x):
+        x = self.stem(x)
+        return torch.relu(self.cls_a(x) + self.cls_b(x)), torch.relu(self.reg_a(x) + self.reg_b(x))
+
+
+def test_a_second_region_never_takes_the_name_of_a_conv_the_first_consumed():
+    result = repconv.convert(randomized(TwoHeads()), input_shape=SHAPE)
+    assert result.passed
+    assert {k.rpartition(".")[0] for k in result.state_dict} == {"stem", "reparam", "reparam_1"}

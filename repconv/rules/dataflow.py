@@ -203,7 +203,7 @@ def fuse_block(model: nn.Module, step: Step) -> tuple[int, ...]:
     shapes = []
     replaced: dict[fx.Node, fx.Node] = {}  # a region's output, by the conv call now making it
     for region, fused, name in zip(regions, convs, names):
-        target = _install(block, graph, region, fused, name, model)
+        target = _install(block, graph, region, fused, name, model, consumed)
         replaced[region.output] = _rewire(graph, region, target, replaced)
         shapes.append(tuple(fused.kernel.shape))
     _drop_consumed(block, graph, consumed)
@@ -247,11 +247,15 @@ def _install(
     fused: L.FusedConv,
     name: str,
     model: nn.Module,
+    consumed: AbstractSet[str],
 ) -> str:
     """Put the fused conv in the block: into the region's only conv if it has that shape, else
     into a conv of that shape the forward never uses (and no other path of the model reaches
-    the conv either way)."""
-    absorbing = _absorbing_conv(block, graph, region, fused) or _unused_conv(block, graph, fused)
+    the conv either way). A conv an earlier region of the block consumed is not unused: it
+    was that region's (installing a second head's conv there would give it the first's name)."""
+    absorbing = _absorbing_conv(block, graph, region, fused) or _unused_conv(
+        block, graph, fused, consumed
+    )
     if absorbing is not None and not _reached_once(model, block.get_submodule(absorbing)):
         absorbing = None
     if absorbing is not None:
@@ -297,7 +301,9 @@ def _conv_then_norms(block: nn.Module, region: dataflow.Region) -> bool:
     return previous is region.output
 
 
-def _unused_conv(block: nn.Module, graph: fx.Graph, fused: L.FusedConv) -> str | None:
+def _unused_conv(
+    block: nn.Module, graph: fx.Graph, fused: L.FusedConv, consumed: AbstractSet[str] = frozenset()
+) -> str | None:
     """The one conv of the fused conv's shape that the block holds and its forward never uses:
     a deploy conv its library builds at init and fills when it fuses (super-gradients'
     `rbr_reparam`), so the block ends with its library's deploy keys. None if there are several."""
@@ -305,7 +311,11 @@ def _unused_conv(block: nn.Module, graph: fx.Graph, fused: L.FusedConv) -> str |
     found = [
         path
         for path, m in block.named_modules()
-        if path and is_plain_conv(m) and not _referenced(path, used) and _same_geometry(m, fused)
+        if path
+        and path not in consumed
+        and is_plain_conv(m)
+        and not _referenced(path, used)
+        and _same_geometry(m, fused)
     ]
     return found[0] if len(found) == 1 else None
 
