@@ -312,6 +312,20 @@ def main() -> None:
     help="Also export the deploy model to this .onnx file, checked with onnxruntime "
     "(needs repconv[onnx]; defaults of `repconv export`).",
 )
+@click.option(
+    "--int8-report",
+    "int8_path",
+    type=click.Path(path_type=Path),
+    help="Also write the INT8 readiness report (JSON) here and show its table: weight ranges "
+    "and SNR per fused conv, which branch makes the outliers, a simulated W8A8 pass.",
+)
+@click.option(
+    "--calib",
+    "calib_path",
+    type=click.Path(path_type=Path),
+    help="Calibration inputs of the INT8 report: a .pt/.npy file or a folder of them (images "
+    "with Pillow); default: the verification's seeded random inputs, only a proxy.",
+)
 def convert(input_path: Path, output_path: Path, **opts: Any) -> None:
     """Convert a train checkpoint INPUT into a verified deploy checkpoint OUTPUT.
 
@@ -324,6 +338,7 @@ def convert(input_path: Path, output_path: Path, **opts: Any) -> None:
         from repconv import pipeline
 
         options = _taken_options(opts)
+        int8_path, calibration = _int8_request(opts.pop("int8_path"), opts.pop("calib_path"))
         onnx_path = opts["onnx_path"]
         if onnx_path is not None:
             from repconv import onnx_export
@@ -345,7 +360,9 @@ def convert(input_path: Path, output_path: Path, **opts: Any) -> None:
                 options,
                 dry_run=opts["dry_run"],
                 before_writing=export_first,
+                int8=calibration,
             )
+        int8_doc = _write_int8(result, int8_path, opts["dry_run"])
         code = EXIT_OK if result.passed else EXIT_FAILED
         written = None if opts["dry_run"] else str(output_path)
         onnx_check = checks[0] if checks else None
@@ -353,7 +370,7 @@ def convert(input_path: Path, output_path: Path, **opts: Any) -> None:
             onnx_dict = None if onnx_check is None else onnx_check.to_dict()
             report.emit_json(
                 {"ok": code == 0, "exit_code": code, "output": written, **result.to_dict()}
-                | {"onnx": onnx_dict}
+                | {"onnx": onnx_dict, "int8": int8_doc}
             )
             return code
         out = report.console()
@@ -368,9 +385,36 @@ def convert(input_path: Path, output_path: Path, **opts: Any) -> None:
         if onnx_check is not None:
             out.print(onnx_check.summary(), markup=False)
             out.print(f"wrote {onnx_check.path}", markup=False)
+        if int8_doc is not None:
+            report.int8_table(out, int8_doc)
+            out.print("" if opts["dry_run"] else f"wrote {int8_path}", markup=False)
         return code
 
     run_command(as_json, verbose, body)
+
+
+def _write_int8(result: Any, path: Path | None, dry_run: bool) -> dict[str, Any] | None:
+    """The INT8 report as JSON, written to `path` (atomically) unless a dry run."""
+    if result.int8 is None:
+        return None
+    doc = result.int8.to_dict()
+    if path is not None and not dry_run:
+        files.write_text_atomically(path, json.dumps(doc, indent=2) + "\n")
+    return doc
+
+
+def _int8_request(report_path: Path | None, calib_path: Path | None):
+    """(the report's path, checked writable; the calibration) for --int8-report / --calib,
+    or (None, None) without a report; --calib alone is a usage error."""
+    if report_path is None:
+        if calib_path is not None:
+            raise click.UsageError("--calib needs --int8-report")
+        return None, None
+    from repconv.calibration import Calibration
+
+    calibration = Calibration(calib_path)
+    calibration.check()
+    return files.check_report_path(report_path), calibration
 
 
 EXPORT_EXAMPLES = """
@@ -486,26 +530,50 @@ def verify(train_path: Path, deploy_path: Path, **opts: Any) -> None:
 @main.command()
 @click.argument("input_path", metavar="INPUT", type=click.Path(path_type=Path))
 @_common_model_options
+@_input_shape_option
+@click.option(
+    "--int8",
+    is_flag=True,
+    help="Also the INT8 readiness report: weight ranges and SNR per fused conv, which branch "
+    "makes the outliers, a simulated W8A8 pass (on seeded random inputs unless --calib).",
+)
+@click.option(
+    "--calib",
+    "calib_path",
+    type=click.Path(path_type=Path),
+    help="Calibration inputs for --int8: a .pt/.npy file or a folder of them (images with Pillow).",
+)
 def inspect(input_path: Path, **opts: Any) -> None:
     """List the blocks INPUT holds, the rule for each and parameters before/after.
 
-    Nothing is written. Example:  repconv inspect train.pth --arch repvgg_a0
+    Nothing is written. Example:  repconv inspect train.pth --arch repvgg_a0 --int8
     """
     as_json, verbose = opts.pop("as_json"), opts.pop("verbose")
 
     def body() -> int:
         from repconv import pipeline
+        from repconv.calibration import Calibration
 
-        plan, before, after = pipeline.inspect_file(input_path, _taken_options(opts))
+        wanted, calib_path = opts.pop("int8"), opts.pop("calib_path")
+        if calib_path is not None and not wanted:
+            raise click.UsageError("--calib needs --int8")
+        calibration = Calibration(calib_path) if wanted else None
+        if calibration is not None:
+            calibration.check()
+        plan, before, after, int8 = pipeline.inspect_int8(
+            input_path, _taken_options(opts), int8=calibration
+        )
+        int8_doc = None if int8 is None else int8.to_dict()
         if as_json:
-            report.emit_json(
-                {"ok": True, "params_before": before, "params_after": after, **plan.to_dict()}
-            )
+            document = {"ok": True, "params_before": before, "params_after": after}
+            report.emit_json(document | plan.to_dict() | {"int8": int8_doc})
             return EXIT_OK
         out = report.console()
         report.plan_table(out, plan)
         report.warnings_block(out, plan)
         report.summary_line(out, plan, before, after)
+        if int8_doc is not None:
+            report.int8_table(out, int8_doc)
         return EXIT_OK
 
     run_command(as_json, verbose, body)

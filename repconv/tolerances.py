@@ -64,3 +64,13 @@ def onnx_limit(dtype: object) -> float:
     if limit is None:
         raise ValueError(f"no ONNX export is made in {dtype_name(dtype)}")
     return limit
+
+
+# ---- INT8 readiness (repconv.int8_check): what counts as collapsing --------------------------
+# A channel wider than this many times the median channel of its kernel is an outlier: one
+# per-tensor scale then spends most of the int8 grid on it.
+INT8_OUTLIER_RATIO = 8.0
+# A block whose output, run in simulated W8A8 on its own float input, keeps less than this
+# signal-to-quantization-noise ratio (dB) is flagged and gets advice: noise above about 3% of
+# the signal's amplitude.
+INT8_BLOCK_DB = 30.0
