@@ -408,7 +408,7 @@ def _int8_request(report_path: Path | None, calib_path: Path | None):
     or (None, None) without a report; --calib alone is a usage error."""
     if report_path is None:
         if calib_path is not None:
-            raise click.UsageError("--calib needs --int8-report")
+            raise BadInput("--calib needs --int8-report")
         return None, None
     from repconv.calibration import Calibration
 
@@ -556,7 +556,7 @@ def inspect(input_path: Path, **opts: Any) -> None:
 
         wanted, calib_path = opts.pop("int8"), opts.pop("calib_path")
         if calib_path is not None and not wanted:
-            raise click.UsageError("--calib needs --int8")
+            raise BadInput("--calib needs --int8")
         calibration = Calibration(calib_path) if wanted else None
         if calibration is not None:
             calibration.check()

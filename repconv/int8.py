@@ -2,7 +2,8 @@
 
 What a fused kernel looks like to symmetric int8 quantization: each output channel's range
 (max |w|), the widest channel against the median one, the signal-to-quantization-noise ratio
-with one scale for the whole tensor and with one scale per output channel, and, given the
+(every channel counting alike) with one scale for the whole tensor and with one scale per
+output channel, and, given the
 branches the kernel was summed from, which branch makes its largest weights. The scales come
 from torch's own observers and the rounding from torch's fake-quantize ops, so the figures are
 the ones a torch (or TensorRT-style symmetric) quantizer would see; nothing here rounds by hand.
@@ -51,6 +52,23 @@ def snr_db(reference: Tensor, approx: Tensor) -> float:
     return 10.0 * math.log10(signal / noise)
 
 
+def balanced_snr_db(reference: Tensor, approx: Tensor) -> float:
+    """The SNR with every output channel (dim 0) counting alike: -10 log10 of the mean over
+    the channels of noise / signal. An energy SNR hides what a wide channel's scale does to
+    the narrow ones, which hold little energy; this one shows it. Channels with no signal are
+    left out (inf if none is left and nothing moved)."""
+    ref = reference.detach().to(MATH_DTYPE).reshape(reference.shape[0], -1)
+    noise = ((approx.detach().to(MATH_DTYPE).reshape(ref.shape) - ref) ** 2).sum(dim=1)
+    signal = (ref**2).sum(dim=1)
+    live = signal > 0
+    if bool((noise[~live] > 0).any()):
+        return -math.inf
+    ratio = float((noise[live] / signal[live]).mean()) if bool(live.any()) else 0.0
+    if ratio == 0.0:
+        return math.inf
+    return -10.0 * math.log10(ratio) if math.isfinite(ratio) else -math.inf
+
+
 def weight_qparams(weight: Tensor, per_channel: bool) -> tuple[Tensor, Tensor]:
     """Symmetric int8 (scale, zero point) of `weight` from torch's min-max observers."""
     w = weight.detach().float()
@@ -85,8 +103,8 @@ class WeightFacts:
     median: float  # the median channel's range
     ratio: float  # widest / median
     widest_channel: int
-    snr_per_tensor: float  # dB
-    snr_per_channel: float  # dB
+    snr_per_tensor: float  # dB, channel-balanced (`balanced_snr_db`)
+    snr_per_channel: float  # dB, likewise
 
     def to_dict(self) -> dict[str, object]:
         return {
@@ -113,8 +131,8 @@ def weight_facts(weight: Tensor) -> WeightFacts:
         median=float(ranges.median()),
         ratio=range_ratio(ranges),
         widest_channel=int(ranges.argmax()),
-        snr_per_tensor=snr_db(weight, fake_quant_weight(weight, per_channel=False)),
-        snr_per_channel=snr_db(weight, fake_quant_weight(weight, per_channel=True)),
+        snr_per_tensor=balanced_snr_db(weight, fake_quant_weight(weight, per_channel=False)),
+        snr_per_channel=balanced_snr_db(weight, fake_quant_weight(weight, per_channel=True)),
     )
 
 

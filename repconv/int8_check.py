@@ -122,33 +122,70 @@ def quantized_layers(model: nn.Module) -> dict[str, nn.Module]:
 
 
 class _Snr:
-    """Signal and noise energy summed over samples and output tensors."""
+    """Signal and noise energy summed over samples and output tensors.
 
-    def __init__(self) -> None:
-        self.signal = 0.0
-        self.noise = 0.0
+    Balanced (a block's figure): per channel (dim 1) of each output tensor, so that every
+    channel counts alike, -10 log10 of the mean noise-to-signal ratio over the channels. The
+    channels a wide outlier channel's scale crushes then show, though they hold little energy.
+    """
+
+    def __init__(self, balanced: bool = False) -> None:
+        self.balanced = balanced
+        self.signal: dict[str, Tensor | float] = {}
+        self.noise: dict[str, Tensor | float] = {}
 
     def add(self, approx: Any, reference: Any) -> None:
         got, want = flatten_outputs(approx), flatten_outputs(reference)
-        for (_, a), (_, r) in zip(got, want):
+        for (name, a), (_, r) in zip(got, want):
             ref = r.detach().to(torch.float64)
-            self.signal += float((ref**2).sum())
-            self.noise += float(((a.detach().to(torch.float64) - ref) ** 2).sum())
+            err = (a.detach().to(torch.float64) - ref) ** 2
+            dims = (
+                [d for d in range(ref.dim()) if d != 1] if self.balanced and ref.dim() > 1 else None
+            )
+            signal = (ref**2).sum(dim=dims) if dims is not None else float((ref**2).sum())
+            noise = err.sum(dim=dims) if dims is not None else float(err.sum())
+            self.signal[name] = self.signal.get(name, 0.0) + signal
+            self.noise[name] = self.noise.get(name, 0.0) + noise
 
     @property
     def db(self) -> float:
-        if self.noise == 0.0:
+        ratios = []
+        for name, signal in self.signal.items():
+            s = torch.as_tensor(signal, dtype=torch.float64).reshape(-1)
+            n = torch.as_tensor(self.noise[name], dtype=torch.float64).reshape(-1)
+            if not self.balanced:
+                s, n = s.sum().reshape(1), n.sum().reshape(1)
+            live = s > 0
+            ratios.append(n[live] / s[live])
+            if bool((n[~live] > 0).any()):
+                return -math.inf
+        ratio = float(torch.cat(ratios).mean()) if ratios and torch.cat(ratios).numel() else 0.0
+        if ratio == 0.0:
             return math.inf
-        if self.signal == 0.0 or not math.isfinite(self.noise):
+        if not math.isfinite(ratio):
             return -math.inf
-        return 10.0 * math.log10(self.signal / self.noise)
+        return -10.0 * math.log10(ratio)
+
+
+def _observer() -> MinMaxObserver:
+    return MinMaxObserver(dtype=ACT_DTYPE, qscheme=torch.per_tensor_affine)
+
+
+def fake_quant_activation(x: Tensor, observer: MinMaxObserver) -> Tensor:
+    """`x` fake-quantized per tensor with the scale `observer` calibrated, in x's dtype."""
+    scale, zero_point = observer.calculate_qparams()
+    q = torch.fake_quantize_per_tensor_affine(
+        x.float(), float(scale), int(zero_point), ACT_QMIN, ACT_QMAX
+    )
+    return q.to(x.dtype)
 
 
 @dataclass
 class _FloatPass:
-    observers: dict[str, MinMaxObserver]
+    observers: dict[str, MinMaxObserver]  # per layer, its input
     outputs: list[Any]
     blocks: dict[str, list[tuple[Tensor, Any]]]
+    block_outputs: dict[str, MinMaxObserver]  # per block with a tensor output, that output
 
 
 def _float_pass(
@@ -157,11 +194,10 @@ def _float_pass(
     layers: Mapping[str, nn.Module],
     blocks: Sequence[str],
 ) -> _FloatPass:
-    """Run the float model: calibrate one observer per layer input, record the outputs and the
-    blocks' (input, output) on the first BLOCK_SAMPLES inputs."""
-    observers = {
-        p: MinMaxObserver(dtype=ACT_DTYPE, qscheme=torch.per_tensor_affine) for p in layers
-    }
+    """Run the float model: calibrate one observer per layer input and per block output, record
+    the outputs and the blocks' (input, output) on the first BLOCK_SAMPLES inputs."""
+    observers = {p: _observer() for p in layers}
+    seen = {p: _observer() for p in blocks}
     recorded: dict[str, list[tuple[Tensor, Any]]] = {p: [] for p in blocks}
     keep = [True]
     handles = []
@@ -171,6 +207,8 @@ def _float_pass(
 
     def record(path: str):
         def hook(_m: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+            if isinstance(output, Tensor):
+                seen[path](output.detach().float())
             if keep[0] and len(args) == 1 and isinstance(args[0], Tensor):
                 recorded[path].append((args[0].detach(), output))
 
@@ -187,7 +225,8 @@ def _float_pass(
     finally:
         for handle in handles:
             handle.remove()
-    return _FloatPass(observers, outputs, recorded)
+    outs = {p: o for p, o in seen.items() if o.min_val.numel() and math.isfinite(o.min_val)}
+    return _FloatPass(observers, outputs, recorded, outs)
 
 
 @contextmanager
@@ -200,15 +239,8 @@ def quantized(
     handles = []
 
     def quantize_input(path: str):
-        scale, zero_point = observers[path].calculate_qparams()
-        scale, zero_point = float(scale), int(zero_point)
-
         def hook(_m: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
-            x = args[0]
-            q = torch.fake_quantize_per_tensor_affine(
-                x.float(), scale, zero_point, ACT_QMIN, ACT_QMAX
-            )
-            return (q.to(x.dtype), *args[1:])
+            return (fake_quant_activation(args[0], observers[path]), *args[1:])
 
         return hook
 
@@ -235,18 +267,23 @@ class Simulation:
 
 
 def simulate(model: nn.Module, inputs: Sequence[Tensor], blocks: Sequence[str]) -> Simulation:
-    """Simulated W8A8 of `model` on `inputs`: per block (on its float input) and end to end."""
+    """Simulated W8A8 of `model` on `inputs`: end to end, and per block: the block run on
+    its float input, its output fake-quantized per tensor as the next layer will read it."""
     modules = dict(model.named_modules())
     blocks = [p for p in blocks if p in modules]
     layers = quantized_layers(model)
     model.eval()
     with torch.no_grad():
         floats = _float_pass(model, inputs, layers, blocks)
-        whole, per_block = _Snr(), {p: _Snr() for p in blocks}
+        whole, per_block = _Snr(), {p: _Snr(balanced=True) for p in blocks}
         with quantized(layers, floats.observers):
             for path, pairs in floats.blocks.items():
+                stored = floats.block_outputs.get(path)
                 for x, y in pairs:
-                    per_block[path].add(modules[path](x), y)
+                    got = modules[path](x)
+                    if stored is not None:  # the next layer reads it in int8
+                        got = fake_quant_activation(got, stored)
+                    per_block[path].add(got, y)
             for x, y in zip(inputs, floats.outputs):
                 whole.add(model(x), y)
     return Simulation({p: s.db for p, s in per_block.items()}, whole.db, len(inputs))

@@ -23,7 +23,7 @@ LAYERS: list[tuple[str, set[str]]] = [
         "records",
         {"files", "options", "deploy_map", "metadata", "plan_record", "onnx_lint", "batch.config"},
     ),
-    ("module facts and math", {"modules", "kernels", "geometry", "linear_map", "outputs"}),
+    ("module facts and math", {"modules", "kernels", "geometry", "linear_map", "outputs", "int8"}),
     ("analysis", {"tracing", "dataflow", "sum_check", "fused_conv", "block_check"}),
     (
         "passes",
@@ -35,9 +35,9 @@ LAYERS: list[tuple[str, set[str]]] = [
     (
         "models and judging",
         {"dtypes", "arch", "verification", "bench", "deploy_constraint", "convention"}
-        | {"zoo.repvgg", "zoo.dbb_nets", "zoo.demo"},
+        | {"zoo.repvgg", "zoo.dbb_nets", "zoo.demo", "int8_check"},
     ),
-    ("checkpoint I/O", {"checkpoint", "zoo.checkpoints", "model_choice"}),
+    ("checkpoint I/O", {"checkpoint", "zoo.checkpoints", "model_choice", "calibration"}),
     ("workflows", {"pipeline", "onnx_export", "batch.worker"}),
     (
         "interface",
