@@ -446,6 +446,27 @@ Examples:
     is_flag=True,
     help="Build any architecture DEPLOY's metadata names (runs the code it names).",
 )
+@click.option(
+    "--int8",
+    is_flag=True,
+    help="Write a QDQ INT8 model (onnxruntime static quantization), checked with onnxruntime "
+    "against the float deploy model.",
+)
+@click.option(
+    "--int8-keep-float",
+    type=click.IntRange(min=0),
+    default=0,
+    show_default=True,
+    metavar="N",
+    help="With --int8: keep in float the N conv/linear nodes the simulated W8A8 ranks worst.",
+)
+@click.option(
+    "--calib",
+    "calib_path",
+    type=click.Path(path_type=Path),
+    help="Calibration inputs for --int8: a .pt/.npy file or a folder of them (images with "
+    "Pillow); default: seeded random inputs, only a proxy.",
+)
 def export(deploy_path: Path, output_path: Path, **opts: Any) -> None:
     """Export the deploy checkpoint DEPLOY to ONNX, checked with onnxruntime.
 
@@ -460,6 +481,15 @@ def export(deploy_path: Path, output_path: Path, **opts: Any) -> None:
     def body() -> int:
         from repconv import onnx_export
 
+        int8, keep, calib_path = (
+            opts.pop("int8"),
+            opts.pop("int8_keep_float"),
+            opts.pop("calib_path"),
+        )
+        if int8:
+            return _export_int8(deploy_path, output_path, opts, keep, calib_path, as_json)
+        if keep or calib_path is not None:
+            raise BadInput("--int8-keep-float and --calib need --int8")
         settings = onnx_export.ExportSettings(
             opset=opts.pop("opset"), dynamic_batch=opts.pop("dynamic_batch"), fp16=opts.pop("fp16")
         )
@@ -477,6 +507,39 @@ def export(deploy_path: Path, output_path: Path, **opts: Any) -> None:
         return EXIT_OK
 
     run_command(as_json, verbose, body)
+
+
+def _export_int8(
+    deploy_path: Path,
+    output_path: Path,
+    opts: dict[str, Any],
+    keep: int,
+    calib_path: Path | None,
+    as_json: bool,
+) -> int:
+    """`export --int8`: the QDQ file, its check's summary or JSON."""
+    from repconv import onnx_int8
+    from repconv.calibration import Calibration
+
+    if opts.pop("fp16") or opts.pop("dynamic_batch"):
+        raise BadInput("--int8 takes neither --fp16 nor --dynamic-batch")
+    opset, trust = opts.pop("opset"), opts.pop("trust_metadata")
+    with _status("exporting INT8...", as_json):
+        check = onnx_int8.export_int8_deploy_file(
+            deploy_path, output_path, _taken_options(opts), calibration=Calibration(calib_path),
+            opset=opset, keep_float=keep, trust_metadata=trust,
+        )  # fmt: skip
+    if as_json:
+        report.emit_json({"ok": True, "exit_code": EXIT_OK, "onnx_int8": check.to_dict()})
+        return EXIT_OK
+    out = report.console()
+    out.print(check.summary(), markup=False)
+    for kept in check.kept_float:
+        out.print(
+            f"kept in float: {shown(kept['layer'])} (node {shown(str(kept['node']))})", markup=False
+        )
+    out.print(f"wrote {check.path}", markup=False)
+    return EXIT_OK
 
 
 @main.command()

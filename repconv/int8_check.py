@@ -167,6 +167,14 @@ class _Snr:
         return -10.0 * math.log10(ratio)
 
 
+def output_snr_db(outputs: Sequence[Any], references: Sequence[Any]) -> float:
+    """The energy SNR (dB) of outputs against references, over every sample and tensor."""
+    snr = _Snr()
+    for got, want in zip(outputs, references, strict=True):
+        snr.add(got, want)
+    return snr.db
+
+
 def _observer() -> MinMaxObserver:
     return MinMaxObserver(dtype=ACT_DTYPE, qscheme=torch.per_tensor_affine)
 
@@ -266,9 +274,17 @@ class Simulation:
     samples: int
 
 
-def simulate(model: nn.Module, inputs: Sequence[Tensor], blocks: Sequence[str]) -> Simulation:
+def simulate(
+    model: nn.Module,
+    inputs: Sequence[Tensor],
+    blocks: Sequence[str],
+    *,
+    quantize_outputs: bool = True,
+) -> Simulation:
     """Simulated W8A8 of `model` on `inputs`: end to end, and per block: the block run on
-    its float input, its output fake-quantized per tensor as the next layer will read it."""
+    its float input, its output fake-quantized per tensor as the next layer will read it
+    (unless not `quantize_outputs`: then a layer's figure is what quantizing its own weights
+    and input costs, what keeping that one node in float saves)."""
     modules = dict(model.named_modules())
     blocks = [p for p in blocks if p in modules]
     layers = quantized_layers(model)
@@ -278,7 +294,7 @@ def simulate(model: nn.Module, inputs: Sequence[Tensor], blocks: Sequence[str]) 
         whole, per_block = _Snr(), {p: _Snr(balanced=True) for p in blocks}
         with quantized(layers, floats.observers):
             for path, pairs in floats.blocks.items():
-                stored = floats.block_outputs.get(path)
+                stored = floats.block_outputs.get(path) if quantize_outputs else None
                 for x, y in pairs:
                     got = modules[path](x)
                     if stored is not None:  # the next layer reads it in int8

@@ -74,3 +74,7 @@ INT8_OUTLIER_RATIO = 8.0
 # signal-to-quantization-noise ratio (dB) is flagged and gets advice: noise above about 3% of
 # the signal's amplitude.
 INT8_BLOCK_DB = 30.0
+# An INT8 ONNX file (`repconv export --int8`) is written only if onnxruntime's outputs keep at
+# least this SNR (dB) against the float deploy model on the calibration inputs: below it (noise
+# at a third of the signal) the file has collapsed, whatever is kept in float.
+INT8_ONNX_MIN_DB = 10.0

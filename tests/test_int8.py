@@ -221,3 +221,63 @@ def test_calib_without_a_report_is_a_usage_error(train, tmp_path):
 
 def test_channels_constant_matches_the_nets():
     assert planted_net()[1].rbr_dense.conv.out_channels == CHANNELS
+
+
+# ---- the checked INT8 ONNX file ---------------------------------------------------------
+
+
+@pytest.fixture
+def deploy(train, tmp_path):
+    out = tmp_path / "deploy.safetensors"
+    result = _run("convert", train, out, "--arch", ARCH, "--input-shape", "3,16,16")
+    assert result.exit_code == 0, result.output
+    return out
+
+
+def _export(deploy, path, *extra):
+    base = ["export", deploy, path, "--arch", ARCH, "--input-shape", "3,16,16", "--int8"]
+    return _run(*base, *extra, "--json")
+
+
+def test_int8_onnx_is_checked_recorded_and_keeping_the_worst_nodes_helps(deploy, tmp_path):
+    pytest.importorskip("onnxruntime.quantization")
+    import onnx
+
+    runs = {}
+    for keep in (0, 2):
+        path = tmp_path / f"m{keep}.onnx"
+        result = _export(deploy, path, "--int8-keep-float", keep)
+        assert result.exit_code == 0, result.output
+        runs[keep] = json.loads(result.output)["onnx_int8"]
+        model = onnx.load(path)
+        ops = {n.op_type for n in model.graph.node}
+        assert {"QuantizeLinear", "DequantizeLinear"} <= ops
+        meta = {p.key: p.value for p in model.metadata_props}
+        assert json.loads(meta["int8_check"])["snr_db"] == pytest.approx(runs[keep]["snr_db"])
+    plain, kept = runs[0], runs[2]
+    # onnxruntime's INT8 and the simulated W8A8 agree in order of magnitude (within 6 dB)
+    assert abs(plain["snr_db"] - plain["simulated_w8a8_snr_db"]) < 6
+    # the node after the planted block reads its outlier channels: it is ranked worst
+    assert kept["kept_float"][0]["layer"] == "3.rbr_reparam"
+    assert kept["snr_db"] > plain["snr_db"] + 3
+
+
+def test_int8_onnx_under_the_floor_is_not_written(deploy, tmp_path, monkeypatch):
+    pytest.importorskip("onnxruntime.quantization")
+    from repconv import onnx_int8
+
+    monkeypatch.setattr(onnx_int8, "INT8_ONNX_MIN_DB", 200.0)
+    path = tmp_path / "m.onnx"
+    result = _export(deploy, path)
+    assert result.exit_code == 1
+    assert "not written" in json.loads(result.stdout)["error"]
+    assert not path.exists()
+
+
+def test_int8_onnx_with_bad_calibration_is_exit_2(deploy, tmp_path):
+    calib = tmp_path / "c.npy"
+    np.save(calib, np.zeros((2, 3, 8, 8), dtype=np.float32))
+    path = tmp_path / "m.onnx"
+    result = _export(deploy, path, "--calib", calib)
+    assert result.exit_code == 2 and "expected [3, 16, 16]" in json.loads(result.stdout)["error"]
+    assert not path.exists()

@@ -38,7 +38,7 @@ LAYERS: list[tuple[str, set[str]]] = [
         | {"zoo.repvgg", "zoo.dbb_nets", "zoo.demo", "int8_check"},
     ),
     ("checkpoint I/O", {"checkpoint", "zoo.checkpoints", "model_choice", "calibration"}),
-    ("workflows", {"pipeline", "onnx_export", "batch.worker"}),
+    ("workflows", {"pipeline", "onnx_export", "onnx_int8", "batch.worker"}),
     (
         "interface",
         {"report", "showcase", "cli", "__main__", "", "batch", "batch.executors"}
