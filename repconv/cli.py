@@ -387,20 +387,30 @@ def convert(input_path: Path, output_path: Path, **opts: Any) -> None:
             out.print(f"wrote {onnx_check.path}", markup=False)
         if int8_doc is not None:
             report.int8_table(out, int8_doc)
-            out.print("" if opts["dry_run"] else f"wrote {int8_path}", markup=False)
+            if not opts["dry_run"]:
+                out.print(f"wrote {int8_path} and {_chart_path(int8_path)}", markup=False)
         return code
 
     run_command(as_json, verbose, body)
 
 
 def _write_int8(result: Any, path: Path | None, dry_run: bool) -> dict[str, Any] | None:
-    """The INT8 report as JSON, written to `path` (atomically) unless a dry run."""
+    """The INT8 report as JSON, written to `path` (atomically) with its SVG chart beside it
+    (same name, .svg), unless a dry run."""
     if result.int8 is None:
         return None
+    from repconv import int8_plot
+
     doc = result.int8.to_dict()
     if path is not None and not dry_run:
         files.write_text_atomically(path, json.dumps(doc, indent=2) + "\n")
+        files.write_text_atomically(_chart_path(path), int8_plot.svg(doc))
     return doc
+
+
+def _chart_path(report_path: Path) -> Path:
+    chart = report_path.with_suffix(".svg")
+    return chart if chart != report_path else report_path.with_name(report_path.name + ".svg")
 
 
 def _int8_request(report_path: Path | None, calib_path: Path | None):

@@ -344,6 +344,7 @@ class Int8Report:
     model_snr_db: float
     blocks: list[BlockFigure]  # worst first
     layers: dict[str, Q.WeightFacts] = field(default_factory=dict)  # every quantized layer
+    order: list[str] = field(default_factory=list)  # the blocks' paths in model order
 
     @property
     def worst_block_db(self) -> float:
@@ -368,6 +369,7 @@ class Int8Report:
             "model_w8a8_snr_db": Q.finite_or_none(self.model_snr_db),
             "worst_block_snr_db": Q.finite_or_none(self.worst_block_db),
             "blocks": [b.to_dict() for b in self.blocks],
+            "block_order": self.order or [b.path for b in self.blocks],
             "layers": {p: f.to_dict() for p, f in self.layers.items()},
         }
 
@@ -418,5 +420,8 @@ def report(
                 outcome.path, outcome.family, snr, mine, attribution, advice_for(snr, attribution)
             )
         )
+    order = [b.path for b in blocks]
     blocks.sort(key=lambda b: b.snr_db)
-    return Int8Report(calibration, proxy, simulation.samples, simulation.model, blocks, layers)
+    return Int8Report(
+        calibration, proxy, simulation.samples, simulation.model, blocks, layers, order
+    )

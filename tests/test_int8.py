@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+from xml.etree import ElementTree
 
 import numpy as np
 import pytest
@@ -171,6 +172,10 @@ def test_convert_writes_the_report_and_shows_the_table(train, tmp_path):
     doc = json.loads(report.read_text())
     assert doc["blocks"][0]["path"] == "2" and doc["blocks"][0]["flagged"]
     assert out.exists()
+    chart = report.with_suffix(".svg").read_text()
+    root = ElementTree.fromstring(chart)  # well-formed SVG
+    bars = [e for e in root.iter("{http://www.w3.org/2000/svg}rect")]
+    assert len(bars) == len(doc["blocks"]) and bars[1].get("fill") == "#c0392b"  # block "2"
     assert "INT8 readiness" in result.output and "rbr_identity (BN gamma/sigma" in result.output
 
 

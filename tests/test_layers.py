@@ -41,7 +41,7 @@ LAYERS: list[tuple[str, set[str]]] = [
     ("workflows", {"pipeline", "onnx_export", "onnx_int8", "batch.worker"}),
     (
         "interface",
-        {"report", "showcase", "cli", "__main__", "", "batch", "batch.executors"}
+        {"report", "showcase", "cli", "__main__", "", "batch", "batch.executors", "int8_plot"}
         | {"batch.runner", "batch.task", "batch.summary", "batch.progress"},
     ),
 ]
