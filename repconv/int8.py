@@ -55,14 +55,12 @@ def snr_db(reference: Tensor, approx: Tensor) -> float:
 def balanced_snr_db(reference: Tensor, approx: Tensor) -> float:
     """The SNR with every output channel (dim 0) counting alike: -10 log10 of the mean over
     the channels of noise / signal. An energy SNR hides what a wide channel's scale does to
-    the narrow ones, which hold little energy; this one shows it. Channels with no signal are
-    left out (inf if none is left and nothing moved)."""
+    the narrow ones, which hold little energy; this one shows it. Channels with no signal have
+    no ratio and are left out (inf if none is left)."""
     ref = reference.detach().to(MATH_DTYPE).reshape(reference.shape[0], -1)
     noise = ((approx.detach().to(MATH_DTYPE).reshape(ref.shape) - ref) ** 2).sum(dim=1)
     signal = (ref**2).sum(dim=1)
     live = signal > 0
-    if bool((noise[~live] > 0).any()):
-        return -math.inf
     ratio = float((noise[live] / signal[live]).mean()) if bool(live.any()) else 0.0
     if ratio == 0.0:
         return math.inf

@@ -125,8 +125,9 @@ class _Snr:
     """Signal and noise energy summed over samples and output tensors.
 
     Balanced (a block's figure): per channel (dim 1) of each output tensor, so that every
-    channel counts alike, -10 log10 of the mean noise-to-signal ratio over the channels. The
-    channels a wide outlier channel's scale crushes then show, though they hold little energy.
+    channel counts alike, -10 log10 of the mean noise-to-signal ratio over the channels that
+    carry a signal. The channels a wide outlier channel's scale crushes then show, though they
+    hold little energy.
     """
 
     def __init__(self, balanced: bool = False) -> None:
@@ -155,10 +156,8 @@ class _Snr:
             n = torch.as_tensor(self.noise[name], dtype=torch.float64).reshape(-1)
             if not self.balanced:
                 s, n = s.sum().reshape(1), n.sum().reshape(1)
-            live = s > 0
+            live = s > 0  # a channel with no signal (a dead ReLU's) has no ratio: left out
             ratios.append(n[live] / s[live])
-            if bool((n[~live] > 0).any()):
-                return -math.inf
         ratio = float(torch.cat(ratios).mean()) if ratios and torch.cat(ratios).numel() else 0.0
         if ratio == 0.0:
             return math.inf

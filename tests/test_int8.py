@@ -286,3 +286,9 @@ def test_int8_onnx_with_bad_calibration_is_exit_2(deploy, tmp_path):
     result = _export(deploy, path, "--calib", calib)
     assert result.exit_code == 2 and "expected [3, 16, 16]" in json.loads(result.stdout)["error"]
     assert not path.exists()
+
+
+def test_a_dead_channel_has_no_ratio():
+    ref = torch.tensor([[0.0, 0.0], [1.0, 1.0]], dtype=torch.float64)
+    approx = ref + torch.tensor([[0.5, 0.0], [0.1, 0.0]], dtype=torch.float64)
+    assert Q.balanced_snr_db(ref, approx) == pytest.approx(-10 * math.log10(0.01 / 2))
