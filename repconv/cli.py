@@ -374,17 +374,7 @@ def convert(input_path: Path, output_path: Path, **opts: Any) -> None:
             )
             return code
         out = report.console()
-        report.plan_table(out, result.plan)
-        report.warnings_block(report.console(stderr=True), result.plan)
-        report.summary_line(out, result.plan, result.params_before, result.params_after)
-        if result.verification is not None:
-            report.verification_lines(out, result.verification)
-            if not result.passed:
-                out.print(result.verification.failure_message(), markup=False)
-        out.print(f"wrote {written}" if written else "dry run: nothing written", markup=False)
-        if onnx_check is not None:
-            out.print(onnx_check.summary(), markup=False)
-            out.print(f"wrote {onnx_check.path}", markup=False)
+        _show_conversion(out, result, written, onnx_check)
         if int8_doc is not None:
             report.int8_table(out, int8_doc)
             if not opts["dry_run"]:
@@ -392,6 +382,21 @@ def convert(input_path: Path, output_path: Path, **opts: Any) -> None:
         return code
 
     run_command(as_json, verbose, body)
+
+
+def _show_conversion(out: Any, result: Any, written: str | None, onnx_check: Any) -> None:
+    """A conversion's plan, warnings, figures and what was written, as text."""
+    report.plan_table(out, result.plan)
+    report.warnings_block(report.console(stderr=True), result.plan)
+    report.summary_line(out, result.plan, result.params_before, result.params_after)
+    if result.verification is not None:
+        report.verification_lines(out, result.verification)
+        if not result.passed:
+            out.print(result.verification.failure_message(), markup=False)
+    out.print(f"wrote {written}" if written else "dry run: nothing written", markup=False)
+    if onnx_check is not None:
+        out.print(onnx_check.summary(), markup=False)
+        out.print(f"wrote {onnx_check.path}", markup=False)
 
 
 def _write_int8(result: Any, path: Path | None, dry_run: bool) -> dict[str, Any] | None:

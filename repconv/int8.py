@@ -52,19 +52,31 @@ def snr_db(reference: Tensor, approx: Tensor) -> float:
     return 10.0 * math.log10(signal / noise)
 
 
+# A channel's noise-to-signal ratio is taken as at least this (120 dB): an exact channel would
+# make the mean infinite.
+RATIO_FLOOR = 1e-12
+
+
+def mean_channel_db(noise: Tensor, signal: Tensor) -> float:
+    """The mean over channels of each channel's SNR in dB (-10 log10 noise / signal), channels
+    with no signal (a dead ReLU's) left out; inf if none is left.
+
+    Every channel counts alike, and a nearly dead channel moves the mean by its share only (a
+    mean of the ratios themselves would be that channel's alone)."""
+    live = signal > 0
+    if not bool(live.any()):
+        return math.inf
+    ratio = (noise[live] / signal[live]).clamp(min=RATIO_FLOOR)
+    return float((-10.0 * torch.log10(ratio)).mean())
+
+
 def balanced_snr_db(reference: Tensor, approx: Tensor) -> float:
-    """The SNR with every output channel (dim 0) counting alike: -10 log10 of the mean over
-    the channels of noise / signal. An energy SNR hides what a wide channel's scale does to
-    the narrow ones, which hold little energy; this one shows it. Channels with no signal have
-    no ratio and are left out (inf if none is left)."""
+    """The SNR with every output channel (dim 0) counting alike (`mean_channel_db`). An energy
+    SNR hides what a wide channel's scale does to the narrow ones, which hold little energy;
+    this one shows it."""
     ref = reference.detach().to(MATH_DTYPE).reshape(reference.shape[0], -1)
     noise = ((approx.detach().to(MATH_DTYPE).reshape(ref.shape) - ref) ** 2).sum(dim=1)
-    signal = (ref**2).sum(dim=1)
-    live = signal > 0
-    ratio = float((noise[live] / signal[live]).mean()) if bool(live.any()) else 0.0
-    if ratio == 0.0:
-        return math.inf
-    return -10.0 * math.log10(ratio) if math.isfinite(ratio) else -math.inf
+    return mean_channel_db(noise, (ref**2).sum(dim=1))
 
 
 def weight_qparams(weight: Tensor, per_channel: bool) -> tuple[Tensor, Tensor]:

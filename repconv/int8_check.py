@@ -124,10 +124,9 @@ def quantized_layers(model: nn.Module) -> dict[str, nn.Module]:
 class _Snr:
     """Signal and noise energy summed over samples and output tensors.
 
-    Balanced (a block's figure): per channel (dim 1) of each output tensor, so that every
-    channel counts alike, -10 log10 of the mean noise-to-signal ratio over the channels that
-    carry a signal. The channels a wide outlier channel's scale crushes then show, though they
-    hold little energy.
+    Balanced (a block's figure): per channel (dim 1) of each output tensor, the mean of the
+    channels' SNR in dB (`int8.mean_channel_db`), so that every channel counts alike: the
+    channels a wide outlier channel's scale crushes then show, though they hold little energy.
     """
 
     def __init__(self, balanced: bool = False) -> None:
@@ -150,20 +149,20 @@ class _Snr:
 
     @property
     def db(self) -> float:
-        ratios = []
-        for name, signal in self.signal.items():
-            s = torch.as_tensor(signal, dtype=torch.float64).reshape(-1)
-            n = torch.as_tensor(self.noise[name], dtype=torch.float64).reshape(-1)
-            if not self.balanced:
-                s, n = s.sum().reshape(1), n.sum().reshape(1)
-            live = s > 0  # a channel with no signal (a dead ReLU's) has no ratio: left out
-            ratios.append(n[live] / s[live])
-        ratio = float(torch.cat(ratios).mean()) if ratios and torch.cat(ratios).numel() else 0.0
-        if ratio == 0.0:
+        if self.balanced:
+            noise, signal = [], []
+            for name, s in self.signal.items():
+                signal.append(torch.as_tensor(s, dtype=torch.float64).reshape(-1))
+                noise.append(torch.as_tensor(self.noise[name], dtype=torch.float64).reshape(-1))
+            if not signal:
+                return math.inf
+            return Q.mean_channel_db(torch.cat(noise), torch.cat(signal))
+        signal, noise = sum(self.signal.values()), sum(self.noise.values())
+        if noise == 0.0:
             return math.inf
-        if not math.isfinite(ratio):
+        if signal == 0.0 or not math.isfinite(noise):
             return -math.inf
-        return -10.0 * math.log10(ratio)
+        return 10.0 * math.log10(signal / noise)
 
 
 def output_snr_db(outputs: Sequence[Any], references: Sequence[Any]) -> float:

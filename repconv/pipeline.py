@@ -101,9 +101,8 @@ def convert(
     it is what gets verified, and `Result.model` and `Result.state_dict` are its own, so the
     state dict loads into it strictly. BadInput names the paths when it does not fit.
 
-    `int8` (a `calibration.Calibration`): also the INT8 readiness report (`Result.int8`), its
-    branch attribution taken before the fold and its W8A8 simulation on the deploy model as
-    written.
+    `int8` (a `calibration.Calibration`): also the INT8 readiness report (`Result.int8`): the
+    branches blamed before the fold, the W8A8 simulation on the deploy model as written.
     """
     options = ConvertOptions.merged(options, keywords)
     if deploy_model is None:
@@ -134,9 +133,7 @@ def convert(
         names = _names_check(structure, model, reference, applied, verification)
     dtypes.cast_in_place(model, dtype_for)
     state = {k: v.contiguous() for k, v in model.state_dict().items()}
-    readiness = None
-    if int8 is not None:
-        readiness = _int8_report(model, applied, attributions, int8, reference, options)
+    readiness = int8 and _int8_report(model, applied, attributions, int8, reference, options)
     return Result(
         model, applied, verification, state, params_before, param_count(model), reference=reference,
         convention=names, int8=readiness,
