@@ -295,3 +295,34 @@ def test_a_dead_channel_has_no_ratio():
     approx = ref + torch.tensor([[0.5, 0.0], [0.1, 0.0]], dtype=torch.float64)
     assert Q.balanced_snr_db(ref, approx) == pytest.approx(-10 * math.log10(0.01 / 2))
     assert Q.balanced_snr_db(ref, ref) == pytest.approx(120.0)  # exact: the ratio floor
+
+
+def _has_pillow() -> bool:
+    try:
+        import PIL  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+@pytest.mark.skipif(_has_pillow(), reason="Pillow is installed")
+def test_images_without_pillow_are_exit_2_naming_the_extra(train, tmp_path):
+    image = tmp_path / "a.png"
+    image.write_bytes(b"\x89PNG\r\n\x1a\n")
+    result, out, report = _convert(train, tmp_path, "--calib", image)
+    assert result.exit_code == 2 and "repconv[images]" in result.output
+    assert not out.exists() and not report.exists()
+
+
+def test_images_are_resized_and_normalised(tmp_path):
+    image_module = pytest.importorskip("PIL.Image")
+    from repconv import calibration
+
+    pixels = np.zeros((20, 30, 3), dtype=np.uint8)
+    pixels[..., 0] = 255
+    image_module.fromarray(pixels).save(tmp_path / "red.png")
+    (got,) = calibration.load(tmp_path, SHAPE)
+    assert got.shape == (1, *SHAPE)
+    mean, std = calibration.IMAGENET_MEAN, calibration.IMAGENET_STD
+    assert float(got[0, 0].mean()) == pytest.approx((1 - mean[0]) / std[0], rel=1e-4)
+    assert float(got[0, 1].mean()) == pytest.approx(-mean[1] / std[1], rel=1e-4)
