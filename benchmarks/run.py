@@ -243,7 +243,7 @@ def onnxruntime_latency(deploy: torch.nn.Module, shape: tuple, runs: int) -> dic
     options.intra_op_num_threads = options.inter_op_num_threads = 1
     with tempfile.TemporaryDirectory() as tmp:
         path = str(Path(tmp) / "deploy.onnx")
-        onnx_export._export(deploy, path, x, x.dtype, onnx_export.DEFAULT_OPSET, False)
+        onnx_export.export_model(deploy, path, x, x.dtype, onnx_export.DEFAULT_OPSET, False)
         session = onnxruntime.InferenceSession(path, options, providers=["CPUExecutionProvider"])
     feed = {onnx_export.INPUT_NAME: x.numpy()}
     with torch.inference_mode():

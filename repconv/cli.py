@@ -341,6 +341,20 @@ def main() -> None:
     help="Also export the deploy model to this .onnx file, checked with onnxruntime "
     "(needs repconv[onnx]; defaults of `repconv export`).",
 )
+@click.option(
+    "--int8-report",
+    "int8_path",
+    type=click.Path(path_type=Path),
+    help="Also write the INT8 readiness report (JSON) here and show its table: weight ranges "
+    "and SNR per fused conv, which branch makes the outliers, a simulated W8A8 pass.",
+)
+@click.option(
+    "--calib",
+    "calib_path",
+    type=click.Path(path_type=Path),
+    help="Calibration inputs of the INT8 report: a .pt/.npy file or a folder of them (images "
+    "with Pillow); default: the verification's seeded random inputs, only a proxy.",
+)
 def convert(input_path: Path, output_path: Path, **opts: Any) -> None:
     """Convert a train checkpoint INPUT into a verified deploy checkpoint OUTPUT.
 
@@ -356,6 +370,7 @@ def convert(input_path: Path, output_path: Path, **opts: Any) -> None:
         from repconv import pipeline
 
         options = _taken_options(opts)
+        int8_path, calibration = _int8_request(opts.pop("int8_path"), opts.pop("calib_path"))
         onnx_path = opts["onnx_path"]
         if onnx_path is not None:
             from repconv import onnx_export
@@ -377,7 +392,9 @@ def convert(input_path: Path, output_path: Path, **opts: Any) -> None:
                 options,
                 dry_run=opts["dry_run"],
                 before_writing=export_first,
+                int8=calibration,
             )
+        int8_doc = _write_int8(result, int8_path, opts["dry_run"])
         code = EXIT_OK if result.passed else EXIT_FAILED
         written = str(output_path) if result.written else None
         onnx_check = checks[0] if checks else None
@@ -385,10 +402,15 @@ def convert(input_path: Path, output_path: Path, **opts: Any) -> None:
             onnx_dict = None if onnx_check is None else onnx_check.to_dict()
             report.emit_json(
                 {"ok": code == 0, "exit_code": code, "output": written, **result.to_dict()}
-                | {"onnx": onnx_dict, "noop": result.noop}
+                | {"onnx": onnx_dict, "noop": result.noop, "int8": int8_doc}
             )
             return code
         _show_conversion(input_path, result, written, opts["dry_run"], onnx_check)
+        if int8_doc is not None:
+            out = report.console()
+            report.int8_table(out, int8_doc)
+            if not opts["dry_run"]:
+                out.print(f"wrote {int8_path} and {_chart_path(int8_path)}", markup=False)
         return code
 
     run_command(as_json, verbose, body)
@@ -436,6 +458,39 @@ def _show_conversion(
         out.print(f"wrote {onnx_check.path}", markup=False)
 
 
+def _write_int8(result: Any, path: Path | None, dry_run: bool) -> dict[str, Any] | None:
+    """The INT8 report as JSON, written to `path` (atomically) with its SVG chart beside it
+    (same name, .svg), unless a dry run."""
+    if result.int8 is None:
+        return None
+    from repconv import int8_plot
+
+    doc = result.int8.to_dict()
+    if path is not None and not dry_run:
+        files.write_text_atomically(path, json.dumps(doc, indent=2) + "\n")
+        files.write_text_atomically(_chart_path(path), int8_plot.svg(doc))
+    return doc
+
+
+def _chart_path(report_path: Path) -> Path:
+    chart = report_path.with_suffix(".svg")
+    return chart if chart != report_path else report_path.with_name(report_path.name + ".svg")
+
+
+def _int8_request(report_path: Path | None, calib_path: Path | None):
+    """(the report's path, checked writable; the calibration) for --int8-report / --calib,
+    or (None, None) without a report; --calib alone is a usage error."""
+    if report_path is None:
+        if calib_path is not None:
+            raise BadInput("--calib needs --int8-report")
+        return None, None
+    from repconv.calibration import Calibration
+
+    calibration = Calibration(calib_path)
+    calibration.check()
+    return files.check_report_path(report_path), calibration
+
+
 EXPORT_EXAMPLES = """
 \b
 Examples:
@@ -477,12 +532,42 @@ written atomically, and only if its outputs match the deploy model's in float64 
     is_flag=True,
     help="Build any architecture DEPLOY's metadata names (runs the code it names).",
 )
+@click.option(
+    "--int8",
+    is_flag=True,
+    help="Write a QDQ INT8 model (onnxruntime static quantization), checked with onnxruntime "
+    "against the float deploy model.",
+)
+@click.option(
+    "--int8-keep-float",
+    type=click.IntRange(min=0),
+    default=0,
+    show_default=True,
+    metavar="N",
+    help="With --int8: keep in float the N conv/linear nodes the simulated W8A8 ranks worst.",
+)
+@click.option(
+    "--calib",
+    "calib_path",
+    type=click.Path(path_type=Path),
+    help="Calibration inputs for --int8: a .pt/.npy file or a folder of them (images with "
+    "Pillow); default: seeded random inputs, only a proxy.",
+)
 def export(deploy_path: Path, output_path: Path, **opts: Any) -> None:
     as_json, verbose = opts.pop("as_json"), opts.pop("verbose")
 
     def body() -> int:
         from repconv import onnx_export
 
+        int8, keep, calib_path = (
+            opts.pop("int8"),
+            opts.pop("int8_keep_float"),
+            opts.pop("calib_path"),
+        )
+        if int8:
+            return _export_int8(deploy_path, output_path, opts, keep, calib_path, as_json)
+        if keep or calib_path is not None:
+            raise BadInput("--int8-keep-float and --calib need --int8")
         settings = onnx_export.ExportSettings(
             opset=opts.pop("opset"), dynamic_batch=opts.pop("dynamic_batch"), fp16=opts.pop("fp16")
         )
@@ -500,6 +585,39 @@ def export(deploy_path: Path, output_path: Path, **opts: Any) -> None:
         return EXIT_OK
 
     run_command(as_json, verbose, body)
+
+
+def _export_int8(
+    deploy_path: Path,
+    output_path: Path,
+    opts: dict[str, Any],
+    keep: int,
+    calib_path: Path | None,
+    as_json: bool,
+) -> int:
+    """`export --int8`: the QDQ file, its check's summary or JSON."""
+    from repconv import onnx_int8
+    from repconv.calibration import Calibration
+
+    if opts.pop("fp16") or opts.pop("dynamic_batch"):
+        raise BadInput("--int8 takes neither --fp16 nor --dynamic-batch")
+    opset, trust = opts.pop("opset"), opts.pop("trust_metadata")
+    with _status("exporting INT8...", as_json):
+        check = onnx_int8.export_int8_deploy_file(
+            deploy_path, output_path, _taken_options(opts), calibration=Calibration(calib_path),
+            opset=opset, keep_float=keep, trust_metadata=trust,
+        )  # fmt: skip
+    if as_json:
+        report.emit_json({"ok": True, "exit_code": EXIT_OK, "onnx_int8": check.to_dict()})
+        return EXIT_OK
+    out = report.console()
+    out.print(check.summary(), markup=False)
+    for kept in check.kept_float:
+        out.print(
+            f"kept in float: {shown(kept['layer'])} (node {shown(str(kept['node']))})", markup=False
+        )
+    out.print(f"wrote {check.path}", markup=False)
+    return EXIT_OK
 
 
 @main.command()
@@ -553,35 +671,57 @@ def verify(train_path: Path, deploy_path: Path, **opts: Any) -> None:
 @main.command()
 @click.argument("input_path", metavar="INPUT", type=click.Path(path_type=Path))
 @_common_model_options
+@_input_shape_option
+@click.option(
+    "--int8",
+    is_flag=True,
+    help="Also the INT8 readiness report: weight ranges and SNR per fused conv, which branch "
+    "makes the outliers, a simulated W8A8 pass (on seeded random inputs unless --calib).",
+)
+@click.option(
+    "--calib",
+    "calib_path",
+    type=click.Path(path_type=Path),
+    help="Calibration inputs for --int8: a .pt/.npy file or a folder of them (images with Pillow).",
+)
 def inspect(input_path: Path, **opts: Any) -> None:
     """List the blocks INPUT holds, the rule for each and parameters before/after, and
     whether INPUT is in train form (blocks to fold) or already in deploy form.
 
     INPUT a deploy file repconv wrote: what it records of its conversion (its plan, and
     whether it loads into the train class by the conv-BN convention); nothing is built.
-    Nothing is written. Example:  repconv inspect train.pth --arch repvgg_a0
+    Nothing is written. Example:  repconv inspect train.pth --arch repvgg_a0 --int8
     """
     as_json, verbose = opts.pop("as_json"), opts.pop("verbose")
 
     def body() -> int:
         from repconv import pipeline
+        from repconv.calibration import Calibration
 
+        wanted, calib_path = opts.pop("int8"), opts.pop("calib_path")
+        if calib_path is not None and not wanted:
+            raise BadInput("--calib needs --int8")
+        calibration = Calibration(calib_path) if wanted else None
+        if calibration is not None:
+            calibration.check()
         options = _taken_options(opts)
-        recorded = pipeline.recorded_conversion(input_path)
+        recorded = None if wanted else pipeline.recorded_conversion(input_path)
         if recorded is not None:
             return _show_recorded(recorded, as_json)
-        plan, before, after = pipeline.inspect_file(input_path, options)
+        plan, before, after, int8 = pipeline.inspect_int8(input_path, options, int8=calibration)
+        int8_doc = None if int8 is None else int8.to_dict()
         if as_json:
-            report.emit_json(
-                {"ok": True, "params_before": before, "params_after": after, **plan.to_dict()}
-                | plan.record().form()
-            )
+            document = {"ok": True, "params_before": before, "params_after": after}
+            document |= plan.to_dict() | plan.record().form()
+            report.emit_json(document | {"int8": int8_doc})
             return EXIT_OK
         out = report.console()
         report.plan_table(out, plan)
         report.warnings_block(out, plan)
         report.summary_line(out, plan, before, after)
         report.form_line(out, plan)
+        if int8_doc is not None:
+            report.int8_table(out, int8_doc)
         return EXIT_OK
 
     run_command(as_json, verbose, body)

@@ -138,7 +138,7 @@ def export_checked(
     output_path = Path(output_path)
     dtype = torch.float16 if fp16 else torch.float32
     with files.replacing(output_path) as tmp:
-        _export(model, tmp, inputs[0], dtype, opset, dynamic_batch)
+        export_model(model, tmp, inputs[0], dtype, opset, dynamic_batch)
         outputs = run_onnx(tmp, inputs, dtype, batch_of_three=dynamic_batch)
         # ONNX outputs are a flat list: compare them with the references' tensors in order.
         flat = [tuple(t for _, t in flatten_outputs(r)) for r in references]
@@ -152,11 +152,11 @@ def export_checked(
         # What `repconv lint` would say of the file: a deploy export should hold no train-time
         # structure; findings are reported (and recorded), the file stays valid.
         check.lint = [f.to_dict() for f in onnx_lint.lint_model(onnx.load(tmp))]
-        _write_metadata(onnx, tmp, {**(metadata or {}), "onnx_check": check.to_dict()})
+        write_metadata(onnx, tmp, {**(metadata or {}), "onnx_check": check.to_dict()})
     return check
 
 
-def _export(
+def export_model(
     model: nn.Module,
     path: str,
     example: torch.Tensor,
@@ -217,7 +217,7 @@ def run_onnx(
     return [tuple(r) for r in rows]
 
 
-def _write_metadata(onnx: Any, path: str, fields: dict[str, Any]) -> None:
+def write_metadata(onnx: Any, path: str, fields: dict[str, Any]) -> None:
     """Set `metadata_props` (strings; objects as JSON) on the file at `path`."""
     model = onnx.load(path)
     fields = {"repconv_version": __version__, **fields}
@@ -268,7 +268,7 @@ def export_deploy_file(
     require_onnx()
     options = options or ConvertOptions()
     deploy_path, output_path = Path(deploy_path), Path(output_path)
-    _check_paths(deploy_path, output_path)
+    check_paths(deploy_path, output_path)
     # The models are chosen where every workflow's are (`model_choice`, via the loader).
     model = pipeline.load_deploy_with(deploy_path, options, trust_metadata=trust_metadata)
     shape = arch.input_shape_for(model, options.input_shape)
@@ -295,7 +295,7 @@ def _recorded_verification(record: Any) -> dict[str, Any] | None:
         return None
 
 
-def _check_paths(source: Path, output: Path) -> None:
+def check_paths(source: Path, output: Path) -> None:
     """Refuse an output that is not .onnx, is the input, or cannot be written; before work."""
     if output.suffix.lower() != ".onnx":
         raise BadInput(f"{output}: the ONNX output must end in .onnx")

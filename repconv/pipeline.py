@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
@@ -42,6 +42,10 @@ from repconv.terminal import shown
 from repconv.tolerances import EXACT_LIMIT
 from repconv.turns import one_at_a_time
 
+if TYPE_CHECKING:  # imported when an INT8 report is asked for: torch's quantization is heavy
+    from repconv.calibration import Calibration
+    from repconv.int8_check import Int8Report
+
 
 @dataclass
 class Result:
@@ -64,6 +68,8 @@ class Result:
     layout: dict[str, str] | None = None
     others: dict[str, Result] = field(default_factory=dict)
     written: bool = False  # whether convert_file wrote the output
+    # The INT8 readiness report, when asked for (`convert(..., int8=...)`).
+    int8: Int8Report | None = None
 
     @property
     def noop(self) -> bool:
@@ -105,6 +111,7 @@ def convert(
     *,
     rules: Sequence[Rule] | None = None,
     deploy_model: nn.Module | None = None,
+    int8: Calibration | None = None,
     **keywords: Any,
 ) -> Result:
     """Convert `model` in place into its deploy form and verify it against itself before.
@@ -119,6 +126,9 @@ def convert(
     `deploy_arch` / `deploy_kwargs`): the converted tensors are mapped onto it (`deploy_map`),
     it is what gets verified, and `Result.model` and `Result.state_dict` are its own, so the
     state dict loads into it strictly. BadInput names the paths when it does not fit.
+
+    `int8` (a `calibration.Calibration`): also the INT8 readiness report (`Result.int8`): the
+    branches blamed before the fold, the W8A8 simulation on the deploy model as written.
     """
     options = ConvertOptions.merged(options, keywords)
     if deploy_model is None:
@@ -139,6 +149,7 @@ def convert(
     # The train class, to read the file by the conv-BN convention (not for a deploy model of
     # the user's, whose names are its own).
     structure = convention.structure_of(model) if reference and deploy_model is None else None
+    attributions = _attributions(model, plan) if int8 is not None else {}
     applied = engine.apply(model, plan, observer=probes)
     if deploy_model is not None:
         dtype_for = _fill_deploy(deploy_model, model, kept, dtype_for)
@@ -149,10 +160,42 @@ def convert(
         names = _names_check(structure, model, reference, applied, verification)
     dtypes.cast_in_place(model, dtype_for)
     state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    readiness = int8 and _int8_report(model, applied, attributions, int8, reference, options)
     return Result(
         model, applied, verification, state, params_before, param_count(model), reference=reference,
-        convention=names,
+        convention=names, int8=readiness,
     )  # fmt: skip
+
+
+def _attributions(model: nn.Module, plan: Plan) -> dict[str, Any]:
+    from repconv import int8_check
+
+    return int8_check.attribute(model, plan)
+
+
+def _int8_report(
+    model: nn.Module,
+    applied: Applied,
+    attributions: Mapping[str, Any],
+    calibration: Calibration,
+    reference: V.Reference | None,
+    options: ConvertOptions,
+) -> Int8Report:
+    """The INT8 report on the deploy model as written: on the calibration inputs, else on the
+    verification's seeded ones (a proxy, and the report says so)."""
+    from repconv import int8_check
+
+    shape = reference.shape if reference is not None else None
+    shape = shape or arch.input_shape_for(model, options.input_shape)
+    inputs = calibration.load(shape)
+    if inputs is None:
+        if reference is not None:
+            inputs = reference.inputs
+        else:
+            inputs = V.make_inputs(shape, options.samples, options.seed, torch.float32)
+    return int8_check.report(
+        model, applied, attributions, inputs, calibration.source, calibration.path is None
+    )
 
 
 def _names_check(
@@ -342,6 +385,7 @@ def convert_file(
     *,
     dry_run: bool = False,
     before_writing: Callable[[Result], Any] | None = None,
+    int8: Calibration | None = None,
     **keywords: Any,
 ) -> Result:
     """Read a train checkpoint, convert and verify it, write the deploy checkpoint atomically.
@@ -350,7 +394,7 @@ def convert_file(
     `arch`) say how. Nothing is written when verification fails (unless `force`), when `strict`
     and a norm could not be folded, or on `dry_run`. `before_writing(result)` runs once the
     conversion may be written, just before it is: what it raises (a failed ONNX check) leaves
-    nothing written.
+    nothing written. `int8`: the INT8 readiness report too (`Result.int8`; see `convert`).
     """
     options = ConvertOptions.merged(options, keywords)
     input_path, output_path = Path(input_path), Path(output_path)
@@ -363,7 +407,7 @@ def convert_file(
         return _convert_layout(loaded, choice, out, options, dry_run, before_writing)
     model = _load_model(loaded, choice.train)
     loaded.state_dict = None  # the model holds what it needs; let fused-away tensors go
-    result = convert(model, options, deploy_model=_empty(choice.deploy))
+    result = convert(model, options, deploy_model=_empty(choice.deploy), int8=int8)
     result.source = _source(loaded, choice)
     _check_outcome(result, options, loaded.path.name)
     if not dry_run and not result.noop:
@@ -810,15 +854,37 @@ def inspect_file(
     """What converting a checkpoint would do (fused in memory only, nothing written).
 
     Returns the plan with every entry's outcome and the parameter counts before and after.
-    Of the options, the model's (arch, arch_kwargs, key, trust_pickle) apply.
+    Of the options, the model's (arch, arch_kwargs, key, trust_pickle) apply. `inspect_int8`
+    adds the INT8 report.
     """
+    applied, before, after, _ = inspect_int8(input_path, options, **keywords)
+    return applied, before, after
+
+
+@one_at_a_time
+@takes_options("model")
+def inspect_int8(
+    input_path: str | Path,
+    options: ConvertOptions | None = None,
+    *,
+    int8: Calibration | None = None,
+    **keywords: Any,
+) -> tuple[Applied, int, int, Int8Report | None]:
+    """`inspect_file`, and with `int8` the INT8 readiness report of the model fused in memory
+    (on the calibration inputs, else on seeded random ones: `input_shape` is the model's)."""
     options = ConvertOptions.merged(options, keywords)
     key, trust_pickle = options.key, options.trust_pickle
     loaded = checkpoint.read_checkpoint(input_path, key=key, trust_pickle=trust_pickle)
-    model = _load_model(loaded, _train_choice(loaded, options).train)
+    model = _load_model(loaded, _train_choice(loaded, options).train).eval()
     before = param_count(model)
-    applied = engine.convert_model(model)
-    return applied, before, param_count(model)
+    # the plan `convert` makes by default (the library's own deploy form where it has one)
+    plan = engine.plan(model, leave_out=deploy_form.passes_left_out(model, False, False))
+    attributions = _attributions(model, plan) if int8 is not None else {}
+    applied = engine.apply(model, plan)
+    readiness = None
+    if int8 is not None:
+        readiness = _int8_report(model, applied, attributions, int8, None, options)
+    return applied, before, param_count(model), readiness
 
 
 @dataclass(frozen=True)

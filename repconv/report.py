@@ -249,3 +249,39 @@ def emit_json(document: dict[str, Any]) -> None:
         _owner.emit(document)
     else:
         sys.stdout.write(json.dumps(document, indent=2, default=str) + "\n")
+
+
+def _db(value: float | None) -> str:
+    return "inf" if value is None else f"{value:.1f}"
+
+
+def int8_table(out: Console, doc: dict[str, Any], limit: int = 12) -> None:
+    """The INT8 report (`int8_check.Int8Report.to_dict()`): blocks worst first, then the whole
+    model's figure and what the numbers rest on."""
+    rows = []
+    for block in doc["blocks"][:limit]:
+        layers = list(block["layers"].values())
+        worst = min(layers, key=lambda f: f["snr_per_tensor_db"] or 1e9) if layers else None
+        outliers = block["outliers"]
+        rows.append(
+            [
+                block["path"] or "<root>",
+                _db(block["w8a8_snr_db"]),
+                "-" if worst is None else _db(worst["snr_per_tensor_db"]),
+                "-" if worst is None else _db(worst["snr_per_channel_db"]),
+                None if worst is None else worst["range_ratio"],
+                "-" if outliers is None else outliers["dominant"],
+                block["advice"] or "ok",
+            ]
+        )
+    columns = ["block", "W8A8 dB", "w/tensor dB", "w/channel dB", "widest/median"]
+    title = f"INT8 readiness (worst {len(rows)} of {len(doc['blocks'])} blocks)"
+    table(out, title, [*columns, "outliers from", "advice"], rows)
+    flagged = sum(1 for b in doc["blocks"] if b["flagged"])
+    out.print(
+        f"whole model W8A8 SNR {_db(doc['model_w8a8_snr_db'])} dB; {flagged} block(s) under "
+        f"{doc['scheme']['flag_below_db']:g} dB; {doc['samples']} calibration input(s) from "
+        f"{shown(doc['calibration'])}",
+        markup=False,
+    )
+    out.print(f"note: {doc['note']}", markup=False)

@@ -70,3 +70,17 @@ def format_limit(limit: float) -> str:
     """A limit as people write it: 1e-4, not 0.0001 or 1e-04."""
     mantissa, exponent = f"{limit:.0e}".split("e")
     return f"{mantissa}e{int(exponent)}"
+
+
+# ---- INT8 readiness (repconv.int8_check): what counts as collapsing --------------------------
+# A channel wider than this many times the median channel of its kernel is an outlier: one
+# per-tensor scale then spends most of the int8 grid on it.
+INT8_OUTLIER_RATIO = 8.0
+# A block whose output, run in simulated W8A8 on its own float input, keeps less than this
+# signal-to-quantization-noise ratio (dB) is flagged and gets advice: noise above about 3% of
+# the signal's amplitude.
+INT8_BLOCK_DB = 30.0
+# An INT8 ONNX file (`repconv export --int8`) is written only if onnxruntime's outputs keep at
+# least this SNR (dB) against the float deploy model on the calibration inputs: below it (noise
+# at a third of the signal) the file has collapsed, whatever is kept in float.
+INT8_ONNX_MIN_DB = 10.0

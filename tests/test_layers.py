@@ -32,7 +32,7 @@ LAYERS: list[tuple[str, set[str]]] = [
             "batch.config",
         },
     ),
-    ("module facts and math", {"modules", "kernels", "geometry", "linear_map", "outputs"}),
+    ("module facts and math", {"modules", "kernels", "geometry", "linear_map", "outputs", "int8"}),
     ("analysis", {"tracing", "dataflow", "sum_check", "fused_conv", "block_check"}),
     (
         "passes",
@@ -44,14 +44,14 @@ LAYERS: list[tuple[str, set[str]]] = [
     (
         "models and judging",
         {"dtypes", "arch", "verification", "bench", "deploy_constraint", "convention"}
-        | {"deploy_form"}
+        | {"deploy_form", "int8_check"}
         | {"zoo.repvgg", "zoo.dbb_nets", "zoo.demo"},
     ),
-    ("checkpoint I/O", {"checkpoint", "layout", "zoo.checkpoints", "model_choice"}),
-    ("workflows", {"pipeline", "onnx_export", "batch.worker"}),
+    ("checkpoint I/O", {"checkpoint", "layout", "zoo.checkpoints", "model_choice", "calibration"}),
+    ("workflows", {"pipeline", "onnx_export", "onnx_int8", "batch.worker"}),
     (
         "interface",
-        {"report", "showcase", "cli", "__main__", "", "batch", "batch.executors"}
+        {"report", "showcase", "cli", "__main__", "", "batch", "batch.executors", "int8_plot"}
         | {"batch.runner", "batch.task", "batch.summary", "batch.progress"},
     ),
 ]

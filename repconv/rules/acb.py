@@ -56,17 +56,24 @@ def _branch_geometry(block: nn.Module, conv_name: str) -> Geometry:
     return geometry.with_padding(tuple(p - c for p, c in zip(geometry.padding, crops)))
 
 
-def fuse(block: nn.Module) -> Fused:
+def branches(block: nn.Module) -> list[tuple[str, K.Branch]]:
+    """The branches `fuse` sums, named by their conv, each checked to line up."""
     target = Geometry.of(block.square_conv)
-    branches = []
+    found = []
     for conv_name, bn_name in _PAIRS:
         conv = getattr(block, conv_name)
         branch = K.fold_bn(K.as_branch(conv.weight, conv.bias), norm_stats(getattr(block, bn_name)))
         require_lined_up(_branch_geometry(block, conv_name), target)
-        branches.append(branch)
+        found.append((conv_name, branch))
+    return found
+
+
+def fuse(block: nn.Module) -> Fused:
+    target = Geometry.of(block.square_conv)
+    summed = [branch for _, branch in branches(block)]
     children = [name for pair in _PAIRS for name in pair]
     children += ["ver_conv_crop_layer", "hor_conv_crop_layer"]
-    return install_fused(block, "fused_conv", block.square_conv, branches, target, children)
+    return install_fused(block, "fused_conv", block.square_conv, summed, target, children)
 
 
 RULE = Rule(
@@ -76,4 +83,5 @@ RULE = Rule(
     deploy_form="fused_conv (weight, bias); deploy = True",
     match=match,
     fuse=fuse,
+    branches=branches,
 )

@@ -15,6 +15,7 @@ from typing import Any, ClassVar, Literal, Protocol
 from torch import nn
 
 from repconv.fused_conv import Fused
+from repconv.kernels import Branch
 from repconv.sum_check import sums_exactly
 
 PassKind = Literal["block", "fallback", "regions", "pairs"]
@@ -192,6 +193,10 @@ class Rule(Pass):
     # data flow to agree: its forward sums exactly those children's branches, with no scalar
     # or activation of its own on a branch (else the block goes on to the later passes).
     folds: Callable[[nn.Module], list[str]] | None = None
+    # The branches `fuse` sums, each named by the train child it comes from, computed from the
+    # block as it is (pure: the block is not changed). Given, the INT8 report can say which
+    # branch makes a fused kernel's outlier channels (`repconv.int8.branch_shares`).
+    branches: Callable[[nn.Module], list[tuple[str, Branch]]] | None = None
 
     def match_module(self, module: nn.Module, scope: Scope) -> str | None:
         structure = self.match(module)

@@ -167,16 +167,28 @@ def _pair(value) -> tuple[int, int]:
     return tuple(value) if isinstance(value, (tuple, list)) else (value, value)
 
 
+def branches(block: nn.Module) -> list[tuple[str, K.Branch]]:
+    """The branches `fuse` sums, named by their train child, lined up with dbb_origin."""
+    origin = conv_bn_unit(block.dbb_origin)
+    return _named_branches(block, origin, *conv_bn_branch(origin))
+
+
+def _named_branches(
+    block: nn.Module, origin: tuple[nn.Module, nn.Module], main: K.Branch, target: Geometry
+) -> list[tuple[str, K.Branch]]:
+    found = [("dbb_origin", main)]
+    if getattr(block, "dbb_1x1", None) is not None:
+        found.append(("dbb_1x1", lined_up_conv_bn_branch(conv_bn_unit(block.dbb_1x1), target)))
+    found.append(("dbb_avg", _avg_branch(block, target, origin[0].groups)))
+    found.append(("dbb_1x1_kxk", _kxk_branch(block, target)))
+    return found
+
+
 def fuse(block: nn.Module) -> Fused:
     origin = conv_bn_unit(block.dbb_origin)
     main, target = conv_bn_branch(origin)
-    groups = origin[0].groups
-    branches = [main]
-    if getattr(block, "dbb_1x1", None) is not None:
-        branches.append(lined_up_conv_bn_branch(conv_bn_unit(block.dbb_1x1), target))
-    branches.append(_avg_branch(block, target, groups))
-    branches.append(_kxk_branch(block, target))
-    return install_fused(block, "dbb_reparam", origin[0], branches, target, _TRAIN_CHILDREN)
+    summed = [branch for _, branch in _named_branches(block, origin, main, target)]
+    return install_fused(block, "dbb_reparam", origin[0], summed, target, _TRAIN_CHILDREN)
 
 
 RULE = Rule(
@@ -186,4 +198,5 @@ RULE = Rule(
     deploy_form="dbb_reparam (weight, bias); nonlinear stays",
     match=match,
     fuse=fuse,
+    branches=branches,
 )

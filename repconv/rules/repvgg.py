@@ -49,18 +49,31 @@ def identity_branch(conv: nn.Module, norm: nn.Module | None, target: Geometry) -
     return branch
 
 
-def fuse(block: nn.Module) -> Fused:
+def branches(block: nn.Module) -> list[tuple[str, K.Branch]]:
+    """The branches `fuse` sums, named by their train child, lined up with the kxk conv."""
     dense = conv_bn_unit(block.rbr_dense)
-    main, target = conv_bn_branch(dense)
-    branches = [main]
+    return _lined_up(block, dense[0], *conv_bn_branch(dense))
+
+
+def _lined_up(
+    block: nn.Module, conv: nn.Module, main: K.Branch, target: Geometry
+) -> list[tuple[str, K.Branch]]:
+    found = [("rbr_dense", main)]
     if getattr(block, "rbr_1x1", None) is not None:
-        branches.append(lined_up_conv_bn_branch(conv_bn_unit(block.rbr_1x1), target))
+        found.append(("rbr_1x1", lined_up_conv_bn_branch(conv_bn_unit(block.rbr_1x1), target)))
     identity = getattr(block, "rbr_identity", None)
     if identity is not None:
         norm = identity if is_norm_like(identity) else None
-        branches.append(identity_branch(dense[0], norm, target))
+        found.append(("rbr_identity", identity_branch(conv, norm, target)))
+    return found
+
+
+def fuse(block: nn.Module) -> Fused:
+    dense = conv_bn_unit(block.rbr_dense)
+    main, target = conv_bn_branch(dense)
+    summed = [branch for _, branch in _lined_up(block, dense[0], main, target)]
     # `id_tensor` is a cache some copies keep on the block; it has no place in the deploy form.
-    fused = install_fused(block, "rbr_reparam", dense[0], branches, target, _TRAIN_CHILDREN)
+    fused = install_fused(block, "rbr_reparam", dense[0], summed, target, _TRAIN_CHILDREN)
     if hasattr(block, "id_tensor"):
         delattr(block, "id_tensor")
     return fused
@@ -78,4 +91,5 @@ RULE = Rule(
     match=match,
     fuse=fuse,
     folds=folds,
+    branches=branches,
 )
