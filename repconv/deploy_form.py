@@ -27,7 +27,9 @@ def carries_own_deploy_form(model: nn.Module) -> bool:
     return any(deploy_method(m) is not None and holds_norm(m) for m in model.modules())
 
 
-def passes_left_out(model: nn.Module, fold_plain_bn: bool, deploy_model_given: bool) -> dict:
+def passes_left_out(
+    model: nn.Module, fold_plain_bn: bool, deploy_model_given: bool
+) -> dict[str, str]:
     """The passes a plan for `model` is made without, each with why (`engine.plan`)."""
     if fold_plain_bn or deploy_model_given or not carries_own_deploy_form(model):
         return {}

@@ -46,3 +46,19 @@ def by_conv_bn_convention(model: nn.Module, state: dict) -> nn.Module | None:
 
 def _biasless(module: nn.Module) -> bool:
     return isinstance(module, (nn.Conv2d, nn.Linear)) and module.bias is None
+
+
+def demo_state() -> dict[str, torch.Tensor]:
+    """A float32 state dict of the demo net with trained-looking norms (seeded)."""
+    from repconv.zoo.demo import DemoNet
+
+    torch.manual_seed(0)
+    return randomized(DemoNet(), dtype=torch.float32).state_dict()
+
+
+def one_line(result) -> str:
+    """The one error line of a CLI run that exited 2 (anything else fails the test)."""
+    assert result.exit_code == 2, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), lines
+    return lines[0]

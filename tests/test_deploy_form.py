@@ -5,7 +5,7 @@ constructor does, so the file loads strictly into that constructor's model.
 The copy below follows timm's FastViT (`RepMixerBlock`: a re-parameterizable token mixer with
 `reparameterize()`, then `ConvMlp`, whose `conv` is a conv + BN pair that timm's reparameterized
 model keeps, and a layer scale the deploy form keeps too); `inference_mode=True` is its deploy
-constructor.
+constructor; its conv + BN units are `method_blocks.ConvNorm` (timm's ConvNormAct without an act).
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 from helpers import by_conv_bn_convention, randomized, rel_error
+from method_blocks import ConvNorm, folded
 from torch import nn
 from torch.nn import functional as F
 
@@ -25,24 +26,10 @@ from repconv.options import ConvertOptions
 DIM, SHAPE = 4, [4, 8, 8]
 
 
-class ConvNorm(nn.Module):
-    """timm's ConvNormAct without its act: `conv` then `bn`."""
-
-    def __init__(self, cin: int, cout: int, k: int, groups: int = 1):
-        super().__init__()
-        self.conv = nn.Conv2d(cin, cout, k, padding=k // 2, groups=groups, bias=False)
-        self.bn = nn.BatchNorm2d(cout)
-
-    def forward(self, x):
-        return self.bn(self.conv(x))
-
-
 def _folded(branch: ConvNorm, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    bn = branch.bn
-    scale = bn.weight / (bn.running_var + bn.eps).sqrt()
-    weight = branch.conv.weight * scale.reshape(-1, 1, 1, 1)
+    weight, bias = folded(branch.conv, branch.bn)
     pad = (k - weight.shape[-1]) // 2
-    return F.pad(weight, [pad] * 4), bn.bias - bn.running_mean * scale
+    return F.pad(weight, [pad] * 4), bias
 
 
 class TokenMixer(nn.Module):

@@ -9,28 +9,15 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
-from helpers import randomized
+from helpers import demo_state, one_line
 
 from repconv.cli import main
-from repconv.zoo.demo import DemoNet
 
 ARCH = ("--arch", "demo_mixed", "--samples", "1")
 
 
-def demo_state() -> dict[str, torch.Tensor]:
-    torch.manual_seed(0)
-    return randomized(DemoNet(), dtype=torch.float32).state_dict()
-
-
 def run(*args: object):
     return CliRunner().invoke(main, [str(a) for a in args])
-
-
-def one_line(result) -> str:
-    assert result.exit_code == 2, result.output
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), lines
-    return lines[0]
 
 
 @pytest.fixture()

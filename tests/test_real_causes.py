@@ -12,22 +12,16 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-from helpers import randomized
+from helpers import demo_state, one_line
 from safetensors.torch import load_file
 
 from repconv import checkpoint, files
 from repconv.cli import main
 from repconv.interrupts import EXIT_TERMINATED, Terminated
 from repconv.pickle_scan import top_level
-from repconv.zoo.demo import DemoNet
 
 ARCH = ("--arch", "demo_mixed", "--samples", "1")
 REPO = Path(__file__).resolve().parents[1]
-
-
-def demo_state() -> dict[str, torch.Tensor]:
-    torch.manual_seed(0)
-    return randomized(DemoNet(), dtype=torch.float32).state_dict()
 
 
 class Evil:
@@ -41,13 +35,6 @@ class Evil:
 
 def convert(source: Path, out: Path, *args: str):
     return CliRunner().invoke(main, ["convert", str(source), str(out), *ARCH, *args])
-
-
-def one_line(result) -> str:
-    assert result.exit_code == 2, result.output
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), lines
-    return lines[0]
 
 
 @pytest.fixture()

@@ -10,20 +10,14 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
-from helpers import randomized
+from helpers import demo_state
 from safetensors.torch import load_file
 
 from repconv import checkpoint
 from repconv.cli import main
 from repconv.files import CorruptZipMember, ZipRefused, checked_read
-from repconv.zoo.demo import DemoNet
 
 ARCH = ("--arch", "demo_mixed", "--samples", "1")
-
-
-def demo_state() -> dict[str, torch.Tensor]:
-    torch.manual_seed(0)
-    return randomized(DemoNet(), dtype=torch.float32).state_dict()
 
 
 def rezip(source: Path, target: Path, method: int = zipfile.ZIP_DEFLATED, only=None) -> Path:
