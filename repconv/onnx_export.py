@@ -192,9 +192,13 @@ def run_onnx(
     dtype: torch.dtype,
     *,
     batch_of_three: bool = False,
+    optimized: bool = True,
 ) -> list[Any]:
     """onnxruntime's outputs (a tuple of float64 tensors) on each input of batch 1, fed in
     `dtype`.
+
+    Not `optimized`, the graph runs node by node as written (a QDQ model's Q/DQ pairs as the
+    arithmetic they define, instead of fused into this CPU's integer kernels).
 
     With `batch_of_three`, the inputs run as one batch of at least three (repeated as needed;
     a dynamic batch axis must take it) and each output row goes back to its input.
@@ -202,6 +206,8 @@ def run_onnx(
     _, ort = require_onnx()
     options = ort.SessionOptions()
     options.intra_op_num_threads = 1  # deterministic and polite on a shared machine
+    if not optimized:
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
     def run(x: torch.Tensor) -> list[torch.Tensor]:

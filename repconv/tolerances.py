@@ -84,3 +84,6 @@ INT8_BLOCK_DB = 30.0
 # least this SNR (dB) against the float deploy model on the calibration inputs: below it (noise
 # at a third of the signal) the file has collapsed, whatever is kept in float.
 INT8_ONNX_MIN_DB = 10.0
+# The INT8 file is checked as written (Q/DQ node by node) and by onnxruntime's fused integer
+# kernels on this CPU; figures closer than this (dB) are one figure, wider apart both are said.
+INT8_KERNELS_NOTE_DB = 1.0
