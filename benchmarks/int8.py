@@ -58,6 +58,8 @@ def figures(model: torch.nn.Module, shape: tuple[int, ...], keep: int) -> dict[s
             )  # fmt: skip
             row[f"ORT INT8 dB, {label}"] = check.snr_db
             row[f"ORT INT8 rel. err, {label}"] = check.max_relative_error
+            if not kept:
+                row["ORT kernels dB, none kept"] = check.kernels_snr_db
     row["N"] = keep
     return row
 
@@ -79,6 +81,14 @@ def main() -> None:
     args.out.write_text(_markdown(rows, args))
 
 
+def _vnni() -> str:
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return "CPU flags unknown"
+    return "VNNI" if "vnni" in flags else "no VNNI"
+
+
 def _cell(value: object) -> str:
     if isinstance(value, float):
         return f"{value:.2e}" if value < 1 else f"{value:.1f}"
@@ -90,7 +100,7 @@ def _markdown(rows: dict[str, dict[str, object]], args: argparse.Namespace) -> s
     lines = [
         "# INT8 readiness: simulated W8A8 against onnxruntime's INT8",
         "",
-        f"Machine: {platform.machine()}, torch {torch.__version__}, Python "
+        f"Machine: {platform.machine()} ({_vnni()}), torch {torch.__version__}, Python "
         f"{platform.python_version()}. Made by `PYTHONPATH=. python3 benchmarks/int8.py` "
         f"(zoo models at 3x{args.side}x{args.side}, the copies at 3x16x16; 4 seeded random "
         "calibration inputs, the verification's).",
@@ -108,7 +118,11 @@ def _markdown(rows: dict[str, dict[str, object]], args: argparse.Namespace) -> s
         "every conv/linear input uint8 per tensor, min-max), energy SNR of the output.",
         "- ORT INT8: `repconv export --int8` (onnxruntime quantize_static, QDQ, MinMax), run "
         "with onnxruntime against the float64 deploy model: energy SNR of the output and max "
-        "relative error; N kept: with `--int8-keep-float N`.",
+        "relative error; N kept: with `--int8-keep-float N`. The graph runs node by node, "
+        "its Q/DQ pairs as written (the arithmetic the file defines).",
+        "- ORT kernels: the same file run by onnxruntime's fused integer kernels on this CPU; "
+        "on x86 without VNNI their uint8 x int8 sums (VPMADDUBSW) saturate, so there that "
+        "figure is the machine's, not the file's.",
         "- Random weights (zoo: randomized BN statistics) and random inputs: the figures "
         "compare models and options; they say nothing of accuracy on a dataset.",
     ]
