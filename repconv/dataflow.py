@@ -92,6 +92,13 @@ class Region:
         return sum(1 for n in self.nodes if kind_of(n) == "conv")
 
     @property
+    def is_plain_pair(self) -> bool:
+        """Whether the region is one conv with norms before or after it and nothing else (no
+        sum, pool, pad or scale): what a deploy form keeping plain pairs keeps live."""
+        kinds = [kind_of(n) for n in self.nodes]
+        return kinds.count("conv") == 1 and set(kinds) <= {"conv", "norm", "same"}
+
+    @property
     def adds_leaves_only(self) -> bool:
         """Whether the region is its modules' maps added up and nothing of its own: no scalar,
         difference, constant, pad or pool written in the forward."""

@@ -334,12 +334,14 @@ def plan(
     leave_out = dict(leave_out or {})
     registered = registered_passes(rules)
     passes = [p for p in registered if p.name not in leave_out]
+    left_out = [p for p in registered if p.name in leave_out]
+    if any(p.folds_plain_pairs_only for p in left_out):  # then no pass folds plain pairs
+        passes = [p.keeping_plain_pairs() for p in passes]
     kept = Kept(tuple(keep))
     check_norm_statistics(model)
     check_finite(model)
     steps, claimed = _walk(model, passes, kept)
     steps += _find(model, "", passes, claimed, kept)
-    left_out = [p for p in registered if p.name in leave_out]
     return Plan(steps, passes, kept, leave_out, left_out)
 
 
@@ -462,8 +464,25 @@ def apply(
         for o in outcomes
         if o.status == "skipped"
     ]
-    left_alone = _left_alone(model, plan)
+    # a pass left out says more (it names the option that folds the norm) than a block's form
+    left_alone = _kept_by_methods(model, outcomes) | _left_alone(model, plan)
     return Applied(plan, outcomes, warnings + leftover_norm_warnings(model, left_alone))
+
+
+def _kept_by_methods(model: nn.Module, outcomes: Sequence[Outcome]) -> dict[str, str]:
+    """The norms a block's own deploy method left in it (YOLOv6's QARepVGG keeps its post-sum
+    BN for quantization-aware training): part of that block's deploy form."""
+    reasons: dict[str, str] = {}
+    for outcome in outcomes:
+        if outcome.status != "fused" or outcome.step.by.kind != "fallback":
+            continue
+        block = _present(model, outcome.path)  # gone when a parent's method ran after it
+        if block is None:
+            continue
+        for path, module in block.named_modules(prefix=outcome.path):
+            if is_norm_like(module):
+                reasons[path] = f"kept by the block's own deploy form ({outcome.structure})"
+    return reasons
 
 
 def _open(model: nn.Module, plan: Plan, check: BlockCheck) -> dict[int, PassRun]:
@@ -499,14 +518,26 @@ def _plan_after(model: nn.Module, plan: Plan, later: Sequence[Pass], step: Step)
 
 
 def _left_alone(model: nn.Module, plan: Plan) -> dict[str, str]:
-    """The norms a pass the plan left out would have folded, each with why it was left out."""
+    """The norms a pass the plan left out would have folded, each with why it was left out
+    (left out, the conv -> BN pass takes with it every plain pair another pass would fold)."""
     reasons: dict[str, str] = {}
     for each in plan.left_out_passes:
-        for step in each.find(model, set()):
+        found = each.find(model, set())
+        if each.folds_plain_pairs_only:  # the pairs the other passes kept live for it
+            found += [s for p in plan.passes for s in p.plain_pairs_in(model)]
+        for step in found:
             for path in step.claims:
-                if is_norm_like(model.get_submodule(path)):
+                module = _present(model, path)
+                if module is not None and is_norm_like(module):
                     reasons.setdefault(path, plan.left_out[each.name])
     return reasons
+
+
+def _present(model: nn.Module, path: str) -> nn.Module | None:
+    try:
+        return model.get_submodule(path)
+    except AttributeError:
+        return None
 
 
 def leftover_norm_warnings(

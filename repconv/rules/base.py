@@ -170,6 +170,21 @@ class Pass:
     def fuse_step(self, model: nn.Module, step: Step) -> tuple[int, ...] | None:
         raise NotImplementedError(f"pass {self.name} plans steps it cannot fuse")
 
+    # Plain pairs: a conv with norms before or after it and nothing else (no branch sum). A
+    # deploy form may keep them live (`deploy_form`); then the pass that folds nothing but
+    # them (`folds_plain_pairs_only`) is left out of the plan, and every other pass plans as
+    # `keeping_plain_pairs()` returns it.
+    folds_plain_pairs_only: ClassVar[bool] = False
+
+    def keeping_plain_pairs(self) -> Pass:
+        """This pass as it plans when the plain pairs stay live (by default, as it is)."""
+        return self
+
+    def plain_pairs_in(self, root: nn.Module) -> list[Step]:
+        """The plain pairs that this pass, as `keeping_plain_pairs` returns it, leaves in
+        `root` and would otherwise fold: so that their norms are reported as kept on purpose."""
+        return []
+
 
 @dataclass(frozen=True)
 class Rule(Pass):

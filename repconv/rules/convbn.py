@@ -143,6 +143,7 @@ class ConvBnPass(Pass):
     summary = SUMMARY
     deploy_form = DEPLOY_FORM
     kind = "pairs"
+    folds_plain_pairs_only = True
 
     def find(self, root: nn.Module, claimed: AbstractSet[int], at: str = "") -> list[Step]:
         modules = {join_path(at, p): m for p, m in root.named_modules()}

@@ -24,7 +24,7 @@ back as it was (`_Snapshot`), with a warning.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from collections.abc import Set as AbstractSet
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -76,49 +76,85 @@ def _conv_or_norm(module: nn.Module) -> bool:
     return is_plain_conv(module) or is_foldable_norm(module)
 
 
-def _search(module: nn.Module, prefix: str, claimed: AbstractSet[int]) -> list[Step]:
-    """The smallest traceable modules from the top, as the conv -> BN pass scopes them."""
-    if not holds_unclaimed(module, claimed, _conv_or_norm):
-        return []
-    try:
-        graph = tracing.graph_of(module, claimed)
-    except Exception:  # untraceable here: its children may trace
-        return _children(module, prefix, claimed)
-    try:
-        return _analysed(module, graph, prefix, claimed)
-    except (BadInput, MemoryError):
-        raise
-    except Exception as exc:  # the analysis must never end a conversion: left as it was
-        reason = f"the data-flow analysis failed on it ({_first_line(exc)}); left as it was"
-        return [_refused(module, prefix, "", reason), *_children(module, prefix, claimed)]
+def _any_region(region: dataflow.Region) -> bool:
+    return True
 
 
-def _children(module: nn.Module, prefix: str, claimed: AbstractSet[int]) -> list[Step]:
-    return [
-        s for n, c in module.named_children() for s in _search(c, join_path(prefix, n), claimed)
-    ]
+def _not_plain_pair(region: dataflow.Region) -> bool:
+    return not region.is_plain_pair
 
 
-def _analysed(
-    module: nn.Module, graph: fx.Graph, prefix: str, claimed: AbstractSet[int]
-) -> list[Step]:
-    """One step per block holding regions, and a refusal for each block that holds a sum
-    that is not linear or a node the analysis failed on."""
-    analysis = dataflow.Analysis(module, graph, claimed)
-    regions = analysis.regions()
-    steps = [_step(module, prefix, owner, group, claimed) for owner, group in _by_owner(regions)]
-    fused = {r.owner for r in regions}
-    reasons = dict(analysis.refusals) | analysis.failures
-    for owner, reason in reasons.items():
-        if owner not in fused:  # a block with a region says what it fused, not what it left
-            steps.append(_refused(module, prefix, owner, reason))
-    return steps
+def _is_plain_pair(region: dataflow.Region) -> bool:
+    return region.is_plain_pair
 
 
-def _refused(module: nn.Module, prefix: str, owner: str, reason: str) -> Step:
-    block = module.get_submodule(owner)
-    path = join_path(prefix, owner)
-    return Step(path, PASS, PASS.family, "not linear", param_count(block), refusal=reason)
+class _Search:
+    """One `find`: the pass planning (steps name it), and which regions it fuses (all of them,
+    or, where the deploy form keeps plain pairs live, all but those)."""
+
+    def __init__(
+        self,
+        by: DataflowPass,
+        claimed: AbstractSet[int],
+        wanted: Callable[[dataflow.Region], bool] = _any_region,
+    ):
+        self.by, self.claimed, self.wanted = by, claimed, wanted
+
+    def search(self, module: nn.Module, prefix: str) -> list[Step]:
+        """The smallest traceable modules from the top, as the conv -> BN pass scopes them."""
+        if not holds_unclaimed(module, self.claimed, _conv_or_norm):
+            return []
+        try:
+            graph = tracing.graph_of(module, self.claimed)
+        except Exception:  # untraceable here: its children may trace
+            return self.children(module, prefix)
+        try:
+            return self.analysed(module, graph, prefix)
+        except (BadInput, MemoryError):
+            raise
+        except Exception as exc:  # the analysis must never end a conversion: left as it was
+            reason = f"the data-flow analysis failed on it ({_first_line(exc)}); left as it was"
+            return [self.refused(module, prefix, "", reason), *self.children(module, prefix)]
+
+    def children(self, module: nn.Module, prefix: str) -> list[Step]:
+        named = module.named_children()
+        return [s for n, c in named for s in self.search(c, join_path(prefix, n))]
+
+    def analysed(self, module: nn.Module, graph: fx.Graph, prefix: str) -> list[Step]:
+        """One step per block holding regions, and a refusal for each block that holds a sum
+        that is not linear or a node the analysis failed on."""
+        analysis = dataflow.Analysis(module, graph, self.claimed)
+        regions = [r for r in analysis.regions() if self.wanted(r)]
+        steps = [self.step(module, prefix, owner, group) for owner, group in _by_owner(regions)]
+        fused = {r.owner for r in regions}
+        reasons = dict(analysis.refusals) | analysis.failures
+        for owner, reason in reasons.items():
+            if owner not in fused:  # a block with a region says what it fused, not what it left
+                steps.append(self.refused(module, prefix, owner, reason))
+        return steps
+
+    def refused(self, module: nn.Module, prefix: str, owner: str, reason: str) -> Step:
+        block = module.get_submodule(owner)
+        path = join_path(prefix, owner)
+        family = self.by.family
+        return Step(path, self.by, family, "not linear", param_count(block), refusal=reason)
+
+    def step(
+        self, root: nn.Module, prefix: str, owner: str, regions: list[dataflow.Region]
+    ) -> Step:
+        block = root.get_submodule(owner)
+        inside = join_path(prefix, owner)
+        parts = sorted({join_path(prefix, t) for r in regions for t in r.module_targets()})
+        opaque = [p for p, m in block.named_modules() if p and id(m) in self.claimed]
+        return Step(
+            path=inside,
+            by=self.by,
+            family=self.by.family,
+            structure="; ".join(r.describe() for r in regions),
+            params_before=param_count(block),
+            claims=tuple(parts),
+            payload=Opaque(tuple(join_path(inside, p) for p in opaque)),
+        )
 
 
 def _first_line(exc: BaseException) -> str:
@@ -152,28 +188,6 @@ def _by_owner(regions: list[dataflow.Region]) -> list[tuple[str, list[dataflow.R
     for region in regions:
         groups.setdefault(region.owner, []).append(region)
     return list(groups.items())
-
-
-def _step(
-    root: nn.Module,
-    prefix: str,
-    owner: str,
-    regions: list[dataflow.Region],
-    claimed: AbstractSet[int],
-) -> Step:
-    block = root.get_submodule(owner)
-    inside = join_path(prefix, owner)
-    parts = sorted({join_path(prefix, t) for r in regions for t in r.module_targets()})
-    opaque = [p for p, m in block.named_modules() if p and id(m) in claimed]
-    return Step(
-        path=inside,
-        by=PASS,
-        family=PASS.family,
-        structure="; ".join(r.describe() for r in regions),
-        params_before=param_count(block),
-        claims=tuple(parts),
-        payload=Opaque(tuple(join_path(inside, p) for p in opaque)),
-    )
 
 
 # ---- fusing one block ---------------------------------------------------------------------------
@@ -414,8 +428,21 @@ class DataflowPass(Pass):
     deploy_form = DEPLOY_FORM
     kind = "regions"
 
+    def __init__(self, plain_pairs: bool = True):
+        self.plain_pairs = plain_pairs
+
     def find(self, root: nn.Module, claimed: AbstractSet[int], at: str = "") -> list[Step]:
-        return _inner_first(_search(root, at, claimed))
+        wanted = _any_region if self.plain_pairs else _not_plain_pair
+        return _inner_first(_Search(self, claimed, wanted).search(root, at))
+
+    def keeping_plain_pairs(self) -> DataflowPass:
+        return KEEPING_PLAIN_PAIRS
+
+    def plain_pairs_in(self, root: nn.Module) -> list[Step]:
+        if self.plain_pairs:
+            return []
+        found = _Search(PASS, set(), _is_plain_pair).search(root, "")
+        return [s for s in found if s.refusal is None]
 
     def fuse_step(self, model: nn.Module, step: Step) -> tuple[int, ...]:
         return fuse_block(model, step)
@@ -508,3 +535,5 @@ def _undone_on_failure(snapshot: _Snapshot, what: str) -> Iterator[None]:
 
 
 PASS = DataflowPass()
+# The pass where the deploy form keeps plain pairs live (`Pass.keeping_plain_pairs`).
+KEEPING_PLAIN_PAIRS = DataflowPass(plain_pairs=False)

@@ -50,6 +50,8 @@ from repconv.modules import (
     param_count,
     put_module,
 )
+from repconv.paths import within
+from repconv.rules import convbn
 from repconv.rules.base import BlockCheck, BlockProbe, Pass, PassRun, RunContext, Step
 
 NAME = "deploy_method"
@@ -218,6 +220,7 @@ class DeployMethodRun(PassRun):
     def __init__(self, owner: Pass, context: RunContext):
         super().__init__(owner, context)
         self.before_children: dict[str, nn.Module | None] = {}
+        self.fused: list[str] = []  # the blocks whose method ran, in order
 
     def fuse(self, step: Step) -> None:
         model = self.context.model
@@ -227,11 +230,18 @@ class DeployMethodRun(PassRun):
         self._keep_ancestors_as_they_are(step.path)
         before_children = self.before_children.pop(step.path, None)
         try:
-            run_checked(model, step.path, method, self.context.check)
-        except NotFusable as children_first:
-            if before_children is None:
-                raise
-            self._run_parent_first(step.path, method, before_children, children_first)
+            try:
+                run_checked(model, step.path, method, self.context.check)
+            except NotFusable as children_first:
+                if before_children is None:
+                    raise
+                self._run_parent_first(step.path, method, before_children, children_first)
+        except NotFusable as failed:
+            if any(within(p, step.path) for p in self.fused):
+                left = f"{failed} (as its children's own methods left it)"
+                raise NotFusable(left) from None
+            self._run_with_pairs_folded(step.path, method, failed)
+        self.fused.append(step.path)
 
     def follow_ups(self, step: Step) -> list[Step]:
         """What the block's method left (or, undone, the block as it was) for the passes after
@@ -249,6 +259,9 @@ class DeployMethodRun(PassRun):
                 module = self.context.model.get_submodule(ancestor)
                 self.before_children[ancestor] = _copy_if_method(module)
 
+    def _run_with_pairs_folded(self, path: str, method: str, failed: NotFusable) -> None:
+        _fold_pairs_then_run(self.context.model, path, method, self.context.check, failed)
+
     def _run_parent_first(
         self, path: str, method: str, unfused: nn.Module, first: NotFusable
     ) -> None:
@@ -264,6 +277,28 @@ class DeployMethodRun(PassRun):
             raise NotFusable(
                 f"{first} (called before its children's too: {parent_first})"
             ) from None
+
+
+def _fold_pairs_then_run(
+    model: nn.Module, path: str, method: str, check: BlockCheck, first: NotFusable
+) -> None:
+    """The block's method once its own plain conv -> BN pairs are folded, as libraries whose
+    methods read a fused conv's bias run it (YOLOv6's `switch_to_deploy` after `fuse_model`);
+    on failure the block as it was, and the first error with this one."""
+    pairs = convbn.find_pairs(model.get_submodule(path), set(), path)
+    if not pairs:
+        raise first
+    as_it_was = copy.deepcopy(model.get_submodule(path))
+    try:
+        for pair in pairs:
+            convbn.fuse_pair(model, pair)
+        run_checked(model, path, method, check)
+    except NotFusable as again:
+        put_module(model, path, as_it_was)
+        raise NotFusable(f"{first} (with its conv + BN pairs folded first too: {again})") from None
+    except Exception:
+        put_module(model, path, as_it_was)
+        raise
 
 
 def _copy_if_method(module: nn.Module) -> nn.Module | None:
